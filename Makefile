@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: install demo test test-fast clean
+install: $(STAMP)
+
+# Train the tiny demo model on the embedded corpus (CPU), evaluate at loops 1..2·mean, plot.
+demo: $(STAMP)
+	$(BIN)/parcae demo --workdir runs/demo
+
+# The whole suite (CI runs this through .ci/run).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+# Everything but tests marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+clean:
+	rm -rf runs/demo
