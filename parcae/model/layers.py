@@ -1,0 +1,163 @@
+"""Transformer building blocks: RMSNorm, RoPE, attention with value embeddings, ReLU^2 MLP, pre-norm block.
+
+Precision (spec 1.8): parameters float32; matmuls in `cd` (the compute dtype, bf16 by default); RMSNorm and
+RoPE in float32; the residual stream stays float32 (branch outputs are added in float32).
+Shape letters: B batch, S sequence, D width, H heads, K head_dim, F MLP width, V vocabulary.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parcae.model import init
+
+VE_GATE_WIDTH = 32  # gate reads the first 32 channels of the normed block input
+
+
+def rms_norm(x, eps):
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x):
+    return rms_norm(x, self.eps) * self.scale[...]
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel, kernel [in, out], no bias; optionally through a simulated low-precision GEMM."""
+
+  def __init__(self, kernel_init, cd, quant: str = "bf16"):
+    self.kernel = nnx.Param(kernel_init)
+    self.cd, self.quant = cd, quant
+
+  def __call__(self, x, key=None):
+    if self.quant == "bf16":
+      return jnp.dot(x.astype(self.cd), self.kernel[...].astype(self.cd))
+    from parcae.quant import qdot  # quant/ is optional at import time and usable on its own
+    return qdot(x, self.kernel[...], self.quant, key=key, compute_dtype=self.cd)
+
+
+class Embed(nnx.Module):
+  def __init__(self, table):
+    self.embedding = nnx.Param(table)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding[...], ids, axis=0)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float):
+  """cos, sin [S, K/2] for adjacent-pair RoPE; inv_freq_i = base^(-2i/K), angles in float32."""
+  inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxSxHxK, cos_SxK2, sin_SxK2):
+  """Rotate channel pairs (2i, 2i+1) in float32; result in x's dtype."""
+  b, s, h, k = x_BxSxHxK.shape
+  x = x_BxSxHxK.astype(jnp.float32).reshape(b, s, h, k // 2, 2)
+  x0, x1 = x[..., 0], x[..., 1]
+  c, sn = cos_SxK2[None, :s, None, :], sin_SxK2[None, :s, None, :]
+  out = jnp.stack([x0 * c - x1 * sn, x0 * sn + x1 * c], axis=-1)
+  return out.reshape(b, s, h, k).astype(x_BxSxHxK.dtype)
+
+
+def qk_norm(x):
+  """Parameter-free RMS norm over head_dim with eps = machine epsilon of x's dtype (as F.rms_norm)."""
+  return rms_norm(x, float(jnp.finfo(x.dtype).eps))
+
+
+def relu2(x):
+  """ReLU^2 with the reference's 0.5 factor: 0.5 * max(x, 0)^2."""
+  r = jnp.maximum(x, 0)
+  return 0.5 * r * r
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg, key, *, with_ve: bool, cd, quant):
+    d, h = cfg.d_model, cfg.n_heads
+    ks = jax.random.split(key, 6)
+    std = init.std_for(d)
+    self.q = Linear(init.kernel(ks[0], d, d, std), cd, quant)
+    self.k = Linear(init.kernel(ks[1], d, d, std), cd, quant)
+    self.v = Linear(init.kernel(ks[2], d, d, std), cd, quant)
+    self.o = Linear(init.zeros(d, d), cd, quant)
+    self.n_heads, self.cd, self.impl = h, cd, cfg.attention_impl
+    self.use_qk_norm = cfg.qk_norm
+    if with_ve:
+      self.ve_gate = Linear(init.ve_gate(ks[3], h, VE_GATE_WIDTH), cd)
+      self.ve_table = Embed(init.value_embedding(ks[4], cfg.vocab_size, d))
+    else:
+      self.ve_gate = self.ve_table = None
+
+  def lookup_ve(self, ids_BxS):
+    """Value embeddings of the token ids (float32), or None for blocks without them."""
+    return None if self.ve_table is None else self.ve_table(ids_BxS)
+
+  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
+    b, s, d = x_BxSxD.shape
+    h = self.n_heads
+    keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+    q = self.q(x_BxSxD, keys[0]).reshape(b, s, h, d // h)
+    k = self.k(x_BxSxD, keys[1]).reshape(b, s, h, d // h)
+    v = self.v(x_BxSxD, keys[2]).reshape(b, s, h, d // h)
+    if ve_BxSxD is not None:
+      gate_BxSxH = 2.0 * jax.nn.sigmoid(self.ve_gate(x_BxSxD[..., :VE_GATE_WIDTH]).astype(jnp.float32))
+      v = (v.astype(jnp.float32) + gate_BxSxH[..., None] * ve_BxSxD.reshape(b, s, h, d // h)).astype(self.cd)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if self.use_qk_norm:
+      q, k = qk_norm(q), qk_norm(k)
+    impl = None if self.impl == "xla" else self.impl
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    return self.o(out.reshape(b, s, d), keys[3])
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg, key, *, cd, quant):
+    d, f = cfg.d_model, cfg.ffn_mult * cfg.d_model
+    self.fc = Linear(init.kernel(key, d, f, init.std_for(d)), cd, quant)
+    self.proj = Linear(init.zeros(f, d), cd, quant)
+
+  def __call__(self, x_BxSxD, key=None):
+    k1, k2 = (None, None) if key is None else jax.random.split(key)
+    return self.proj(relu2(self.fc(x_BxSxD, k1)), k2)
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + Attn(norm1(x)), then + MLP(norm2(x)); residual in float32."""
+
+  def __init__(self, cfg, key, *, with_ve: bool, cd, quant="bf16"):
+    k1, k2 = jax.random.split(key)
+    self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.attn = Attention(cfg, k1, with_ve=with_ve, cd=cd, quant=quant)
+    self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.mlp = MLP(cfg, k2, cd=cd, quant=quant)
+
+  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
+    k1, k2 = (None, None) if key is None else jax.random.split(key)
+    x = x_BxSxD + self.attn(self.norm1(x_BxSxD), rope, ve_BxSxD, k1).astype(jnp.float32)
+    return x + self.mlp(self.norm2(x), k2).astype(jnp.float32)
+
+
+def make_stage(cfg, key, ve_flags, cd, quant):
+  keys = jax.random.split(key, max(1, len(ve_flags)))
+  return nnx.List([Block(cfg, keys[i], with_ve=f, cd=cd, quant=quant) for i, f in enumerate(ve_flags)])
+
+
+def run_stage(blocks, x, rope, ves, key=None):
+  for i, blk in enumerate(blocks):
+    x = blk(x, rope, ves[i], None if key is None else jax.random.fold_in(key, i))
+  return x
+
+
+def head_logits(y_BxSxD, table_VxD, cd):
+  """Tied head: logits = y @ embed^T in the compute dtype, returned as float32."""
+  return jnp.dot(y_BxSxD.astype(cd), table_VxD.astype(cd).T).astype(jnp.float32)

@@ -1,0 +1,156 @@
+"""Parcae: prelude -> loop over one shared core (state h, injection of e) -> C -> coda -> tied head.
+
+The loop of `hidden`:
+  phase 1: n no-grad iterations, a `while_loop` whose count max(n_B) is traced (one compilation for any n);
+           the core's parameters and every loop input pass through stop_gradient, so nothing flows back.
+  phase 2: `grad_depth` iterations (static) with gradient, a `scan` of a rematerialized step
+           (`jax.checkpoint` per iteration).
+Per-sequence depths mask the update: sequence b changes only while i < n_b (phase 1) and i < k_b (phase 2),
+as the reference does. A test-time forward at T loops is phase 1 with n_b = T and no phase 2.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parcae.model import init, layers, sampler
+from parcae.model.config import grad_depth, ve_layout
+from parcae.model.injection import make_injection
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _norm(x):
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
+
+
+class Parcae(nnx.Module):
+  def __init__(self, cfg, key, quant: str = "bf16"):
+    cd = jnp.dtype(cfg.compute_dtype)
+    ks = jax.random.split(key, 6)
+    ve = ve_layout(cfg)
+    self.cfg = cfg
+    self.cd = cd
+    self.embed = layers.Embed(init.embedding(ks[0], cfg.vocab_size, cfg.d_model))
+    self.prelude = layers.make_stage(cfg, ks[1], ve["prelude"], cd, quant)
+    self.prelude_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.prelude_norm else None
+    self.injection = make_injection(cfg, ks[2], cd)
+    self.core = layers.make_stage(cfg, ks[3], ve["core"], cd, quant)
+    self.C = layers.Linear(init.kernel(ks[4], cfg.d_model, cfg.d_model, init.std_for(cfg.d_model)), cd)
+    self.coda = layers.make_stage(cfg, ks[5], ve["coda"], cd, quant)
+    self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.quant = quant
+
+  def __call__(self, input_ids, loops=None, key=None):
+    """Float32 logits [B, S, V] after `loops` iterations (default: mean_recurrence); never samples depths."""
+    b = input_ids.shape[0]
+    t = self.cfg.mean_recurrence if loops is None else loops
+    n_B = jnp.full((b,), t, jnp.int32)
+    y, _ = self.hidden(input_ids, n_B, jnp.zeros((b,), jnp.int32), key=key, grad_steps=0)
+    return self.logits(y)
+
+  def logits(self, y_BxSxD):
+    return layers.head_logits(y_BxSxD, self.embed.embedding[...], self.cd)
+
+  def sample_depths(self, key, batch: int):
+    return sampler.sample_depths(key, batch, self.cfg)
+
+  def hidden(self, ids_BxS, n_B, k_B, *, key=None, grad_steps=None, quant_key=None):
+    """Final-normed hidden states [B, S, D] (float32) and loop telemetry.
+
+    n_B, k_B: no-grad and grad iterations per sequence; grad_steps: static length of the grad phase
+    (default: the config's grad depth; 0 for inference). key: PRNG key of the loop-state init
+    (None = a fixed key, so inference is deterministic). quant_key: key for stochastic-rounding recipes.
+    """
+    cfg = self.cfg
+    grad_steps = grad_depth(cfg) if grad_steps is None else grad_steps
+    key = jax.random.key(0) if key is None else key
+    qk = (lambda i: None) if quant_key is None else (lambda i: jax.random.fold_in(quant_key, i))
+    s = ids_BxS.shape[1]
+    rope = layers.rope_tables(s, cfg.d_model // cfg.n_heads, cfg.rope_base)
+    x = self.embed(ids_BxS)
+    x = layers.run_stage(self.prelude, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.prelude], qk(0))
+    e = self.prelude_norm(x) if self.prelude_norm is not None else x
+    h0 = sampler.init_state(key, e.shape, cfg.state_init, cfg.d_model)
+    ctx = self.injection.prepare(e)
+    ves = [b.attn.lookup_ve(ids_BxS) for b in self.core]
+    h, h_prev = self._loop(h0, ctx, ves, rope, n_B, k_B, grad_steps, qk(1))
+    y = self.C(h).astype(jnp.float32)
+    y = layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], qk(2))
+    return self.final_norm(y), self._telemetry(h, h_prev, n_B, k_B)
+
+  def _core_fn(self):
+    """A pure step (core_state, h, ctx, ves, key) -> h' so the same code serves frozen and live weights."""
+    graphdef, _ = nnx.split(self.core)
+    inject = self.injection.step
+
+    def step(core_state, h, ctx, ves, rope, key):
+      core = nnx.merge(graphdef, core_state)
+      return layers.run_stage(core, inject(h, ctx), rope, ves, key)
+    return step
+
+  def _loop(self, h0, ctx, ves, rope, n_B, k_B, grad_steps, quant_key):
+    step = self._core_fn()
+    state = nnx.state(self.core)
+    sg = jax.lax.stop_gradient
+    frozen = (sg(state), sg(ctx), sg(ves))
+    def keyed(phase, i):
+      return None if quant_key is None else jax.random.fold_in(jax.random.fold_in(quant_key, phase), i)
+
+    def no_grad_body(carry):
+      i, h, h_prev = carry
+      new = step(frozen[0], h, frozen[1], frozen[2], rope, keyed(0, i))
+      live = (i < n_B)[:, None, None]
+      return i + 1, jnp.where(live, new, h), jnp.where(live, h, h_prev)
+
+    n_max = jnp.max(n_B) if n_B.shape[0] else 0
+    _, h, h_prev = jax.lax.while_loop(lambda c: c[0] < n_max, no_grad_body, (jnp.int32(0), sg(h0), sg(h0)))
+    if grad_steps == 0:
+      return h, h_prev
+    policy = self.cfg.remat
+    live_step = step if policy == "none" else jax.checkpoint(step, policy=REMAT_POLICIES[policy],
+                                                            prevent_cse=False)
+
+    def grad_body(carry, i):
+      h, h_prev = carry
+      new = live_step(state, h, ctx, ves, rope, keyed(1, i))
+      live = (i < k_B)[:, None, None]
+      return (jnp.where(live, new, h), jnp.where(live, h, h_prev)), None
+
+    (h, h_prev), _ = jax.lax.scan(grad_body, (h, h_prev), jnp.arange(grad_steps))
+    return h, h_prev
+
+  def _telemetry(self, h, h_prev, n_B, k_B):
+    """Loop statistics the reference never logs (all float32 scalars, cheap)."""
+    sg = jax.lax.stop_gradient
+    h, h_prev = sg(h), sg(h_prev)
+    h_norm = _norm(h)
+    out = {
+        "state_norm": jnp.mean(h_norm),
+        "rel_residual": jnp.mean(_norm(h - h_prev) / (h_norm + 1e-12)),
+        "n_mean": jnp.mean(n_B.astype(jnp.float32)),
+        "k_mean": jnp.mean(k_B.astype(jnp.float32)),
+        "n_max": jnp.max(n_B).astype(jnp.float32),
+    }
+    if self.cfg.injection == "diagonal":
+      delta, decay = self.injection.delta_decay()
+      out.update(decay_min=decay.min(), decay_mean=decay.mean(), decay_max=decay.max(),
+                 delta_min=delta.min(), delta_mean=delta.mean(), delta_max=delta.max(),
+                 B_norm=_spectral_norm(self.injection.B.kernel[...]))
+    out["C_norm"] = _spectral_norm(self.C.kernel[...])
+    return {k: sg(v) for k, v in out.items()}
+
+
+def _spectral_norm(w, iters: int = 8):
+  """Largest singular value by a few power iterations (cheap, for telemetry only)."""
+  v = jnp.ones((w.shape[1],), jnp.float32) / jnp.sqrt(float(w.shape[1]))
+  for _ in range(iters):
+    u = w @ v
+    u = u / (jnp.linalg.norm(u) + 1e-12)
+    v = w.T @ u
+    v = v / (jnp.linalg.norm(v) + 1e-12)
+  return jnp.linalg.norm(w @ v)
