@@ -51,7 +51,7 @@ def _place(state, mesh):
 
 
 def _abstract(state, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return ckpt_lib.abstract_like(state, shardings)
 
 
 def _host(x):
@@ -86,6 +86,19 @@ def test_round_trip_is_bitwise(tmp_path):
     assert jax.random.key_impl(got["key"]) == jax.random.key_impl(state["key"])
     # the restored key generates the same numbers
     np.testing.assert_array_equal(jax.random.normal(got["key"], (4,)), jax.random.normal(state["key"], (4,)))
+    ck.close()
+
+
+def test_configdict_meta_and_numpy_scalars_are_stored_as_json(tmp_path):
+    cfg = mesh_lib.default_mesh_config()
+    ck = ckpt_lib.Checkpointer(tmp_path, every_steps=1, async_save=False)
+    ck.save(1, {"w": jnp.arange(2.0)}, {"next_index": np.int64(3)}, {"mesh": cfg, "lr": np.float32(0.5)})
+    abstract = {"w": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=NamedSharding(_mesh(8, 1, 1), P()))}
+    _, data, meta = ck.restore(1, abstract)
+    assert data == {"next_index": 3}
+    assert meta == {"mesh": {"data": -1, "fsdp": 1, "tensor": 1}, "lr": 0.5}
+    with pytest.raises(TypeError, match="not JSON-serializable"):
+        ck.save(2, {"w": jnp.arange(2.0)}, {}, {"bad": object()})
     ck.close()
 
 

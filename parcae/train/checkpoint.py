@@ -13,6 +13,7 @@ keys), `data` (the data iterator's JSON state) and `meta` (a small JSON dict: co
 - Multi-process: every process calls `save`/`restore`; `data` and `meta` are written by process 0, so the
   data state must be the same on every process (true for index-based pipelines sharded per process).
 """
+import json
 import os
 import signal
 
@@ -62,6 +63,28 @@ def _data_to_keys(restored, abstract_state, impls):
     return jax.tree_util.tree_map_with_path(one, restored, abstract_state)
 
 
+def _json_default(x):
+    if hasattr(x, "to_dict"):  # ml_collections.ConfigDict
+        return x.to_dict()
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # numpy / jax scalars
+        return x.item()
+    if isinstance(x, (set, frozenset)):
+        return sorted(x)
+    raise TypeError(f"checkpoint meta/data value {x!r} of type {type(x).__name__} is not JSON-serializable; "
+                    "pass plain dicts, lists, strings and numbers (or a ConfigDict)")
+
+
+def _plain_json(d):
+    """A JSON-clean copy of a dict (ConfigDicts and numpy scalars converted)."""
+    return json.loads(json.dumps(d.to_dict() if hasattr(d, "to_dict") else dict(d), default=_json_default))
+
+
+def abstract_like(state, shardings):
+    """The abstract state `restore` wants: ShapeDtypeStruct leaves of `state` (arrays or abstract) on
+    `shardings` (a same-structure pytree of shardings)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
 class Checkpointer:
     """Saves every `every_steps` steps into `directory/<step>/`; see the module docstring."""
 
@@ -102,8 +125,8 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state_data),
             keys=ocp.args.JsonSave(key_impls),
-            data=ocp.args.JsonSave(dict(data_state)),
-            meta=ocp.args.JsonSave(dict(meta)),
+            data=ocp.args.JsonSave(_plain_json(data_state)),
+            meta=ocp.args.JsonSave(_plain_json(meta)),
         )
         return bool(self._manager.save(int(step), args=args, force=True))
 
