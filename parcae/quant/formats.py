@@ -89,16 +89,18 @@ def mul_pow2(x, k):
   return (x * pow2(k1)) * pow2(k - k1)
 
 
-def rne_int(t):
-  """Round-half-to-even to an integer for 0 <= t < 2^22, with adds only (f32 magic number)."""
-  magic = jnp.float32(2.0**23)
-  return (t + magic) - magic
-
-
 def floor_int(t):
-  """floor(t) for 0 <= t < 2^22 with adds/compares only."""
-  r = rne_int(t)
-  return jnp.where(r > t, r - 1.0, r)
+  return jnp.floor(t)
+
+
+def rne_int(t):
+  """Round half to even to an integer, from floor and compares only (lax.round has no Pallas
+  Triton lowering, and the (t + 2^23) - 2^23 trick is simplified away by XLA)."""
+  n = jnp.floor(t)
+  f = t - n
+  half = n * 0.5
+  odd = half != jnp.floor(half)
+  return jnp.where((f > 0.5) | ((f == 0.5) & odd), n + 1.0, n)
 
 
 def round_to_grid(t, elem: Element, u=None):
