@@ -53,6 +53,22 @@ class Parcae(nnx.Module):
     y, _ = self.hidden(input_ids, n_B, jnp.zeros((b,), jnp.int32), key=key, grad_steps=0)
     return self.logits(y)
 
+  def loop_state(self, input_ids, loops=None, key=None):
+    """(e, h_T): the injected prelude output and the loop state after `loops` iterations (for analysis)."""
+    cfg, b = self.cfg, input_ids.shape[0]
+    t = cfg.mean_recurrence if loops is None else loops
+    rope = layers.rope_tables(input_ids.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_base)
+    e = self._prelude(input_ids, rope, None)
+    h0 = sampler.init_state(jax.random.key(0) if key is None else key, e.shape, cfg.state_init, cfg.d_model)
+    ves = [blk.attn.lookup_ve(input_ids) for blk in self.core]
+    n_B, k_B = jnp.full((b,), t, jnp.int32), jnp.zeros((b,), jnp.int32)
+    return e, self._loop(h0, self.injection.prepare(e), ves, rope, n_B, k_B, 0, None)[0]
+
+  def _prelude(self, ids_BxS, rope, quant_key):
+    x = self.embed(ids_BxS)
+    x = layers.run_stage(self.prelude, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.prelude], quant_key)
+    return self.prelude_norm(x) if self.prelude_norm is not None else x
+
   def logits(self, y_BxSxD):
     return layers.head_logits(y_BxSxD, self.embed.embedding[...], self.cd)
 
@@ -72,9 +88,7 @@ class Parcae(nnx.Module):
     qk = (lambda i: None) if quant_key is None else (lambda i: jax.random.fold_in(quant_key, i))
     s = ids_BxS.shape[1]
     rope = layers.rope_tables(s, cfg.d_model // cfg.n_heads, cfg.rope_base)
-    x = self.embed(ids_BxS)
-    x = layers.run_stage(self.prelude, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.prelude], qk(0))
-    e = self.prelude_norm(x) if self.prelude_norm is not None else x
+    e = self._prelude(ids_BxS, rope, qk(0))
     h0 = sampler.init_state(key, e.shape, cfg.state_init, cfg.d_model)
     ctx = self.injection.prepare(e)
     ves = [b.attn.lookup_ve(ids_BxS) for b in self.core]

@@ -1,0 +1,93 @@
+"""The full run configuration: one small section per concern, each with one comment per field.
+
+    cfg.model       parcae.model.config   architecture, loop, depth sampler, precision
+    cfg.train       below                 steps, batch, seed, logging/eval cadence, loss head
+    cfg.optim       parcae.train.optim    AdamW / MuonAdamW, schedule, clipping
+    cfg.data        parcae.data           corpus / shards
+    cfg.mesh        parcae.train.mesh     data / fsdp / tensor axis sizes
+    cfg.checkpoint  below                 cadence and retention
+    cfg.quant       below                 simulated low-precision recipe
+    cfg.wandb       parcae.train.metrics  experiment tracking
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 1000  # optimizer steps
+  c.seed = 0  # model init, depth sampling, loop-state init and data order all derive from it
+  c.micro_batch_size = 8  # sequences per micro-batch, global over all devices
+  c.grad_accum = 1  # micro-batches per optimizer step (global batch = micro_batch_size * grad_accum)
+  c.seq_len = 256  # tokens per sequence
+  c.depth_grouping = True  # sort a step's sequences by sampled depth before splitting into micro-batches
+  c.loss_chunk = 0  # tokens per chunk of the chunked loss head (0 = full logits at once)
+  c.log_every = 10  # steps between metric rows
+  c.eval_every = 0  # steps between validations (0 = only at the end)
+  c.eval_batches = 4  # validation batches per loop count
+  c.eval_batch_size = 8  # sequences per validation batch
+  c.eval_loops = (1, 2, 4, 0)  # validation loop counts; 0 stands for model.mean_recurrence
+  c.loss_guard = 0.0  # stop if the loss exceeds this after loss_guard_tokens (0 = off)
+  c.loss_guard_tokens = 10_000_000_000  # tokens after which the loss guard is active
+  c.profile = False  # write a jax.profiler trace of a few steps into the workdir
+  return c
+
+
+def default_checkpoint_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.every_steps = 100  # save cadence (also saved at the end and on SIGTERM / SIGINT)
+  c.keep_last = 3  # most recent checkpoints kept
+  c.keep_every = 0  # additionally keep every M-th step forever (0 = none)
+  c.async_save = True  # write in the background while training continues
+  return c
+
+
+def default_quant_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.recipe = "bf16"  # bf16 (off) | mxfp8 | mxfp4 | nvfp4 | nvfp4_scalesearch | quartet | nvidia_nvfp4
+  return c
+
+
+def default_config(model_cfg) -> ml_collections.ConfigDict:
+  from parcae.data import default_data_config
+  from parcae.train.mesh import default_mesh_config
+  from parcae.train.metrics import default_wandb_config
+  from parcae.train.optim import default_optim_config
+  c = ml_collections.ConfigDict()
+  c.model = model_cfg
+  c.train = default_train_config()
+  c.optim = default_optim_config()
+  c.data = default_data_config()
+  c.mesh = default_mesh_config()
+  c.checkpoint = default_checkpoint_config()
+  c.quant = default_quant_config()
+  c.wandb = default_wandb_config()
+  return c
+
+
+# The reference's training recipes (spec 5.1-5.2): 256 x 2048 tokens per optimizer step, MuonAdamW,
+# trapezoid schedule with a 50% linear cooldown, 80 tokens per nominal parameter.
+# size: (micro_batch_size, grad_accum, steps, adamw lr)
+REFERENCE_RECIPES = {
+    "small": (32, 8, 21_362, 8e-3),
+    "medium": (16, 16, 56_457, 8e-3),
+    "large": (8, 32, 117_492, 6e-3),
+    "xlarge": (8, 32, 198_364, 6e-3),
+}
+
+
+def reference_config(kind: str, size: str) -> ml_collections.ConfigDict:
+  """Full config of the reference's `kind`-`size` run (e.g. parcae, small = parcae-small-140m)."""
+  from parcae.model.config import size_config
+  c = default_config(size_config(kind, size))
+  micro, accum, steps, lr = REFERENCE_RECIPES[size]
+  c.train.micro_batch_size, c.train.grad_accum, c.train.steps = micro, accum, steps
+  c.train.seq_len = 2048
+  c.train.eval_every = 500
+  c.train.log_every = 10
+  c.optim.lr, c.optim.muon_lr = lr, 8e-3
+  c.checkpoint.every_steps = 500
+  c.data.kind = "shards"
+  c.data.path = "data/fineweb-edu"  # output of data_pipelines (see README)
+  return c

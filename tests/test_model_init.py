@@ -1,0 +1,116 @@
+"""Initialization and the section-10 numeric test points of the reference."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from parcae import model as M
+from parcae.model import init, layers
+
+
+def tiny(**kw):
+  c = M.default_model_config()
+  c.vocab_size, c.d_model, c.n_heads, c.compute_dtype = 512, 128, 2, "float32"
+  c.max_seq_len = 64
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_injection_constants():
+  assert init.DECAY_TARGET == pytest.approx(0.4472135955, abs=1e-10)
+  assert init.DELTA0 == pytest.approx(0.8047189562, abs=1e-10)
+  assert init.DT_BIAS0 == pytest.approx(0.2119353555, abs=1e-9)
+  m = M.build(tiny(), jax.random.key(0))
+  delta, decay = m.injection.delta_decay()
+  np.testing.assert_allclose(np.asarray(delta), 0.8047190, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(decay), 0.4472136, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(m.injection.B.kernel[...]), np.eye(128))
+  np.testing.assert_array_equal(np.asarray(m.injection.A_log[...]), 0.0)
+
+
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 16])
+def test_linear_loop_gain_at_init(T):
+  """With h0 = 0 and identity blocks the loop output is g(T) e, g(T) = delta (1 - decay^T) / (1 - decay)."""
+  gains = {1: 0.8047190, 2: 1.1646002, 4: 1.3975203, 8: 1.4534211, 16: 1.4557465}
+  g = init.DELTA0 * (1 - init.DECAY_TARGET ** T) / (1 - init.DECAY_TARGET)
+  assert g == pytest.approx(gains[T], abs=1e-7)
+  m = M.build(tiny(state_init="zero"), jax.random.key(1))
+  ids = jax.random.randint(jax.random.key(2), (2, 16), 0, 512)
+  e, h = m.loop_state(ids, loops=T)
+  np.testing.assert_allclose(np.asarray(h), g * np.asarray(e), atol=1e-6, rtol=0)
+
+
+def test_every_block_is_identity_at_init():
+  m = M.build(tiny(), jax.random.key(3))
+  ids = jax.random.randint(jax.random.key(4), (2, 16), 0, 512)
+  x = m.embed(ids)
+  rope = layers.rope_tables(16, 64, 50000.0)
+  for stage in (m.prelude, m.core, m.coda):
+    for blk in stage:
+      np.testing.assert_array_equal(np.asarray(blk(x, rope, blk.attn.lookup_ve(ids))), np.asarray(x))
+
+
+def test_singular_values_and_entry_std():
+  d, v = 256, 4096
+  c = tiny(d_model=d, vocab_size=v)
+  m = M.build(c, jax.random.key(5))
+  sv = lambda w: np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+  np.testing.assert_allclose(sv(m.C.kernel[...]), math.sqrt(0.4), rtol=1e-5)
+  blk = m.core[0]
+  for lin in (blk.attn.q, blk.attn.k, blk.attn.v):
+    np.testing.assert_allclose(sv(lin.kernel[...]), math.sqrt(0.4), rtol=1e-5)
+  np.testing.assert_allclose(sv(blk.mlp.fc.kernel[...]), math.sqrt(1.6), rtol=1e-5)
+  np.testing.assert_allclose(sv(m.embed.embedding[...]), math.sqrt(2 * v / (5 * d)), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(blk.attn.o.kernel[...]), 0.0)
+  np.testing.assert_array_equal(np.asarray(blk.mlp.proj.kernel[...]), 0.0)
+  std = math.sqrt(2 / (5 * d))
+  assert np.std(np.asarray(blk.attn.q.kernel[...])) == pytest.approx(std, rel=0.02)
+  assert np.std(np.asarray(m.embed.embedding[...])) == pytest.approx(std, rel=0.02)
+  gate = np.asarray(m.prelude[0].attn.ve_gate.kernel[...]) if m.prelude[0].attn.ve_gate is not None else \
+      np.asarray(m.core[1].attn.ve_gate.kernel[...])
+  assert np.abs(gate).max() <= 1 / math.sqrt(32)
+
+
+def test_like_init_state_statistics():
+  d = 768
+  x = np.asarray(init.state_like_init(jax.random.key(6), (64, 256, d), d))
+  sigma = math.sqrt(2 / (5 * d))
+  assert np.abs(x).max() <= 3 * sigma + 1e-7
+  assert x.std() == pytest.approx(0.9866 * sigma, rel=0.005)
+
+
+def test_rope_relu2_rmsnorm_points():
+  inv = 50000.0 ** (-np.arange(0, 128, 2) / 128)
+  cos, sin = layers.rope_tables(2, 128, 50000.0)
+  np.testing.assert_allclose(np.arccos(np.clip(np.asarray(cos[1]), -1, 1))[:2], [1.0, 0.8444590], rtol=1e-5)
+  assert inv[63] == pytest.approx(2.36838e-5, rel=1e-5)
+  np.testing.assert_allclose(np.asarray(layers.relu2(jnp.array([-1.0, 1.0, 2.0]))), [0.0, 0.5, 2.0])
+  x = jnp.array([[3.0, 4.0]])
+  np.testing.assert_allclose(np.asarray(layers.rms_norm(x, 1e-5)), np.array([[3, 4]]) / np.sqrt(12.5 + 1e-5),
+                             rtol=1e-6)
+  # RoPE rotates adjacent pairs (2i, 2i+1): position 1, pair 0 rotates by angle 1 rad.
+  q = jnp.zeros((1, 2, 1, 4)).at[0, 1, 0, 0].set(1.0)
+  out = np.asarray(layers.apply_rope(q, *layers.rope_tables(2, 4, 50000.0)))
+  np.testing.assert_allclose(out[0, 1, 0, :2], [math.cos(1.0), math.sin(1.0)], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_loss_at_init_parcae_small():
+  """Spec 10.6: at init the loss is T-independent and about ln V + 0.2..0.3 (logit std ~ sqrt(0.4))."""
+  c = M.size_config("parcae", "small")
+  c.compute_dtype, c.state_init, c.max_seq_len = "float32", "zero", 256
+  m = M.build(c, jax.random.key(0))
+  ids = jax.random.randint(jax.random.key(1), (2, 256), 0, 32768)
+  labels = jax.random.randint(jax.random.key(2), (2, 256), 0, 32768)
+  fwd = nnx.jit(lambda m, ids, t: m(ids, loops=t))
+  losses = []
+  for t in (1, 2, 4, 8, 16):
+    logits = fwd(m, ids, t)
+    lp = jax.nn.log_softmax(logits, -1)
+    losses.append(float(-jnp.take_along_axis(lp, labels[..., None], -1).mean()))
+  assert max(losses) - min(losses) < 1e-4
+  assert math.log(32768) + 0.15 < losses[0] < math.log(32768) + 0.35
