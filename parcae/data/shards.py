@@ -73,10 +73,10 @@ class ShardWriter:
     path = os.path.join(data_dir, INDEX)
     if os.path.exists(path):
       old = load_index(data_dir)
-      for k in ("dtype", "vocab_size", "eos_id"):
-        if old[k] != self.index[k]:
-          raise ValueError(f"{path} has {k}={old[k]!r} but this split is written with {self.index[k]!r}; "
-                           "write to a new directory or re-shard all splits with the same tokenizer.")
+      bad = {k: (old[k], self.index[k]) for k in ("vocab_size", "eos_id", "dtype") if old[k] != self.index[k]}
+      if bad:
+        raise ValueError(f"{path} does not match this split (index, now): {bad}; write to a new directory "
+                         "or re-shard all splits with the same tokenizer.")
       self.index["splits"] = {s: v for s, v in old["splits"].items() if s != split}
       self.index["tokenizer"] = tokenizer_file or old.get("tokenizer")
     self.shards: list[dict] = []

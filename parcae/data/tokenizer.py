@@ -4,6 +4,8 @@
 - No normalizer; text is split with a GPT-4-style regex (numbers in groups of 1-2 digits), then mapped to
   the 256 byte symbols of `ByteLevel`, which are all in the initial alphabet: any UTF-8 text round-trips
   through `encode` / `decode` exactly, and no input is ever unknown.
+- As everywhere in HF `tokenizers`, the literal text of a special token (e.g. "<|eos|>") inside a
+  document is encoded as that special id; decoding gives the same text back.
 - Saved as one `tokenizer.json` (the HF format); `load_tokenizer(path)` reads it back.
 """
 from __future__ import annotations
