@@ -135,6 +135,14 @@ def test_eval_batches_are_the_first_rows_in_order(tmp_path):
     D.eval_batches(cfg, split="train", seq_len=SEQ, batch_size=4, num_batches=7)
 
 
+def test_dataset_info_of_a_shard_directory(tmp_path):
+  _one_doc_shards(tmp_path, 240)
+  info = D.dataset_info(_cfg(tmp_path))
+  assert info["num_tokens"] == {"train": 240} and info["vocab_size"] == 4096 and info["eos_id"] == 1
+  assert info["bytes_per_token"]["train"] == pytest.approx(123 / 240, rel=1e-12)
+  assert info["tokenizer_path"] is None
+
+
 def test_bad_settings_raise_clear_errors(tmp_path):
   _one_doc_shards(tmp_path, 50)
   cfg = _cfg(tmp_path)
@@ -151,17 +159,14 @@ def test_bad_settings_raise_clear_errors(tmp_path):
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
   root = tmp_path_factory.mktemp("embedded")
-  t0 = time.perf_counter()
-  path = D.prepare_embedded(str(root), vocab_size=512)
-  return root, path, time.perf_counter() - t0
+  return root, D.prepare_embedded(str(root), vocab_size=512)
 
 
 def test_prepare_embedded_is_cached_and_matches_the_tokenizer(embedded):
-  root, path, first_s = embedded
-  assert first_s < 60
+  root, path = embedded
   t0 = time.perf_counter()
   assert D.prepare_embedded(str(root), vocab_size=512) == path
-  assert time.perf_counter() - t0 < 1.0
+  assert time.perf_counter() - t0 < 2.0  # cached: no retraining / re-tokenizing (which takes seconds)
   cfg = D.default_data_config()
   cfg.path, cfg.vocab_size = str(root), 512
   info = D.dataset_info(cfg)

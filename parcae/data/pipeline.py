@@ -154,7 +154,7 @@ def eval_batches(data_cfg, *, split: str = "val", seq_len: int, batch_size: int,
     num_batches = available
   if available < 1 or num_batches > available:
     raise ValueError(f"split {split!r} ({stream.num_tokens} tokens) holds only {available} full eval "
-                     f"batches of {batch_size} x {seq_len + 1} tokens but {num_batches or 1} were asked; "
+                     f"batches of {batch_size} rows x {seq_len} targets but {max(num_batches, 1)} were asked; "
                      "lower the eval batch size / num_batches or use num_batches=None.")
   out = []
   for b in range(num_batches):
@@ -164,7 +164,9 @@ def eval_batches(data_cfg, *, split: str = "val", seq_len: int, batch_size: int,
 
 
 def dataset_info(data_cfg) -> dict:
-  """vocab_size, eos_id, num_tokens and bytes_per_token per split, tokenizer_path, data_dir."""
+  """vocab_size, eos_id, tokenizer_path (None if absent), data_dir, and per split: num_tokens and
+  bytes_per_token (UTF-8 bytes of the documents / tokens incl. EOS; bits per byte = nats per token /
+  (ln 2 * bytes_per_token); None when the shards do not record byte counts)."""
   d = data_dir(data_cfg)
   index = shards.load_index(d)
   info = {"vocab_size": int(index["vocab_size"]), "eos_id": int(index["eos_id"]), "data_dir": d,
@@ -172,7 +174,8 @@ def dataset_info(data_cfg) -> dict:
           "num_tokens": {}, "bytes_per_token": {}}
   for name, entry in index["splits"].items():
     info["num_tokens"][name] = int(entry["num_tokens"])
-    info["bytes_per_token"][name] = int(entry.get("num_bytes", 0)) / max(1, int(entry["num_tokens"]))
+    n_bytes = int(entry.get("num_bytes", 0))  # 0: the writer was not told the text size
+    info["bytes_per_token"][name] = n_bytes / int(entry["num_tokens"]) if n_bytes else None
   return info
 
 
