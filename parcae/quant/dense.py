@@ -1,0 +1,184 @@
+"""Quantized dense GEMM with separate forward / dgrad / wgrad quantization (jax.custom_vjp).
+
+y = x @ w with x [..., K], w [K, N]. For a recipe, each of the three GEMMs
+  fwd   y  = Q(x) @ Q(w)          blocks along K
+  dgrad dx = Q(g) @ Q(w)^T        blocks along N
+  wgrad dw = Q(x)^T @ Q(g)        blocks along M (tokens)
+quantizes its two operands with its own settings, optionally after rotating both along the
+contraction axis by the same block Hadamard (which cancels in the product).
+
+Key use (key split into 8): 0 fwd x, 1 fwd w, 2 dgrad g, 3 dgrad w, 4 wgrad x, 5 wgrad g
+(stochastic rounding), 6 dgrad signs, 7 wgrad signs (random-sign Hadamard).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from parcae.quant import hadamard as H
+from parcae.quant import quantize as Q
+from parcae.quant import scalesearch as S
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+  fmt: str
+  scale_mode: str = "floor"
+  rounding: str = "nearest"  # nearest | stochastic
+  two_level: bool = True  # nvfp4: FP32 tensor scale
+  block_2d: bool = False  # nvfp4: 16x16 tiles (weights)
+  search: bool = False  # ScaleSearch block scales (nearest rounding only)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+  lhs: Operand | None  # None: operand used as is (high precision, or reused forward-quantized)
+  rhs: Operand | None
+  rotation: int = 0  # block Hadamard size along the contraction axis; 0 = none
+  signs: str = "none"  # none | random (re-drawn per call from the key) | te (fixed TE vector)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  fwd: Gemm
+  dgrad: Gemm
+  wgrad: Gemm
+  bwd_source: str = "hp"  # hp: backward re-quantizes x, w from high precision | fwdq: from Q(x), Q(w)
+  clip_mask: bool = False  # zero the gradient of entries the forward quantizer clipped (QuEST)
+
+
+def _uniform(op):
+  return Gemm(op, op), Gemm(op, op), Gemm(op, op)
+
+
+_MXFP4 = Operand("mxfp4")
+_NV = Operand("nvfp4")
+_NV_SR = Operand("nvfp4", rounding="stochastic")
+_Q_FWD = Operand("mxfp4", scale_mode="rms")
+_Q_BWD = Operand("mxfp4", scale_mode="headroom", rounding="stochastic")
+RECIPE_TABLE = {
+    "bf16": None,
+    "mxfp8": Recipe(*_uniform(Operand("mxfp8_e4m3", scale_mode="rceil"))),
+    "mxfp4": Recipe(*_uniform(_MXFP4)),
+    "nvfp4": Recipe(*_uniform(_NV)),
+    "nvfp4_scalesearch": Recipe(Gemm(Operand("nvfp4", search=True), Operand("nvfp4", search=True)),
+                                Gemm(_NV, _NV), Gemm(_NV, _NV)),
+    "quartet": Recipe(Gemm(_Q_FWD, _Q_FWD, rotation=32),
+                      Gemm(_Q_BWD, _Q_BWD, rotation=32, signs="random"),
+                      Gemm(_Q_BWD, _Q_BWD, rotation=32, signs="random"),
+                      bwd_source="fwdq", clip_mask=True),
+    "nvidia_nvfp4": Recipe(Gemm(_NV, Operand("nvfp4", block_2d=True)),
+                           Gemm(_NV_SR, None),  # reuses the 2-D-quantized forward weight
+                           Gemm(_NV, _NV_SR, rotation=16, signs="te")),
+}
+RECIPES = tuple(RECIPE_TABLE)
+
+
+def validate_recipe(name: str) -> str:
+  if name not in RECIPE_TABLE:
+    raise ValueError(f"unknown quantization recipe {name!r}; recipe must be one of {RECIPES}")
+  return name
+
+
+def quantize_operand(x, op: Operand | None, axis: int, key, return_scaled=False):
+  """Quantize one GEMM operand along `axis` (the contraction axis)."""
+  if op is None:
+    return (x, None) if return_scaled else x
+  if op.search:
+    y = S.quantize_dequantize_search(x, op.fmt, axis=axis, two_level=op.two_level,
+                                     block_2d=op.block_2d)
+    return (y, None) if return_scaled else y
+  f, ax = Q.check_args(x, op.fmt, axis, op.scale_mode, op.rounding, key, op.block_2d)
+  y, t = Q._qdq_jnp(x, f, ax, op.scale_mode, op.rounding, key, None,  # pylint: disable=protected-access
+                    op.two_level, op.block_2d)
+  return (y, t) if return_scaled else y
+
+
+def _rotation(g: Gemm, key):
+  if not g.rotation:
+    return None
+  signs = {"none": None, "te": H.TE_SIGNS_16 if g.rotation == 16 else None,
+           "random": H.random_signs(key, g.rotation) if g.signs == "random" else None}[g.signs]
+  return H.matrix(g.rotation, signs)
+
+
+def _rot(x, m, axis, inverse=False):
+  return x if m is None else H.rotate(x, m, axis, inverse)
+
+
+def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims):
+  """Rotate a, b along their contraction axes, quantize them, contract in compute dtype."""
+  aq = quantize_operand(_rot(a, m, a_axis), g.lhs, a_axis, keys[0])
+  bq = quantize_operand(_rot(b, m, b_axis), g.rhs, b_axis, keys[1])
+  return jax.lax.dot_general(aq.astype(cd), bq.astype(cd), (dims, ((), ())))
+
+
+def _forward(recipe: Recipe, cd, x, w, key):
+  keys = jax.random.split(key, 8)
+  r = recipe.fwd
+  m = _rotation(r, None)
+  xq, xt = quantize_operand(_rot(x, m, 1), r.lhs, 1, keys[0], return_scaled=True)
+  wq, wt = quantize_operand(_rot(w, m, 0), r.rhs, 0, keys[1], return_scaled=True)
+  y = jnp.dot(xq.astype(cd), wq.astype(cd))
+  fwdq = recipe.bwd_source == "fwdq"  # keep only the residuals the backward reads
+  keep_t = recipe.clip_mask
+  return y, (x, w, xq if fwdq else None, wq if fwdq or recipe.dgrad.rhs is None else None,
+             xt if keep_t else None, wt if keep_t else None, key)
+
+
+def _clip_mask(t, op: Operand | None):
+  from parcae.quant import formats as F  # pylint: disable=g-import-not-at-top
+  if t is None or op is None:
+    return None
+  return jnp.abs(t) < F.get_format(op.fmt).elem.max_val
+
+
+def _backward(recipe: Recipe, cd, res, g):
+  x, w, xq, wq, xt, wt, key = res
+  keys = jax.random.split(key, 8)
+  m_fwd = _rotation(recipe.fwd, None)
+  if recipe.bwd_source == "fwdq":
+    xs, ws = xq, wq
+  else:
+    xs, ws = _rot(x, m_fwd, 1), _rot(w, m_fwd, 0)
+  if recipe.dgrad.rhs is None:  # reuse the forward-quantized weight as is
+    ws = wq
+  md, mw = _rotation(recipe.dgrad, keys[6]), _rotation(recipe.wgrad, keys[7])
+  dx = _gemm(g, ws, recipe.dgrad, 1, 1, keys[2:4], md, cd, ((1,), (1,)))  # [M, K]
+  dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)))  # [K, N]
+  if recipe.clip_mask:
+    mx, mwk = _clip_mask(xt, recipe.fwd.lhs), _clip_mask(wt, recipe.fwd.rhs)
+    dx = dx if mx is None else jnp.where(mx, dx, 0)
+    dw = dw if mwk is None else jnp.where(mwk, dw, 0)
+  dx = _rot(dx.astype(jnp.float32), m_fwd, 1, inverse=True)
+  dw = _rot(dw.astype(jnp.float32), m_fwd, 0, inverse=True)
+  return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _qdot2(recipe, cd, x, w, key):
+  return _forward(recipe, cd, x, w, key)[0]
+
+
+_qdot2.defvjp(_forward, _backward)
+
+
+def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16):
+  """x [..., K] @ w [K, N] -> [..., N] in compute_dtype, with the named recipe's quantization.
+
+  "bf16" is exactly jnp.dot(x.astype(cd), w.astype(cd)) (values and gradients). key: PRNG key for
+  stochastic rounding / random Hadamard signs; None -> a fixed key (deterministic).
+  """
+  rec = RECIPE_TABLE[validate_recipe(recipe)]
+  cd = jnp.dtype(compute_dtype)
+  if rec is None:
+    return jnp.dot(x.astype(cd), w.astype(cd))
+  if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"qdot needs x [..., K] and w [K, N]; got x {x.shape}, w {w.shape}")
+  key = jax.random.key(0) if key is None else key
+  x2 = x.reshape(-1, x.shape[-1])
+  y = _qdot2(rec, cd, x2, w, key)
+  return y.reshape(x.shape[:-1] + (w.shape[1],))
