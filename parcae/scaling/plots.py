@@ -74,14 +74,19 @@ def plot_frontier(table: Table, train: dict, stem: str) -> list[str]:
 
 
 def plot_testtime(table: Table, fits: list, stem: str) -> list[str]:
-  """Final loss against test-time loop count per run, with each run's fitted L∞ + Z·exp(−z·T)."""
+  """Final loss against test-time loop count per run, with each run's fitted L∞ + Z·exp(−z·T).
+
+  Loop counts held out of the fit (`fit_testtime(..., fit_loops=...)`) are drawn hollow.
+  """
   fin = results_lib.final_rows(table)
   fig, ax = plt.subplots(figsize=(6, 4))
   colors = plt.cm.tab10(np.arange(len(fits)) % 10)
   for f, c in zip(fits, colors):
     sel = fin["run"] == f["run"]
-    T = fin["loops"][sel]
-    ax.scatter(T, fin["val_loss"][sel], color=c, s=14)
+    T, L = fin["loops"][sel], fin["val_loss"][sel]
+    held = np.isin(T, f.get("heldout_loops") or [])  # points the fit did not see: hollow
+    ax.scatter(T[~held], L[~held], color=c, s=14)
+    ax.scatter(T[held], L[held], facecolor="none", edgecolor=c, s=14)
     grid = np.linspace(T.min(), T.max(), 100)
     ax.plot(grid, fit_lib.predict_testtime(f, grid), color=c, lw=1, label=f"{f['run']} (z={f['z']:.2f})")
   ax.set(xlabel="test-time loops T", ylabel="validation loss", title="test-time law")
