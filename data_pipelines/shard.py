@@ -5,7 +5,7 @@
   python -m data_pipelines.shard --tokenizer tok/tokenizer.json --input val.jsonl --output shards/ --split val
 
 With --val-fraction, each document goes to "val" iff the hash of its name (file name plus row number)
-falls below the fraction, else to "train". Otherwise all documents go to --split. Existing other splits of
+falls below the fraction, else to "train" (the inputs are read once per split). Otherwise all documents go to --split. Existing other splits of
 the output directory are kept. The tokenizer is copied into the directory as tokenizer.json.
 """
 from __future__ import annotations

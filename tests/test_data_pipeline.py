@@ -107,6 +107,22 @@ def test_resume_continues_at_the_exact_next_batch(tmp_path, num_workers):
     c.set_state(state)
 
 
+def test_resume_with_another_batch_size_or_host_count_serves_the_next_rows(tmp_path):
+  _one_doc_shards(tmp_path, 300)
+  cfg = _cfg(tmp_path)
+  a = D.make_train_iterator(cfg, seq_len=SEQ, global_batch=4, seed=9)
+  for _ in range(3):
+    next(a)
+  state = a.get_state()
+  nxt = np.concatenate([next(a)["inputs"] for _ in range(2)])  # slots 12..19
+  halves = []
+  for p in range(2):  # resume on 2 hosts with global batch 8
+    h = D.make_train_iterator(cfg, seq_len=SEQ, global_batch=8, seed=9, process_index=p, process_count=2)
+    h.set_state(state)
+    halves.append(next(h)["inputs"])
+  assert np.array_equal(np.concatenate(halves), nxt)
+
+
 def test_batches_are_a_pure_function_of_seed_and_step(tmp_path):
   _one_doc_shards(tmp_path, 400)
   cfg = _cfg(tmp_path)
