@@ -242,3 +242,22 @@ def test_parquet_roundtrip(tmp_path, train_table):
   t = results.load_results(path)
   assert t.runs() == train_table.runs()
   np.testing.assert_array_equal(t["val_loss"], train_table["val_loss"])
+
+
+def test_mixed_model_sizes_refused_and_where_selects(tmp_path, capsys, train_table):
+  cols = {k: np.concatenate([v, v]) for k, v in train_table.columns.items()}
+  n = len(train_table)
+  cols["run"] = np.concatenate([train_table["run"], np.char.add(train_table["run"], "_big")])
+  cols["params"] = np.r_[np.full(n, 1.4e8), np.full(n, 3.9e8)]
+  cols["model"] = np.array(["small"] * n + ["medium"] * n)
+  mixed = results.Table(cols)
+  with pytest.raises(ResultsError, match="mixes 2 params values.*--where params=VALUE"):
+    fit.fit_isoflop(mixed, n_boot=0)
+  only = results.where(mixed, {"model": "medium"})
+  assert len(only) == n and set(only["params"]) == {3.9e8}
+  path = _write_csv(tmp_path / "mixed.csv", mixed)
+  assert fit.fit_main(["--results", path, "--law", "isoflop", "--json", "--n-boot", "5",
+                       "--where", "model=small", "--where", "params=1.4e8"]) == 0
+  assert abs(json.loads(capsys.readouterr().out)["a"] - A_TRUE) < 0.03
+  assert fit.fit_main(["--results", path, "--law", "isoflop", "--where", "model=large"]) == 2
+  assert "no rows match" in capsys.readouterr().err

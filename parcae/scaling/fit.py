@@ -268,6 +268,7 @@ def fit_training(table: Table, eval_loops="mu", n_boot=200, seed=0, level=0.95, 
                  heldout=True) -> dict:
   """Fit L(µ, D) = E + X·µ^(−x) + Y·D^(−y) to each run's final loss at its eval loop count."""
   rows = results_lib.eval_rows(table, eval_loops)
+  results_lib.require_single(rows)
   results_lib.require_points(len(rows), 6, "training law (5 parameters; one point per run)")
   _distinct(rows, "mu", 3, "training law")
   d0 = float(np.exp(np.mean(LN(rows["tokens"]))))
@@ -281,6 +282,7 @@ def fit_training(table: Table, eval_loops="mu", n_boot=200, seed=0, level=0.95, 
 def fit_unified(table: Table, n_boot=200, seed=0, level=0.95, n_starts=512, heldout=True) -> dict:
   """Fit L(T | µ, D) = E + X·µ^(−x) + Y·D^(−y) + Z·exp(−z·T/µ) to every run's final losses at all T."""
   rows = results_lib.final_rows(table)
+  results_lib.require_single(rows)
   results_lib.require_points(len(rows), 8, "unified law (7 parameters)")
   _distinct(rows, "mu", 3, "unified law")
   _distinct(rows, "loops", 2, "unified law")
@@ -381,6 +383,7 @@ def _slope(lnC, vals):
 def fit_isoflop(table: Table, eval_loops="mu", n_boot=200, seed=0, level=0.95) -> dict:
   """Per-budget compute-optimal µ*, D* (parabola in ln µ) and exponents µ* ∝ C^a, D* ∝ C^b with CIs."""
   rows = results_lib.eval_rows(table, eval_loops)
+  results_lib.require_single(rows)
   budgets_row = _budget_groups(rows)
   budgets = np.unique(budgets_row)
   idx = {b: np.flatnonzero(budgets_row == b) for b in budgets}
@@ -451,11 +454,18 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--eval-loops", default="mu", help="training/isoflop: loop count per run ('mu' or an int)")
   p.add_argument("--fit-loops", default=None, help="testtime: comma-separated loop counts to fit on")
   p.add_argument("--nonfinite", default="drop", choices=["drop", "error"], help="rows with NaN/inf loss")
+  p.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
+                 help="keep only rows with this column value (repeatable), e.g. --where model=parcae-small-140m")
   return p
 
 
 def _run_fit(args) -> tuple[Table, object]:
   table = results_lib.load_results(args.results, on_nonfinite=args.nonfinite)
+  if args.where:
+    bad = [w for w in args.where if "=" not in w]
+    if bad:
+      raise ResultsError(f"--where {bad[0]!r}; use COL=VALUE, e.g. --where quant_recipe=bf16")
+    table = results_lib.where(table, dict(w.split("=", 1) for w in args.where))
   if args.n_boot < 0:
     raise ResultsError(f"--n-boot={args.n_boot}; use 0 (no intervals) or a positive count")
   kw = {"n_boot": args.n_boot, "seed": args.seed}

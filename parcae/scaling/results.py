@@ -175,3 +175,28 @@ def eval_rows(table: Table, eval_loops: str | int = "mu") -> Table:
                        "pass eval_loops=<T> for a loop count every run has")
   _, first = np.unique(sel["run"], return_index=True)
   return sel.select(np.sort(first))
+
+
+def where(table: Table, conditions: dict) -> Table:
+  """Rows where every column equals its value (numeric columns compare as floats)."""
+  keep = np.ones(len(table), dtype=bool)
+  for col, val in conditions.items():
+    data = table[col]
+    try:
+      keep &= np.isclose(data, float(val)) if data.dtype.kind == "f" else data == str(val)
+    except ValueError as e:
+      raise ResultsError(f"column {col!r} is numeric; {val!r} is not a number") from e
+  if not keep.any():
+    raise ResultsError(f"no rows match {conditions}; check the column values in the results table")
+  return table.select(keep)
+
+
+def require_single(table: Table, cols=("params", "model", "quant_recipe")) -> None:
+  """Fixed-size laws need one model at one precision: refuse a table that mixes them."""
+  for col in cols:
+    if col in table:
+      vals = np.unique(table[col])
+      if len(vals) > 1:
+        shown = [v.item() if hasattr(v, "item") else v for v in vals[:5]]
+        raise ResultsError(f"results table mixes {len(vals)} {col} values {shown}; these laws hold at one "
+                           f"model size and precision: select one with --where {col}=VALUE")
