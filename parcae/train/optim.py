@@ -178,7 +178,7 @@ def hyperparams_at(cfg, step, total_steps: int, schedule=None) -> dict:
       weight_decay=jnp.asarray(cfg.weight_decay, jnp.float32),
       muon_lr=cfg.muon_lr * mult,
       muon_momentum=cfg.muon_momentum_start + (cfg.muon_momentum - cfg.muon_momentum_start) * ramp,
-      muon_wd=cfg.muon_wd * jnp.maximum(0.0, 1.0 - step_f / total_steps),
+      muon_wd=cfg.muon_wd * jnp.maximum(0.0, (total_steps - step_f) / total_steps),
   )
 
 
@@ -211,14 +211,25 @@ def polar_express(g_RxC, ns_steps: int, dtype):
   mm = lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
   xt = lambda a: jnp.swapaxes(a, -1, -2)
   tall = g_RxC.shape[-2] > g_RxC.shape[-1]
-  for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+
+  # Matmuls take and return `dtype`; the scalar-coefficient arithmetic runs in float32 and is rounded to
+  # `dtype` once (torch does bf16 * python-float in float32 "opmath"; rounding a = 8.1566 to bf16 first
+  # would bias every iteration by 0.4%).
+  f32 = lambda t: t.astype(jnp.float32)
+
+  def iteration(x, abc):
+    a, b, c = abc[0], abc[1], abc[2]
     if tall:
       gram = mm(xt(x), x)
-      x = a * x + mm(x, b * gram + c * mm(gram, gram))
-    else:
-      gram = mm(x, xt(x))
-      x = a * x + mm(b * gram + c * mm(gram, gram), x)
-  return x
+      poly = (b * f32(gram) + c * f32(mm(gram, gram))).astype(dtype)
+      return (a * f32(x) + f32(mm(x, poly))).astype(dtype), None
+    gram = mm(x, xt(x))
+    poly = (b * f32(gram) + c * f32(mm(gram, gram))).astype(dtype)
+    return (a * f32(x) + f32(mm(poly, x))).astype(dtype), None
+
+  # A scan (not a Python loop) keeps the compiled program small: one body per matrix shape.
+  coeffs = jnp.asarray(POLAR_EXPRESS_COEFFS[:ns_steps], jnp.float32)
+  return jax.lax.scan(iteration, x, coeffs)[0]
 
 
 def muon_leaf(g, p, m, v, *, lr, momentum, beta2, wd, ns_steps, ortho_dtype):
