@@ -1,0 +1,124 @@
+"""qdot: bf16 is exactly the plain matmul; quantized recipes' GEMMs use the quantized operands."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parcae.quant import RECIPES, qdot, quantize_dequantize, validate_recipe
+from parcae.quant import hadamard as H
+from parcae.quant.scalesearch import quantize_dequantize_search
+
+M, K, N = 64, 64, 96
+f32 = jnp.float32
+
+
+def inputs(dtype=jnp.float32):
+  x = jax.random.normal(jax.random.key(1), (2, M // 2, K)).astype(dtype)
+  w = (0.1 * jax.random.normal(jax.random.key(2), (K, N))).astype(dtype)
+  g = jax.random.normal(jax.random.key(3), (2, M // 2, N)).astype(jnp.float32)
+  return x, w, g
+
+
+def vjp(recipe, x, w, g, key, cd):
+  y, pull = jax.vjp(lambda x, w: qdot(x, w, recipe, key=key, compute_dtype=cd), x, w)
+  return (y, *pull(g.astype(cd)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bf16_recipe_is_exactly_plain_matmul(dtype):
+  x, w, g = inputs(dtype)
+  cd = jnp.bfloat16
+  y, dx, dw = jax.jit(functools.partial(vjp, "bf16", key=None, cd=cd))(x, w, g)
+  y0, pull = jax.vjp(lambda x, w: jnp.dot(x.astype(cd), w.astype(cd)), x, w)
+  dx0, dw0 = pull(g.astype(cd))
+  for a, b in ((y, y0), (dx, dx0), (dw, dw0)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def q(x, fmt, axis, **kw):
+  return quantize_dequantize(x, fmt, axis=axis, **kw)
+
+
+def dot(a, b):
+  return jnp.dot(a.astype(f32), b.astype(f32), precision="highest")
+
+
+def hand_written(recipe, x, w, g, key):
+  """The three GEMMs written out with the public quantizers (f32 compute)."""
+  x2, g2 = x.reshape(M, K), g.reshape(M, N)
+  k = jax.random.split(key, 8)
+  if recipe in ("mxfp8", "mxfp4", "nvfp4", "nvfp4_scalesearch"):
+    fmt, kw = {"mxfp8": ("mxfp8_e4m3", {"scale_mode": "rceil"}), "mxfp4": ("mxfp4", {}),
+               "nvfp4": ("nvfp4", {}), "nvfp4_scalesearch": ("nvfp4", {})}[recipe]
+    if recipe == "nvfp4_scalesearch":
+      y = dot(quantize_dequantize_search(x2, fmt, axis=1), quantize_dequantize_search(w, fmt, axis=0))
+    else:
+      y = dot(q(x2, fmt, 1, **kw), q(w, fmt, 0, **kw))
+    dx = dot(q(g2, fmt, 1, **kw), q(w, fmt, 1, **kw).T)
+    dw = dot(q(x2, fmt, 0, **kw).T, q(g2, fmt, 0, **kw))
+  elif recipe == "quartet":
+    h = H.matrix(32)
+    xr, wr = H.rotate(x2, h, 1), H.rotate(w, h, 0)
+    xq, wq = q(xr, "mxfp4", 1, scale_mode="rms"), q(wr, "mxfp4", 0, scale_mode="rms")
+    y = dot(xq, wq)
+    sr = {"scale_mode": "headroom", "rounding": "stochastic"}
+    hd = H.matrix(32, H.random_signs(k[6], 32))
+    hw = H.matrix(32, H.random_signs(k[7], 32))
+    dxr = dot(q(H.rotate(g2, hd, 1), "mxfp4", 1, key=k[2], **sr),
+              q(H.rotate(wq, hd, 1), "mxfp4", 1, key=k[3], **sr).T)
+    dwr = dot(q(H.rotate(xq, hw, 0), "mxfp4", 0, key=k[4], **sr).T,
+              q(H.rotate(g2, hw, 0), "mxfp4", 0, key=k[5], **sr))
+    # QuEST mask: entries the forward quantizer clipped (|x / scale| >= 6) get no gradient.
+    sx = 2.0 ** np.floor(np.log2(0.48708 * np.asarray(xr).reshape(M, -1, 32).std(-1) + 1e-8))
+    sw = 2.0 ** np.floor(np.log2(0.48708 * np.asarray(wr).T.reshape(N, -1, 32).std(-1) + 1e-8))
+    mx = np.abs(np.asarray(xr).reshape(M, -1, 32) / sx[..., None]).reshape(M, K) < 6
+    mw = (np.abs(np.asarray(wr).T.reshape(N, -1, 32) / sw[..., None]).reshape(N, K) < 6).T
+    dx = H.rotate(dxr * mx, h, 1, inverse=True)
+    dw = H.rotate(dwr * mw, h, 0, inverse=True)
+  elif recipe == "nvidia_nvfp4":
+    wq = quantize_dequantize(w, "nvfp4", block_2d=True)
+    y = dot(q(x2, "nvfp4", 1), wq)
+    dx = dot(q(g2, "nvfp4", 1, rounding="stochastic", key=k[2]), wq.T)
+    hr = H.matrix(16, H.TE_SIGNS_16)
+    dw = dot(q(H.rotate(x2, hr, 0), "nvfp4", 0).T,
+             q(H.rotate(g2, hr, 0), "nvfp4", 0, rounding="stochastic", key=k[5]))
+  return y.reshape(2, M // 2, N), dx.reshape(x.shape), dw
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "bf16"])
+def test_recipe_gemms_use_quantized_operands(recipe):
+  x, w, g = inputs()
+  key = jax.random.key(7)
+  got = jax.jit(functools.partial(vjp, recipe, cd=jnp.float32))(x, w, g, key)
+  hw = functools.partial(hand_written, recipe)
+  want = hw(x, w, g, key) if recipe == "quartet" else jax.jit(hw)(x, w, g, key)  # numpy mask
+  exact = jax.vjp(lambda x, w: jnp.dot(x, w, precision="highest"), x, w)
+  ref = (exact[0], *exact[1](g))
+  for name, a, b, r in zip(("y", "dx", "dw"), got, want, ref):
+    a, b, r = (np.asarray(v, np.float64) for v in (a, b, r))
+    # same quantized operands, f32 GEMMs that may sum in another order: ~1e-6 relative
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
+    rel = np.sum((a - r) ** 2) / np.sum(r**2)
+    assert 1e-6 < rel < 0.35, (name, rel)  # quantized (not exact), but still close to the truth
+
+
+def test_key_changes_stochastic_recipes_only():
+  x, w, g = inputs()
+  for recipe, random in (("quartet", True), ("nvidia_nvfp4", True), ("mxfp4", False)):
+    f = jax.jit(functools.partial(vjp, recipe, cd=jnp.float32))
+    a, b = f(x, w, g, jax.random.key(0)), f(x, w, g, jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))  # forward is RTN
+    assert (not np.array_equal(np.asarray(a[2]), np.asarray(b[2]))) == random
+    c = f(x, w, g, None)  # None -> fixed key: deterministic
+    np.testing.assert_array_equal(np.asarray(c[2]), np.asarray(f(x, w, g, None)[2]))
+
+
+def test_validate_recipe_lists_names():
+  assert validate_recipe("quartet") == "quartet"
+  with pytest.raises(ValueError, match="nvfp4_scalesearch"):
+    validate_recipe("fp4")
+  with pytest.raises(ValueError, match="recipe must be one of"):
+    qdot(jnp.ones((2, 32)), jnp.ones((32, 32)), "int4")
