@@ -261,3 +261,28 @@ def test_mixed_model_sizes_refused_and_where_selects(tmp_path, capsys, train_tab
   assert abs(json.loads(capsys.readouterr().out)["a"] - A_TRUE) < 0.03
   assert fit.fit_main(["--results", path, "--law", "isoflop", "--where", "model=large"]) == 2
   assert "no rows match" in capsys.readouterr().err
+
+
+def test_precision_law_recovers_recipe_efficiencies(tmp_path, capsys):
+  eff = {"bf16": (1.0, 1.0), "fp8": (0.9, 0.95), "nvfp4": (0.6, 0.8)}  # (effN, effD), truth
+  rng = np.random.default_rng(0)
+  cols = {c: [] for c in COLS + ("quant_recipe",)}
+  for q, (en, ed) in eff.items():
+    for C in BUDGETS[::2]:
+      for mu in (1, 2, 4, 8, 16.0):
+        D = C / (K * mu)
+        L = TRUE["E"] + TRUE["X"] * (mu * en) ** -TRUE["x"] + TRUE["Y"] * (D * ed) ** -TRUE["y"]
+        row = (f"{q}_C{C:.0e}_mu{mu:g}", mu, 1.4e8, D, C, round(mu), L * np.exp(rng.normal(0, 0.002)), C, q)
+        for c, v in zip(COLS + ("quant_recipe",), row):
+          cols[c].append(v)
+  table = results.table_from_columns(cols)  # σ = 0.2 %
+  res = fit.fit_precision(table, reference="bf16", n_boot=20, n_starts=64, heldout=False)
+  assert res["recipes"] == ["bf16", "fp8", "nvfp4"]
+  for q, (en, ed) in eff.items():
+    assert abs(res["effN"][q] - en) < 0.05 and abs(res["effD"][q] - ed) < 0.05, (q, res["effN"], res["effD"])
+  for k in ("x", "y"):
+    assert abs(res[k] - TRUE[k]) < 0.03 and res["ci"][k][0] <= TRUE[k] <= res["ci"][k][1], (k, res[k])
+  with pytest.raises(ResultsError, match="reference recipe 'fp32' not in"):
+    fit.fit_precision(table, reference="fp32", n_boot=0)
+  with pytest.raises(ResultsError, match="mixes 3 quant_recipe"):
+    fit.fit_training(table, n_boot=0)

@@ -19,6 +19,7 @@ def table():
         row = (f"C{C:.0e}_mu{mu:g}", mu, 1.4e8, D, C, T, base + 0.8 * np.exp(-1.5 * T / mu), C)
         for c, v in zip(COLS, row):
           cols[c].append(v)
+  cols["quant_recipe"] = ["bf16"] * len(cols["run"])
   return results.table_from_columns(cols)
 
 
@@ -36,10 +37,11 @@ def test_all_plots_write_png_and_svg(tmp_path, table):
   train = fit.fit_training(table, n_boot=0, n_starts=64, heldout=False)
   tt = fit.fit_testtime(table.select(np.isin(table["run"], table.runs()[:3])), n_boot=0, n_starts=32)
   uni = fit.fit_unified(table, n_boot=0, n_starts=64, heldout=False)
+  prec = fit.fit_precision(table, n_boot=0, n_starts=64, heldout=False)
   _check(plots.plot_isoflop(table, iso, str(tmp_path / "iso")))
   _check(plots.plot_frontier(table, train, str(tmp_path / "frontier")))
   _check(plots.plot_testtime(table, tt, str(tmp_path / "sub" / "tt")))  # creates missing folders
-  for name, res in (("train", train), ("tt", tt), ("uni", uni)):
+  for name, res in (("train", train), ("tt", tt), ("uni", uni), ("prec", prec)):
     _check(plots.plot_pred_vs_obs(table, res, str(tmp_path / f"po_{name}")))
 
 

@@ -5,6 +5,7 @@ Laws (µ = mean training recurrence, D = training tokens, T = test-time loop cou
   testtime  L(T)        = L∞ + Z·exp(−z·T)                       (one fit per run)
   unified   L(T | µ, D) = E + X·µ^(−x) + Y·D^(−y) + Z·exp(−z·T/µ)
   isoflop   per FLOP budget C: µ*(C), D*(C); exponents µ* ∝ C^a, D* ∝ C^b
+  precision L = E + X·(µ·effN[r])^(−x) + Y·(D·effD[r])^(−y) across quantization recipes r (see fit_precision)
 
 Effective size N(µ). The paper writes X·N(µ)^(−x) with N(µ) "an effective size that grows with looping". We
 use N(µ) = µ (effective size in units of the µ = 1 model). Reason: every run of a sweep has the same unique
@@ -237,14 +238,15 @@ def _fit_law(name, v, y, groups, *, n_boot, seed, level, n_starts, heldout, d0, 
 
 
 def _fit_law_body(name, v, y, groups, *, n_boot, seed, level, n_starts, heldout, d0, min_groups):
-  law, rng = LAWS[name], np.random.default_rng(seed)
+  law = LAWS[name] if isinstance(name, str) else name
+  rng = np.random.default_rng(seed)
   th = _fit_theta(law, v, y, rng, n_starts=n_starts)
   params = _named(law, th, d0)
   rmse, mape = _errors(law.fn(th, v)[0], y)
   boots = _bootstrap(law, v, y, groups, th, n_boot, rng, min_groups, d0)
   ci = _ci(boots, law.names, level)
   out = dict(params, ci=ci, n_points=int(len(y)), rmse=rmse, mape=mape, n_boot=n_boot,
-             n_boot_ok=len(boots), level=level, huber_delta=HUBER_DELTA)
+             n_boot_ok=len(boots), level=level, huber_delta=HUBER_DELTA, param_names=list(law.names))
   if heldout:
     errs = []
     for g in np.unique(groups):
@@ -434,8 +436,68 @@ def fit_isoflop(table: Table, eval_loops="mu", n_boot=200, seed=0, level=0.95) -
   return out
 
 
+# ------------------------------------------------------------------------------------ precision-aware
+def _precision_law(n_recipes: int) -> Law:
+  """Training law with per-recipe efficiencies: µ -> µ·effN[r], D -> D·effD[r]; recipe 0 has eff = 1."""
+  k = n_recipes - 1
+  base = LAWS["training"]
+
+  def fn(th, v):
+    effN = np.exp(np.r_[0.0, th[5:5 + k]])[v["r"]]
+    effD = np.exp(np.r_[0.0, th[5 + k:]])[v["r"]]
+    pred, jb = _training_fn(th[:5], {"mu": v["mu"] * effN, "d": v["d"] * effD})
+    onehot = (v["r"][:, None] == np.arange(1, n_recipes)[None, :]).astype(float)
+    jn = -th[2] * jb[:, 1:2] * onehot  # d pred / d ln effN_r = −x·X·(µ·effN)^(−x)
+    jd = -th[4] * jb[:, 3:4] * onehot  # d pred / d ln effD_r = −y·Y·(D·effD)^(−y)
+    return pred, np.concatenate([jb, jn, jd], axis=1)
+
+  return Law(fn, base.names + tuple(f"effN_{i}" for i in range(1, n_recipes)) +
+             tuple(f"effD_{i}" for i in range(1, n_recipes)), base.log + (True,) * 2 * k,
+             base.bounds + ((LN(1e-3), LN(10.0)),) * 2 * k, 0)
+
+
+def fit_precision(table: Table, reference: str = "bf16", eval_loops="mu", n_boot=200, seed=0, level=0.95,
+                  n_starts=512, heldout=True) -> dict:
+  """Precision-aware training law across `quant_recipe` values (Quartet-style efficiencies, additive form):
+
+    L = E + X·(µ·effN[r])^(−x) + Y·(D·effD[r])^(−y),   effN[reference] = effD[reference] = 1.
+
+  effN < 1: the recipe's looping/parameter term behaves like a smaller effective depth; effD < 1: each
+  token is worth less. Quartet's form L = E + (A/(N·effN)^α + B/(D·effD)^β)^γ adds γ; at one model size
+  γ trades off against x and y, so we fit the additive (γ = 1) form.
+  """
+  rows = results_lib.eval_rows(table, eval_loops)
+  results_lib.require_single(rows, cols=("params", "model"))
+  recipes = [str(r) for r in np.unique(rows["quant_recipe"])]
+  if reference not in recipes:
+    raise ResultsError(f"reference recipe {reference!r} not in quant_recipe values {recipes}; "
+                       "pass reference=<one of them>")
+  recipes = [reference] + [r for r in recipes if r != reference]
+  for r in recipes:
+    _distinct(rows.select(rows["quant_recipe"] == r), "mu", 2, f"precision law, recipe {r!r}")
+  law = _precision_law(len(recipes))
+  results_lib.require_points(len(rows), len(law.names) + 1, f"precision law ({len(law.names)} parameters)")
+  d0 = float(np.exp(np.mean(LN(rows["tokens"]))))
+  v = dict(_inputs(rows, d0), r=np.array([recipes.index(str(q)) for q in rows["quant_recipe"]]))
+  out = _fit_law(law, v, rows["val_loss"], rows["run"], n_boot=n_boot, seed=seed, level=level,
+                 n_starts=n_starts, heldout=heldout, d0=d0, min_groups=len(law.names) + 1)
+  out["effN"] = {reference: 1.0, **{r: out[f"effN_{i}"] for i, r in enumerate(recipes) if i}}
+  out["effD"] = {reference: 1.0, **{r: out[f"effD_{i}"] for i, r in enumerate(recipes) if i}}
+  out.update(law="precision", form="L = E + X*(mu*effN)^-x + Y*(D*effD)^-y", recipes=recipes,
+             reference=reference, eval_loops=eval_loops, n_runs=len(rows))
+  _warn(out["warnings"], "precision fit")
+  return out
+
+
+def predict_precision(fit: dict, mu, tokens, recipe) -> np.ndarray:
+  effN = np.array([fit["effN"][str(r)] for r in np.atleast_1d(recipe)])
+  effD = np.array([fit["effD"][str(r)] for r in np.atleast_1d(recipe)])
+  return predict_training(fit, np.asarray(mu, float) * effN, np.asarray(tokens, float) * effD)
+
+
 # ------------------------------------------------------------------------------------------------- CLI
-FIT_FNS = {"training": fit_training, "testtime": fit_testtime, "unified": fit_unified, "isoflop": fit_isoflop}
+FIT_FNS = {"training": fit_training, "testtime": fit_testtime, "unified": fit_unified, "isoflop": fit_isoflop,
+           "precision": fit_precision}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -453,6 +515,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="bootstrap / start seed")
   p.add_argument("--eval-loops", default="mu", help="training/isoflop: loop count per run ('mu' or an int)")
   p.add_argument("--fit-loops", default=None, help="testtime: comma-separated loop counts to fit on")
+  p.add_argument("--reference", default="bf16", help="precision: quant_recipe with efficiency 1")
   p.add_argument("--nonfinite", default="drop", choices=["drop", "error"], help="rows with NaN/inf loss")
   p.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
                  help="keep only rows with this column value (repeatable), e.g. --where model=parcae-small-140m")
@@ -469,8 +532,10 @@ def _run_fit(args) -> tuple[Table, object]:
   if args.n_boot < 0:
     raise ResultsError(f"--n-boot={args.n_boot}; use 0 (no intervals) or a positive count")
   kw = {"n_boot": args.n_boot, "seed": args.seed}
-  if args.law in ("training", "isoflop"):
+  if args.law in ("training", "isoflop", "precision"):
     kw["eval_loops"] = args.eval_loops
+  if args.law == "precision":
+    kw["reference"] = args.reference
   if args.law == "testtime" and args.fit_loops:
     try:
       kw["fit_loops"] = [float(t) for t in args.fit_loops.split(",")]
@@ -487,7 +552,7 @@ def _summary(law: str, res) -> str:
     lines = [f"C={b['budget']:.3g}: mu*={b['mu_star']:.3g} D*={b['D_star']:.3g} L*={b['L_star']:.4f}"
              for b in res["budgets"]]
     return "\n".join(lines + [f"a={res['a']:.3f} {res['ci']['a']}  b={res['b']:.3f} {res['ci']['b']}"])
-  names = LAWS[law].names
+  names = res["param_names"]
   return "\n".join([f"{n} = {res[n]:.5g}  CI {res['ci'][n]}" for n in names] +
                    [f"rmse={res['rmse']:.3e} mape={res['mape']:.3f}% heldout_mape={res['heldout_mape']}"])
 
@@ -504,7 +569,10 @@ def _jsonable(obj):
 
 
 def fit_main(argv: list[str]) -> int:
-  """`parcae fit --results FILE --law training|testtime|unified|isoflop [--json] [--plot-dir DIR]`."""
+  """`parcae fit --results FILE --law training|testtime|unified|isoflop|precision [--json] [--plot-dir DIR]`.
+
+  Exit code 0 on success, 2 on bad input (one line on stderr). Fit warnings go to stderr and into the JSON.
+  """
   try:
     args = _parser().parse_args(argv)
     with warnings.catch_warnings():

@@ -102,6 +102,11 @@ def _pred_obs(table: Table, res) -> tuple[np.ndarray, np.ndarray]:
     fin = fin.select(keep)
     pred = np.array([fit_lib.predict_testtime(by_run[r], t) for r, t in zip(fin["run"], fin["loops"])])
     return pred, fin["val_loss"]
+  if res["law"] == "precision":
+    rows = results_lib.eval_rows(table, res.get("eval_loops", "mu"))
+    keep = np.isin(rows["quant_recipe"], res["recipes"])
+    rows = rows.select(keep)
+    return fit_lib.predict_precision(res, rows["mu"], rows["tokens"], rows["quant_recipe"]), rows["val_loss"]
   if res["law"] == "unified":
     rows = results_lib.final_rows(table)
     return fit_lib.predict_unified(res, rows["mu"], rows["tokens"], rows["loops"]), rows["val_loss"]
@@ -110,7 +115,7 @@ def _pred_obs(table: Table, res) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_pred_vs_obs(table: Table, res, stem: str) -> list[str]:
-  """Predicted against observed loss (identity line dashed) for a training, unified or testtime fit."""
+  """Predicted against observed loss (identity line dashed) for a training/unified/precision/testtime fit."""
   pred, obs = _pred_obs(table, res)
   fig, ax = plt.subplots(figsize=(4.5, 4.5))
   ax.scatter(obs, pred, s=12)
@@ -130,4 +135,4 @@ def plot_law(law: str, table: Table, res, out_dir: str) -> list[str]:
     return plot_frontier(table, res, stem("training_frontier")) + plot_pred_vs_obs(table, res, stem("training_pred_obs"))
   if law == "testtime":
     return plot_testtime(table, res, stem("testtime")) + plot_pred_vs_obs(table, res, stem("testtime_pred_obs"))
-  return plot_pred_vs_obs(table, res, stem("unified_pred_obs"))
+  return plot_pred_vs_obs(table, res, stem(f"{law}_pred_obs"))
