@@ -1,0 +1,202 @@
+"""`parcae train`: the top-level training loop. Read it top to bottom.
+
+Everything a run needs lives in its workdir: config.json, metrics.jsonl, checkpoints/, eval.json.
+A workdir that already holds checkpoints is resumed (params, optimizer state, step, RNG and data position),
+and SIGTERM / SIGINT save a checkpoint before exiting, so a preemption loses no completed step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from parcae import data as pdata
+from parcae.model import build
+from parcae.scaling.flops import executed_flops_per_token
+from parcae.train import checkpoint as ckpt
+from parcae.train import mesh as pmesh
+from parcae.train.distributed import maybe_initialize_distributed
+from parcae.train.metrics import DeferredMetrics, MetricsLogger
+from parcae.train.optim import make_optimizer
+from parcae.train.step import make_eval_step, make_train_step
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per device
+
+
+def peak_flops_per_device():
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def resolve_eval_loops(cfg):
+  loops = [cfg.model.mean_recurrence if t == 0 else int(t) for t in cfg.train.eval_loops]
+  return sorted(set(loops)) if cfg.model.kind == "parcae" else [1]
+
+
+def init_state(cfg, mesh):
+  """Abstract and concrete train state, built directly into its sharding (no full copy on one device)."""
+  quant = cfg.quant.recipe
+
+  def create():
+    model = build(cfg.model, jax.random.key(cfg.train.seed), quant=quant)
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt = make_optimizer(cfg.optim, params, cfg.train.steps)
+    return {"params": params, "opt": opt.init(params), "step": jnp.int32(0),
+            "key": jax.random.fold_in(jax.random.key(cfg.train.seed), 1)}
+
+  abstract = jax.eval_shape(create)
+  param_sh = pmesh.param_shardings(abstract["params"], mesh)
+  rep = NamedSharding(mesh, P())
+  shardings = {"params": param_sh, "opt": pmesh.opt_state_shardings(abstract["opt"], abstract["params"], mesh),
+               "step": rep, "key": rep}
+  graphdef = nnx.split(nnx.eval_shape(lambda: build(cfg.model, jax.random.key(0), quant=quant)), nnx.Param)[0]
+  optimizer = make_optimizer(cfg.optim, abstract["params"], cfg.train.steps)
+  return graphdef, optimizer, create, abstract, shardings
+
+
+def put_batch(batch, accum, sharding):
+  """Host batch [micro*accum (local), S] -> global device arrays [accum, micro, S]."""
+  out = {}
+  for name, x in batch.items():
+    x = np.asarray(x).reshape(accum, -1, x.shape[-1])
+    out[name] = jax.make_array_from_process_local_data(sharding, x)
+  return out
+
+
+def evaluate(eval_step, params, batches, loops_list, bytes_per_token, sharding):
+  """Validation loss (nats/token) and bits per byte at each loop count; one compilation serves all."""
+  rows = []
+  device_batches = [{k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in b.items()}
+                    for b in batches]
+  for loops in loops_list:
+    total, count = 0.0, 0.0
+    for b in device_batches:
+      s, c = eval_step(params, b, jnp.int32(loops))
+      total, count = total + float(s), count + float(c)
+    loss = total / count
+    bpb = loss / math.log(2) / bytes_per_token if bytes_per_token else None
+    rows.append({"loops": int(loops), "val_loss": loss, "bpb": bpb})
+  return rows
+
+
+def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = None) -> dict:
+  """Train `cfg` in `workdir` (resuming if it holds checkpoints). max_steps stops early (tests)."""
+  maybe_initialize_distributed()
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  mesh = pmesh.make_mesh(cfg.mesh)
+  tc = cfg.train
+  global_batch = tc.micro_batch_size * tc.grad_accum
+  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  if tc.micro_batch_size % n_data:
+    raise ValueError(f"train.micro_batch_size={tc.micro_batch_size} must be divisible by the data-parallel "
+                     f"devices (mesh data*fsdp = {n_data}); change it or mesh.data/mesh.fsdp")
+
+  # ---- data
+  if cfg.data.kind == "embedded":
+    pdata.prepare_embedded(pdata.data_dir(cfg.data), vocab_size=cfg.data.vocab_size)
+  info = pdata.dataset_info(cfg.data)
+  if info["vocab_size"] > cfg.model.vocab_size:
+    raise ValueError(f"the data's vocabulary ({info['vocab_size']}) exceeds model.vocab_size="
+                     f"{cfg.model.vocab_size}; raise model.vocab_size")
+  it = pdata.make_train_iterator(cfg.data, seq_len=tc.seq_len, global_batch=global_batch, seed=tc.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+  val = pdata.eval_batches(cfg.data, split=cfg.data.val_split, seq_len=tc.seq_len,
+                           batch_size=tc.eval_batch_size, num_batches=tc.eval_batches,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+  bytes_per_token = (info.get("bytes_per_token") or {}).get(cfg.data.val_split)
+
+  # ---- state: fresh or restored
+  graphdef, optimizer, create, abstract, shardings = init_state(cfg, mesh)
+  checkpointer = ckpt.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                   every_steps=cfg.checkpoint.every_steps, keep_last=cfg.checkpoint.keep_last,
+                                   keep_every=cfg.checkpoint.keep_every or None,
+                                   async_save=cfg.checkpoint.async_save)
+  start = checkpointer.latest_step()
+  if start is None:
+    state = jax.jit(create, out_shardings=shardings)()
+    start = 0
+  else:
+    state, data_state, _ = checkpointer.restore(start, ckpt.abstract_like(abstract, shardings))
+    it.set_state(data_state)
+  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+  eval_sh = NamedSharding(mesh, P(("data", "fsdp"), None))
+  train_step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef, tc.loss_chunk))
+  eval_loops = resolve_eval_loops(cfg)
+
+  # ---- loop
+  logger = MetricsLogger(workdir, total_steps=tc.steps, start_step=start, is_main=is_main,
+                         wandb_cfg=cfg.wandb, run_config=cfg, progress=progress)
+  deferred, preempt = DeferredMetrics(), ckpt.Preemption()
+  tokens_per_step = global_batch * tc.seq_len
+  peak = peak_flops_per_device()
+  end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
+  last_time, step, stopped, rows = time.time(), start, None, None
+  try:
+    for step in range(start + 1, end + 1):
+      batch = put_batch(next(it), tc.grad_accum, batch_sh)
+      state, metrics = train_step(state, batch)
+      done = deferred.push(step, metrics)
+      if done is not None:
+        prev_step, m = done
+        now = time.time()
+        m["tokens_per_s"] = tokens_per_step / max(now - last_time, 1e-9)
+        last_time = now
+        _add_mfu(m, cfg, tc.seq_len, peak)
+        if not math.isfinite(m["loss"]):
+          raise FloatingPointError(f"non-finite loss at step {prev_step}; last checkpoint: "
+                                   f"{checkpointer.latest_step()}")
+        if tc.loss_guard and prev_step * tokens_per_step > tc.loss_guard_tokens and m["loss"] > tc.loss_guard:
+          raise FloatingPointError(f"loss guard: loss {m['loss']:.3f} > train.loss_guard={tc.loss_guard}")
+        if prev_step % tc.log_every == 0 or prev_step == 1:
+          logger.log(prev_step, m)
+      if tc.eval_every and step % tc.eval_every == 0 and step < end:
+        logger.log_eval(step, evaluate(eval_step, state["params"], val, eval_loops, bytes_per_token, eval_sh))
+      if checkpointer.should_save(step) or preempt.requested:
+        checkpointer.save(step, state, it.get_state(), {"config": cfg.to_dict()}, force=preempt.requested)
+      if preempt.requested:
+        stopped = f"signal {preempt.signal}"
+        break
+    done = deferred.flush()
+    if done is not None:
+      logger.log(done[0], {**done[1], "tokens_per_s": float("nan")})
+    checkpointer.save(step, state, it.get_state(), {"config": cfg.to_dict()}, force=True)
+    rows = evaluate(eval_step, state["params"], val, eval_loops, bytes_per_token, eval_sh)
+    logger.log_eval(step, rows)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    logger.close()
+    preempt.restore_handlers()
+  summary = {"step": step, "stopped": stopped, "eval": rows if stopped is None else None}
+  if is_main and stopped is None:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(rows, f, indent=2)
+  return summary
+
+
+def _add_mfu(m, cfg, seq_len, peak):
+  """MFU of the executed work (iterations actually run) and of the useful work (the sampled depths)."""
+  if cfg.model.kind == "parcae":
+    from parcae.model.config import grad_depth
+    executed = executed_flops_per_token(cfg.model, seq_len, n=m.get("n_exec_mean", 0.0), k=grad_depth(cfg.model))
+    useful = executed_flops_per_token(cfg.model, seq_len, n=m.get("n_mean", 0.0), k=m.get("k_mean", 0.0))
+  else:
+    executed = useful = executed_flops_per_token(cfg.model, seq_len)
+  m["flops_per_token_executed"], m["flops_per_token_useful"] = executed, useful
+  if peak:
+    n_dev = jax.device_count()
+    m["mfu"] = m["tokens_per_s"] * executed / (peak * n_dev)
+    m["mfu_useful"] = m["tokens_per_s"] * useful / (peak * n_dev)

@@ -1,0 +1,99 @@
+"""The jitted train step and eval step (pure functions of explicit state).
+
+State: {"params": nnx.State of the model's parameters (float32), "opt": optimizer state, "step": int32,
+        "key": PRNG key}. A step's randomness (depths, loop-state init, stochastic rounding) is
+fold_in(key, step), so a run is a pure function of (config, seed) and resumes bit-exactly.
+
+Depth grouping: per-sequence depths are drawn for the whole global batch, then sorted by total depth and
+split into micro-batches in that order. Every sequence still receives an i.i.d. draw from the configured
+sampler (rows are already in random order), but each micro-batch runs the loop only to its own deepest
+sequence instead of the global one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parcae.model.config import grad_depth
+from parcae.model.loss import token_nll
+
+
+def sample_step_depths(model, key, global_batch: int, accum: int, grouping: bool):
+  """(n, k) of shape [accum, micro] for one optimizer step."""
+  n, k = model.sample_depths(key, global_batch)
+  if grouping and model.cfg.kind == "parcae":
+    order = jnp.argsort(n + k, stable=True)
+    n, k = n[order], k[order]
+  return n.reshape(accum, -1), k.reshape(accum, -1)
+
+
+def micro_loss(params, graphdef, batch, n_B, k_B, keys, train_cfg):
+  """Mean token NLL of one micro-batch and the model's loop telemetry."""
+  model = nnx.merge(graphdef, params)
+  cfg = model.cfg
+  steps = grad_depth(cfg) if cfg.kind == "parcae" else 0
+  y, aux = model.hidden(batch["inputs"], n_B, k_B, key=keys[0], grad_steps=steps,
+                        quant_key=None if model.quant == "bf16" else keys[1])
+  nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, train_cfg.loss_chunk)
+  return nll.mean(), aux
+
+
+def _tree_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def stage_norms(params, updates):
+  """L2 norm of parameters and of the update per top-level module (embed, prelude, core, coda, ...)."""
+  out = {}
+  for name in params.keys():
+    out[f"param_norm/{name}"] = _tree_norm(params[name])
+    out[f"update_norm/{name}"] = _tree_norm(updates[name])
+  return out
+
+
+def make_train_step(graphdef, optimizer, train_cfg):
+  """train_step(state, batch) -> (state, metrics). batch arrays are [accum, micro, seq]."""
+
+  def train_step(state, batch):
+    accum, micro = batch["inputs"].shape[:2]
+    skey = jax.random.fold_in(state["key"], state["step"])
+    model = nnx.merge(graphdef, state["params"])
+    n, k = sample_step_depths(model, jax.random.fold_in(skey, 0), accum * micro, accum,
+                              train_cfg.depth_grouping)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def accumulate(carry, xs):
+      grads_acc, loss_acc = carry
+      mb, n_B, k_B, i = xs
+      keys = (jax.random.fold_in(jax.random.fold_in(skey, 1), i), jax.random.fold_in(jax.random.fold_in(skey, 2), i))
+      (loss, aux), grads = grad_fn(state["params"], graphdef, mb, n_B, k_B, keys, train_cfg)
+      grads_acc = jax.tree.map(lambda a, g: a + g / accum, grads_acc, grads)
+      return (grads_acc, loss_acc + loss / accum), (aux, jnp.max(n_B))
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+    (grads, loss), (aux, n_exec) = jax.lax.scan(accumulate, (zeros, jnp.float32(0.0)),
+                                                (batch, n, k, jnp.arange(accum)))
+    updates, opt = optimizer.update(grads, state["opt"], state["params"], loss=loss)
+    params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+    metrics = {"loss": loss, **{k_: v.mean() for k_, v in aux.items()}}
+    metrics["n_exec_mean"] = n_exec.astype(jnp.float32).mean()
+    metrics.update(stage_norms(state["params"], updates))
+    metrics.update({f"opt/{k_}": v for k_, v in opt.metrics.items()})
+    return {"params": params, "opt": opt, "step": state["step"] + 1, "key": state["key"]}, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, chunk: int = 0):
+  """eval_step(params, batch, loops) -> (sum of token NLL, token count); `loops` is traced: one compile."""
+
+  def eval_step(params, batch, loops):
+    model = nnx.merge(graphdef, params)
+    b = batch["inputs"].shape[0]
+    n_B = jnp.full((b,), loops, jnp.int32)
+    y, _ = model.hidden(batch["inputs"], n_B, jnp.zeros((b,), jnp.int32), key=jax.random.key(0), grad_steps=0)
+    nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, chunk)
+    return nll.sum(), jnp.float32(nll.size)
+
+  return eval_step
