@@ -1,0 +1,97 @@
+"""Fused quantize-dequantize Pallas kernel (MX formats and NVFP4), nearest or stochastic rounding.
+
+The input is viewed as [blocks, block_size] (quantization axis moved last, blocks contiguous), and
+each program handles `block_rows` blocks with `quantize.qdq_blocks`, the same function the jnp
+path uses, so results are bit-identical. Stochastic rounding reads uniforms drawn outside the
+kernel with jax.random.uniform(key, x-with-axis-last shape), exactly as the jnp path draws them.
+
+GPU: the Triton backend (H100 / sm_90). Triton's f32 `/` is approximate (div.full.f32), so the
+few divisions (block amax / 6, / s_g, amax / max_elem for rceil) use inline PTX div.rn.f32.
+Elsewhere (CPU) the kernel runs with interpret=True.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from parcae.quant import quantize as Q
+
+N_CONSTS = 16  # nv_consts (9 values) padded to a power of two for Triton
+
+
+def _div_rn_ptx(x, y):
+  """IEEE round-to-nearest f32 division inside a Triton kernel."""
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.broadcast_to(jnp.asarray(y, jnp.float32), x.shape)
+  return pltriton.elementwise_inline_asm(
+      "div.rn.f32 $0, $1, $2;", args=[x, y], constraints="=f,f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
+def _kernel(*refs, fmt, scale_mode, two_level, stochastic, div):
+  if stochastic:
+    x_ref, u_ref, c_ref, o_ref = refs
+    u = u_ref[...]
+  else:
+    x_ref, c_ref, o_ref = refs
+    u = None
+  consts = [c_ref[i] for i in range(9)]
+  deq = Q.qdq_blocks(x_ref[...].astype(jnp.float32), fmt, scale_mode, u, consts, two_level, div)
+  o_ref[...] = deq.astype(o_ref.dtype)
+
+
+def _pick_rows(nb, block_rows):
+  rows = block_rows
+  while rows > 1 and rows > nb:
+    rows //= 2
+  return rows
+
+
+def qdq_pallas(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=None,
+               tensor_scale=None, two_level=True, interpret=None, block_rows=256):
+  """Pallas version of quantize_dequantize (same arguments; no block_2d / rms / search)."""
+  f, ax = Q.check_args(x, fmt, axis, scale_mode, rounding, key, False)
+  if scale_mode == "rms":
+    raise ValueError("scale_mode 'rms' is jnp-only (its mean/std sums are order dependent); "
+                     "use impl='jnp'")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  xm = jnp.moveaxis(x, ax, -1)
+  shape = xm.shape
+  xb = xm.reshape(-1, f.block)
+  nb = xb.shape[0]
+  rows = _pick_rows(nb, block_rows)
+  pad = (-nb) % rows
+  ops = [xb]
+  if rounding == "stochastic":
+    ops.append(jax.random.uniform(key, shape, jnp.float32).reshape(-1, f.block))
+  if pad:
+    ops = [jnp.pad(o, ((0, pad), (0, 0))) for o in ops]
+  if f.scale == "e4m3":
+    sg = (Q.nv_tensor_scale(x) if tensor_scale is None else tensor_scale) if two_level else 1.0
+    consts = Q.nv_consts(sg)
+  else:
+    consts = jnp.zeros((9,), jnp.float32)
+  consts = jnp.pad(consts, (0, N_CONSTS - 9))
+  spec = pl.BlockSpec((rows, f.block), lambda i: (i, 0))
+  kernel = functools.partial(
+      _kernel, fmt=f, scale_mode=scale_mode, two_level=two_level,
+      stochastic=rounding == "stochastic", div=jnp.divide if interpret else _div_rn_ptx)
+  params = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+    params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=2)
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((nb + pad, f.block), x.dtype),
+      grid=((nb + pad) // rows,),
+      in_specs=[spec] * len(ops) + [pl.BlockSpec((N_CONSTS,), lambda i: (0,))],
+      out_specs=spec,
+      interpret=interpret,
+      **params,
+  )(*ops, consts)
+  return jnp.moveaxis(out[:nb].reshape(shape), -1, ax)
