@@ -1,0 +1,101 @@
+"""Benchmark jnp vs Pallas fused quantize-dequantize on large bf16 tensors (run on the H100).
+
+  PYTHONPATH=$PWD python bench/quant_kernels.py            # GPU: 8192x8192 and 16384x8192
+  PYTHONPATH=$PWD python bench/quant_kernels.py --smoke    # CPU: tiny sizes, interpret mode
+
+Per format and rounding: checks Pallas == jnp bit for bit, times both (warm-up, then the median of
+--iters runs, block_until_ready) and reports bandwidth (bf16 bytes read + written; uniforms read
+too for stochastic rounding) against the measured 2.89 TB/s. Writes $OUT/quant_kernels.json.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parcae.quant import quantize_dequantize
+
+HBM_TBS = 2.89  # measured H100 elementwise bandwidth (read + write)
+CASES = [("mxfp4", "floor"), ("mxfp8_e4m3", "rceil"), ("nvfp4", "floor"), ("mxint8", "floor")]
+
+
+def timed(f, x, iters):
+  f(x).block_until_ready()  # compile + warm-up
+  f(x).block_until_ready()
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def run_case(shape, fmt, mode, rounding, iters, interpret):
+  x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(jnp.bfloat16)
+  kw = dict(fmt=fmt, scale_mode=mode, rounding=rounding, key=jax.random.key(1))
+  f_jnp = jax.jit(functools.partial(quantize_dequantize, **kw))
+  if interpret:
+    from parcae.quant.kernels import qdq_pallas
+    f_pl = jax.jit(functools.partial(qdq_pallas, interpret=True, **kw))
+  else:
+    f_pl = jax.jit(functools.partial(quantize_dequantize, impl="pallas", **kw))
+  row = {"shape": list(shape), "fmt": fmt, "scale_mode": mode, "rounding": rounding}
+  try:
+    a, b = np.asarray(f_jnp(x), np.float32), np.asarray(f_pl(x), np.float32)
+    row["mismatches"] = int(np.sum(~((a == b) | (np.isnan(a) & np.isnan(b)))))
+  except Exception as e:  # report and keep going: one failing format should not hide the rest
+    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+  nbytes = x.size * 2 * 2 + (x.size * 4 if rounding == "stochastic" else 0)
+  for name, f in (("jnp", f_jnp), ("pallas", f_pl)):
+    t = timed(f, x, iters)
+    row[f"{name}_ms"] = t * 1e3
+    row[f"{name}_tbs"] = nbytes / t / 1e12
+    row[f"{name}_frac_hbm"] = nbytes / t / 1e12 / HBM_TBS
+  return row
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode (CPU)")
+  p.add_argument("--iters", type=int, default=50)
+  args = p.parse_args(argv)
+  interpret = args.smoke or jax.default_backend() == "cpu"
+  shapes = [(64, 256)] if args.smoke else [(8192, 8192), (16384, 8192)]
+  iters = 3 if args.smoke else args.iters
+  rows = []
+  for shape in shapes:
+    for fmt, mode in CASES:
+      for rounding in ("nearest", "stochastic"):
+        rows.append(run_case(shape, fmt, mode, rounding, iters, interpret))
+        print(json.dumps(rows[-1]), flush=True)
+  print(f"\n{'shape':>12} {'fmt':>11} {'round':>10} {'mism':>5} {'jnp ms':>8} {'jnp TB/s':>8} "
+        f"{'pl ms':>8} {'pl TB/s':>8} {'pl %HBM':>7}")
+  for r in rows:
+    if "error" in r:
+      print(f"{'x'.join(map(str, r['shape'])):>12} {r['fmt']:>11} {r['rounding']:>10}  ERROR {r['error'][:80]}")
+      continue
+    print(f"{'x'.join(map(str, r['shape'])):>12} {r['fmt']:>11} {r['rounding']:>10} "
+          f"{r['mismatches']:>5} {r['jnp_ms']:>8.3f} {r['jnp_tbs']:>8.2f} {r['pallas_ms']:>8.3f} "
+          f"{r['pallas_tbs']:>8.2f} {100 * r['pallas_frac_hbm']:>6.1f}%")
+  ok = all("error" not in r and r["mismatches"] == 0 for r in rows)
+  print("bit-identical jnp vs pallas:", "yes" if ok else "NO")
+  out = os.environ.get("OUT")
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "quant_kernels.json"), "w") as fh:
+      json.dump({"device": str(jax.devices()[0]), "jax": jax.__version__, "hbm_tbs": HBM_TBS,
+                 "rows": rows}, fh, indent=1)
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
