@@ -23,30 +23,34 @@ def _offsets(window):
   return sorted(range(lo, hi + 1), key=lambda k: (abs(k), k))  # base first: ties keep it
 
 
-def _keep_best(best, cand, xb):
-  sse = jnp.sum((cand - xb) ** 2, axis=-1, keepdims=True)
-  if best is None:
-    return cand, sse
-  take = sse < best[1]
-  return jnp.where(take, cand, best[0]), jnp.where(take, sse, best[1])
-
-
 def search_blocks(xb, fmt: F.Format, window, consts=None, two_level=True):
-  """Quantize-dequantize f32 blocks xb [..., block] with the searched scale."""
+  """Quantize-dequantize f32 blocks xb [..., block] with the searched scale (a lax.scan over
+  candidate offsets, base first, so ties keep the max-based scale)."""
   xb = xb.astype(jnp.float32)
   amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-  best = None
   if fmt.scale == "e4m3":
     c0 = F.e4m3_code(Q.nv_block_scale(amax, consts, two_level, jnp.divide))
-    for k in _offsets(window):
+
+    def candidate(k):
       s = F.e4m3_value(jnp.clip(c0 + k, 8, 126))
-      best = _keep_best(best, Q.nv_apply_scale(xb, s, consts, two_level, None)[0], xb)
+      return Q.nv_apply_scale(xb, s, consts, two_level, None)[0]
   else:
     e0 = Q._mx_exponent(amax, fmt.elem, "floor", jnp.divide)  # pylint: disable=protected-access
-    for k in _offsets(window):
+
+    def candidate(k):
       e = jnp.clip(e0 + k, -126, 127)
-      cand = F.mul_pow2(F.round_to_grid(F.mul_pow2(xb, -e), fmt.elem), e)
-      best = _keep_best(best, cand, xb)
+      return F.mul_pow2(F.round_to_grid(F.mul_pow2(xb, -e), fmt.elem), e)
+
+  def step(best, k):
+    cand = candidate(k)
+    sse = jnp.sum((cand - xb) ** 2, axis=-1, keepdims=True)
+    take = sse < best[1]
+    return (jnp.where(take, cand, best[0]), jnp.where(take, sse, best[1])), None
+
+  offs = _offsets(window)
+  first = candidate(offs[0])
+  init = (first, jnp.sum((first - xb) ** 2, axis=-1, keepdims=True))
+  best, _ = jax.lax.scan(step, init, jnp.asarray(offs[1:], jnp.int32)) if len(offs) > 1 else (init, None)
   return jnp.where(amax != amax, jnp.float32(jnp.nan), best[0])
 
 
