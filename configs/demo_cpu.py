@@ -35,4 +35,5 @@ def get_config():
   c.optim.muon_lr = 1e-2
   c.checkpoint.every_steps = 100
   c.mesh.data = -1
+  c.wandb.enabled = False  # set True (offline by default) to track the demo with wandb
   return c

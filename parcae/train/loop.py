@@ -86,15 +86,16 @@ def evaluate(eval_step, params, batches, loops_list, bytes_per_token, sharding):
   return rows
 
 
-def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = None) -> dict:
-  """Train `cfg` in `workdir` (resuming if it holds checkpoints). max_steps stops early (tests)."""
+def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = None, devices=None) -> dict:
+  """Train `cfg` in `workdir` (resuming if it holds checkpoints). max_steps: stop after that many steps of
+  this call (a later call resumes); devices: the devices of the mesh (default: all)."""
   maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
-  mesh = pmesh.make_mesh(cfg.mesh)
+  mesh = pmesh.make_mesh(cfg.mesh, devices)
   tc = cfg.train
   global_batch = tc.micro_batch_size * tc.grad_accum
   n_data = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -197,6 +198,6 @@ def _add_mfu(m, cfg, seq_len, peak):
     executed = useful = executed_flops_per_token(cfg.model, seq_len)
   m["flops_per_token_executed"], m["flops_per_token_useful"] = executed, useful
   if peak:
-    n_dev = jax.device_count()
+    n_dev = jax.device_count()  # MFU per device of the whole job
     m["mfu"] = m["tokens_per_s"] * executed / (peak * n_dev)
     m["mfu_useful"] = m["tokens_per_s"] * useful / (peak * n_dev)

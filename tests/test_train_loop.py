@@ -1,0 +1,124 @@
+"""The trainer end to end on CPU: resume, sharding, gradient accumulation, preemption, bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from parcae.cli import main as cli_main
+from parcae.train.loop import train
+sys.path.insert(0, os.path.dirname(__file__))
+from train_helpers import tiny_config, train_rows, write_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+def one_device():
+  return jax.devices()[:1]
+
+
+def test_resume_is_bitwise_identical(data, tmp_path):
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  cfg = tiny_config(data)
+  cfg.mesh.data = 1
+  train(cfg, str(straight), progress=False, devices=one_device())
+  train(cfg, str(split), progress=False, devices=one_device(), max_steps=3)
+  assert sorted(train_rows(split)) == [1, 2, 3]
+  train(cfg, str(split), progress=False, devices=one_device())
+  a, b = train_rows(straight), train_rows(split)
+  assert [a[s]["loss"] for s in range(1, 7)] == [b[s]["loss"] for s in range(1, 7)]
+  assert a[6]["loss"] < a[1]["loss"]
+
+
+@pytest.mark.slow
+def test_sharded_run_matches_single_device(data, tmp_path):
+  cfg = tiny_config(data, steps=3)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  train(cfg, str(tmp_path / "mesh"), progress=False)
+  cfg1 = tiny_config(data, steps=3)
+  cfg1.mesh.data = 1
+  train(cfg1, str(tmp_path / "single"), progress=False, devices=one_device())
+  a, b = train_rows(tmp_path / "mesh"), train_rows(tmp_path / "single")
+  np.testing.assert_allclose([a[s]["loss"] for s in (1, 2, 3)], [b[s]["loss"] for s in (1, 2, 3)], rtol=2e-5)
+  # The parameters really are sharded as the table says.
+  from parcae.eval.loss import load_params, load_run_config
+  _, params, mesh, _ = load_params(load_run_config(str(tmp_path / "mesh")), str(tmp_path / "mesh"))
+  q = params["core"][0]["attn"]["q"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert q.addressable_shards[0].data.shape == (32, 32)
+
+
+def test_grad_accumulation_matches_one_big_batch(data, tmp_path):
+  big = tiny_config(data, steps=2, micro_batch_size=8, grad_accum=1)
+  small = tiny_config(data, steps=2, micro_batch_size=2, grad_accum=4)
+  for c in (big, small):
+    c.model.state_init = "zero"  # the loop-state draw depends on the micro-batch split; depths do not
+    c.mesh.data = 1
+  train(big, str(tmp_path / "big"), progress=False, devices=one_device())
+  train(small, str(tmp_path / "small"), progress=False, devices=one_device())
+  a, b = train_rows(tmp_path / "big"), train_rows(tmp_path / "small")
+  np.testing.assert_allclose([a[1]["loss"], a[2]["loss"]], [b[1]["loss"], b[2]["loss"]], rtol=1e-5)
+  assert a[1]["n_mean"] == b[1]["n_mean"]  # same depths per sequence
+  assert b[1]["n_exec_mean"] <= a[1]["n_exec_mean"]  # depth grouping: micro-batches stop at their own max
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_last_complete_checkpoint(data, tmp_path):
+  import json
+  cfg = tiny_config(data, steps=40)
+  cfg.checkpoint.every_steps = 3
+  workdir = tmp_path / "run"
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text("import ml_collections, json\n"
+                      f"def get_config():\n  return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  cmd = [sys.executable, "-m", "parcae.cli", "train", "--config", str(cfg_file), "--workdir", str(workdir),
+         "--no-progress", "--config.mesh.data=1"]
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckdir = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    steps = [int(p.name) for p in ckdir.glob("*") if p.name.isdigit()] if ckdir.exists() else []
+    if steps and max(steps) >= 6:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(int(p.name) for p in ckdir.glob("*") if p.name.isdigit())
+  assert killed_at < 40
+  before = train_rows(workdir)
+  subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  after = train_rows(workdir)
+  assert max(after) == 40
+  # Steps up to the checkpoint were not redone differently: the resumed run reproduces later logged steps.
+  for s in range(1, killed_at + 1):
+    assert after[s]["loss"] == before[s]["loss"]
+  evals = json.loads((workdir / "eval.json").read_text())
+  assert [r["loops"] for r in evals] == [1, 3]
+
+
+def test_bad_input_gives_one_clear_message(data, tmp_path, capsys):
+  cfg_file = tmp_path / "cfg.py"
+  cfg = tiny_config(data)
+  cfg_file.write_text("import ml_collections, json\n"
+                      f"def get_config():\n  return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
+  base = ["train", "--config", str(cfg_file), "--workdir", str(tmp_path / "w"), "--no-progress"]
+  assert cli_main(base + ["--config.train.stpes=3"]) == 2
+  assert "did you mean 'train.steps'" in capsys.readouterr().err
+  assert cli_main(base + ["--config.mesh.data=3"]) == 2
+  assert "do not match the 8 devices" in capsys.readouterr().err
+  assert cli_main(base + [f"--config.data.path={tmp_path / 'missing'}"]) == 2
+  assert "missing" in capsys.readouterr().err
+  assert cli_main(base + ["--config.model.n_heads=3"]) == 2
+  assert "model.n_heads=3 does not divide model.d_model=64" in capsys.readouterr().err
+  assert cli_main(base + ["--config.model.injection=concat"]) == 2
+  assert "model.injection='concat'" in capsys.readouterr().err
+  assert cli_main(base + ["--config.model.mean_backprop_depth=0"]) == 2
+  assert "model.mean_backprop_depth=0" in capsys.readouterr().err

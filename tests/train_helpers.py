@@ -1,0 +1,47 @@
+"""Shared fixtures for the trainer tests: a tiny model config and a synthetic token-shard dataset."""
+import json
+import os
+
+import numpy as np
+
+from parcae.data.shards import ShardWriter
+from parcae.model.config import default_model_config
+from parcae.train.config import default_config
+
+VOCAB = 128
+
+
+def write_dataset(path, n_docs=300, seed=0):
+  """Random 'documents' with a learnable structure (each token often followed by token+1)."""
+  rng = np.random.default_rng(seed)
+  for split, n in (("train", n_docs), ("val", 40)):
+    w = ShardWriter(path, split, vocab_size=VOCAB, eos_id=1, shard_tokens=4096)
+    for _ in range(n):
+      start = rng.integers(3, VOCAB, size=rng.integers(8, 60))
+      doc = np.where(rng.random(start.size) < 0.7, (np.roll(start, 1) + 1) % (VOCAB - 3) + 3, start)
+      w.add(doc.astype(np.int64), 2 * doc.size)
+    w.close()
+  return path
+
+
+def tiny_config(data_path, **train):
+  m = default_model_config()
+  m.vocab_size, m.d_model, m.n_heads, m.max_seq_len, m.compute_dtype = VOCAB, 64, 2, 32, "float32"
+  m.prelude_layers, m.core_layers, m.coda_layers = 1, 1, 1
+  m.mean_recurrence, m.mean_backprop_depth = 3, 2
+  c = default_config(m)
+  c.data.kind, c.data.path = "shards", str(data_path)
+  c.train.steps, c.train.seq_len, c.train.micro_batch_size = 6, 16, 8
+  c.train.log_every, c.train.eval_batches, c.train.eval_batch_size = 1, 2, 8
+  c.train.eval_loops = (1, 3)
+  c.checkpoint.every_steps, c.checkpoint.async_save = 2, False
+  c.wandb.enabled = False
+  c.optim.lr, c.optim.muon_lr = 3e-3, 1e-2
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def train_rows(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r for r in rows if r.get("kind") != "eval"}
