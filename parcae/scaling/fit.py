@@ -105,8 +105,8 @@ def _one_blas_thread():
   """Run tiny L-BFGS-B problems on one OpenBLAS thread.
 
   scipy's L-BFGS-B calls BLAS on 3-7 element vectors; with a multi-threaded OpenBLAS on a busy machine each
-  call can cost milliseconds of thread wake-up (measured 50x slower fits on 2 loaded cores). Linux only;
-  a no-op where the loaded BLAS libraries cannot be found.
+  call can cost milliseconds of thread wake-up (measured 50x slower fits on 2 loaded cores). The thread
+  count is process-wide and restored on exit. Linux only; a no-op where no OpenBLAS is loaded.
   """
   libs = []
   try:
@@ -114,9 +114,10 @@ def _one_blas_thread():
       paths = {line.split()[-1] for line in f if "openblas" in line}
     for path in sorted(paths):
       lib = ctypes.CDLL(path)
-      for suffix in ("", "64_"):  # scipy's bundled BLAS, numpy's 64-bit-index one
-        get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None)
-        set_ = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
+      # scipy's bundled BLAS, numpy's 64-bit-index one, a system OpenBLAS
+      for prefix, suffix in (("scipy_openblas", ""), ("scipy_openblas", "64_"), ("openblas", "")):
+        get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+        set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
         if get is not None and set_ is not None:
           libs.append((set_, get()))
           set_(1)
