@@ -125,7 +125,7 @@ def _clean_name(name: str) -> str:
 
 
 def _ref_shape(param, transpose):
-  shape = tuple(param.value.shape)
+  shape = tuple(param.shape)
   return shape[::-1] if transpose else shape
 
 
@@ -155,16 +155,22 @@ def _check_keys(sd, table, dead):
 
 def from_reference(state_dict, model_cfg, quant: str = "bf16"):
   """Our model (parcae.model.build(model_cfg)) filled from the reference's parameter names and arrays."""
+  import jax
   import jax.numpy as jnp
+  from flax import nnx
   from parcae.model import build
   sd = {_clean_name(k): v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
   sd = {k: _to_numpy(v) for k, v in sd.items()}
-  model = build(model_cfg, quant=quant)
+  model = nnx.eval_shape(lambda: build(model_cfg, quant=quant))  # abstract: no random init to overwrite
   table = param_table(model)
+  n_params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+  if n_params != len(table):
+    raise AssertionError(f"convert.param_table covers {len(table)} of the model's {n_params} parameters; "
+                         "update it for the new parameter")
   _check_keys(sd, table, dead_reference_keys(model_cfg))
   for name, param, transpose in table:
     value = sd[name].T if transpose else sd[name]
-    param.value = jnp.asarray(np.ascontiguousarray(value), dtype=jnp.float32)
+    param.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=jnp.float32))
   return model
 
 
@@ -176,7 +182,7 @@ def to_reference(model) -> dict[str, np.ndarray]:
   """
   out = {}
   for name, param, transpose in param_table(model):
-    value = np.asarray(param.value, dtype=np.float32)
+    value = np.asarray(param[...], dtype=np.float32)
     out[name] = np.ascontiguousarray(value.T if transpose else value)
   out["lm_head.weight"] = out["transformer.wte.weight"].copy()
   for name, shape in dead_reference_keys(model.cfg).items():
