@@ -166,6 +166,7 @@ def reference_forward(sd, c, ids, loops):
 CASES = {
     "parcae-diagonal": dict(),
     "parcae-linear-nonorm": dict(injection="linear", prelude_norm=False),
+    "parcae-add-noVE": dict(injection="add", value_embeds=False),
     "gpt": dict(kind="gpt"),
 }
 
