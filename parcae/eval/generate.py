@@ -249,6 +249,19 @@ def _check_sampling(temperature, top_k, vocab):
     raise ValueError(f"top_k={top_k} must be in [0, vocab_size={vocab}] (0 = no top-k filter)")
 
 
+def decode(model, cache: KVCache, tok_B, n_steps: int, *, key=None, state_key=None, temperature: float = 0.0,
+           top_k: int = 0):
+  """n_steps decode steps in one jitted loop, feeding tok_B first (donates `cache`): (tokens [B, n_steps], cache).
+
+  Same tokens as n_steps calls of decode_step, each feeding the token the previous one sampled.
+  """
+  if n_steps < 1:
+    raise ValueError(f"n_steps={n_steps} must be >= 1")
+  _check_sampling(temperature, top_k, model.cfg.vocab_size)
+  fn = _compiled(model, "decode_loop", (int(n_steps), float(temperature), int(top_k)))
+  return fn(nnx.state(model), cache, jnp.asarray(tok_B, jnp.int32), _default_key(state_key), _default_key(key))
+
+
 def generate(model, prompt_ids_BxP, *, loops=None, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              key=None, state_key=None):
   """Prompt followed by `max_new_tokens` generated tokens, [B, P + N] int32.
@@ -263,13 +276,12 @@ def generate(model, prompt_ids_BxP, *, loops=None, max_new_tokens: int, temperat
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   _check_sampling(temperature, top_k, model.cfg.vocab_size)
   b, p = prompt.shape
-  t = _loops(model, loops)
   state_key, key = _default_key(state_key), _default_key(key)
-  cache = init_cache(model, b, p + max_new_tokens - 1, t)
+  cache = init_cache(model, b, p + max_new_tokens - 1, _loops(model, loops))
   logits_BxV, cache = prefill(model, cache, prompt, state_key=state_key)
   first = sample(logits_BxV, jax.random.fold_in(key, p - 1), temperature, top_k)
   if max_new_tokens == 1:
     return jnp.concatenate([prompt, first[:, None]], axis=1)
-  loop = _compiled(model, "decode_loop", (max_new_tokens - 1, float(temperature), int(top_k)))
-  rest, _ = loop(nnx.state(model), cache, first, state_key, key)
+  rest, _ = decode(model, cache, first, max_new_tokens - 1, key=key, state_key=state_key,
+                   temperature=temperature, top_k=top_k)
   return jnp.concatenate([prompt, first[:, None], rest], axis=1)
