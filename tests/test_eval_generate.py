@@ -134,6 +134,21 @@ def test_top1_sampling_is_greedy_and_rows_are_independent(parcae_zero):
   assert not np.array_equal(np.asarray(other[1]), np.asarray(greedy[1]))
 
 
+def test_sampled_generation_equals_decode_step_loop(parcae_zero):
+  """generate (prefill + fused loop) samples position p's successor with fold_in(key, p), like decode_step."""
+  prompts, key = ids(B, P, seed=10), jax.random.key(21)
+  out = G.generate(parcae_zero, prompts, loops=T, max_new_tokens=N, temperature=1.0, key=key)
+  logits, cache = G.prefill(parcae_zero, G.init_cache(parcae_zero, B, P + N, T), prompts)
+  tok = G.sample(logits, jax.random.fold_in(key, P - 1), 1.0)
+  toks = [tok]
+  for _ in range(N - 1):
+    tok, _, cache = G.decode_step(parcae_zero, cache, tok, key=key, temperature=1.0)
+    toks.append(tok)
+  np.testing.assert_array_equal(np.asarray(out[:, P:]), np.stack([np.asarray(t) for t in toks], 1))
+  other = G.generate(parcae_zero, prompts, loops=T, max_new_tokens=N, temperature=1.0, key=jax.random.key(22))
+  assert not np.array_equal(np.asarray(other), np.asarray(out))
+
+
 def test_like_init_is_deterministic_and_split_invariant(parcae_like):
   x = ids(B, P + N, seed=7)
   one_pass = cached_logits(parcae_like, x, P + N, T)  # prefill of the whole sequence
