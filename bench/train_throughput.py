@@ -1,0 +1,232 @@
+"""Training and evaluation throughput and peak memory, the reference's batch shape (micro-batch 16 x 2048).
+
+Each variant runs in its own process (clean peak-memory counter), builds the reference size, checks the loss is
+finite and falls, then times train steps (depth sampling per sequence, depth grouping across micro-batches)
+and an eval forward + loss at T = 8. Random tokens, as the reference's measurement.
+
+  python bench/train_throughput.py                      # all default variants, table at the end
+  python bench/train_throughput.py --only parcae_small  # variants whose name starts with this
+  python bench/train_throughput.py --smoke              # tiny CPU run of the whole script
+Writes $OUT/train_throughput.json (or ./train_throughput.json) with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# name: (kind, size, overrides)
+VARIANTS = {
+    "parcae_small": ("parcae", "small", {}),
+    "parcae_small_xla_attn": ("parcae", "small", {"model.attention_impl": "xla"}),
+    "parcae_small_full_logits": ("parcae", "small", {"train.loss_chunk": 0}),
+    "parcae_small_no_grouping": ("parcae", "small", {"train.depth_grouping": False}),
+    "parcae_small_remat_dots": ("parcae", "small", {"model.remat": "dots"}),
+    "parcae_small_quartet": ("parcae", "small", {"quant.recipe": "quartet"}),
+    "parcae_small_remat_none": ("parcae", "small", {"model.remat": "none"}),
+    "parcae_small_accum16": ("parcae", "small", {"_accum": 16}),
+    "gpt_small": ("gpt", "small", {}),
+    "gpt_small_accum1": ("gpt", "small", {"_accum": 1}),
+    "parcae_medium": ("parcae", "medium", {}),
+    "gpt_medium": ("gpt", "medium", {}),
+}
+DEFAULTS = {"model.attention_impl": "cudnn", "train.loss_chunk": 8192, "train.depth_grouping": True}
+REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB
+    "parcae_small": (284_635, 544_430, 16.3), "gpt_small": (504_992, 749_423, 8.6),
+    "parcae_medium": (84_848, 206_531, 39.1), "gpt_medium": (254_743, 479_737, 21.5),
+}
+
+
+def build_config(kind, size, overrides, args):
+  from parcae.train.config import reference_config
+  from parcae.config import apply_override
+  cfg = reference_config(kind, size)
+  cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seq_len = args.micro, args.accum, args.seq
+  cfg.mesh.data = 1
+  for k, v in {**DEFAULTS, **overrides}.items():
+    if k == "_accum":
+      cfg.train.grad_accum = v
+      continue
+    apply_override(cfg, f"{k}={v}")
+  if args.smoke:
+    for k, v in {"model.d_model": 64, "model.n_heads": 2, "model.vocab_size": 256, "model.max_seq_len": 64,
+                 "model.attention_impl": "xla", "train.loss_chunk": 0}.items():
+      apply_override(cfg, f"{k}={v}")
+  return cfg
+
+
+def run_one(name, args):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from parcae.train import mesh as pmesh
+  from parcae.train.loop import init_state, peak_flops_per_device
+  from parcae.train.step import make_eval_step, make_train_step
+  from parcae.scaling.flops import executed_flops_per_token
+  from parcae.model.config import grad_depth
+
+  kind, size, overrides = VARIANTS[name]
+  cfg = build_config(kind, size, overrides, args)
+  tc = cfg.train
+  dev = jax.devices()[:1]
+  mesh = pmesh.make_mesh(cfg.mesh, dev)
+  graphdef, optimizer, create, abstract, shardings = init_state(cfg, mesh)
+  state = jax.jit(create, out_shardings=shardings)()
+  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, None), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  shape = (tc.grad_accum, tc.micro_batch_size, tc.seq_len)
+  toks = rng.integers(0, cfg.model.vocab_size, size=(shape[0], shape[1], shape[2] + 1), dtype=np.int32)
+  batch = {"inputs": jax.device_put(toks[..., :-1], batch_sh), "targets": jax.device_put(toks[..., 1:], batch_sh)}
+  t0 = time.time()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.time() - t0
+  mem = compiled.memory_analysis()
+  losses, metrics_all = [], []
+  for _ in range(args.warmup):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  jax.block_until_ready(state)
+  t0 = time.time()
+  ms = []
+  for _ in range(args.steps):
+    state, m = step(state, batch)
+    ms.append(m)
+  jax.block_until_ready(state)
+  dt = time.time() - t0
+  ms = jax.device_get(ms)
+  if args.profile:
+    state = profile_steps(step, state, batch, name)
+  losses += [float(m["loss"]) for m in ms]
+  assert all(np.isfinite(losses)), f"non-finite loss {losses}"
+  assert losses[-1] < losses[0], f"loss did not fall: {losses}"
+  tokens = np.prod(shape) * args.steps
+  train_tps = tokens / dt
+  n_exec = float(np.mean([m.get("n_exec_mean", 0.0) for m in ms]))
+  n_use = float(np.mean([m.get("n_mean", 0.0) for m in ms]))
+  k_use = float(np.mean([m.get("k_mean", 0.0) for m in ms]))
+  if kind == "parcae":
+    f_exec = executed_flops_per_token(cfg.model, tc.seq_len, n=n_exec, k=grad_depth(cfg.model))
+    f_use = executed_flops_per_token(cfg.model, tc.seq_len, n=n_use, k=k_use)
+  else:
+    f_exec = f_use = executed_flops_per_token(cfg.model, tc.seq_len)
+  peak = peak_flops_per_device()
+  stats = jax.devices()[0].memory_stats() or {}
+  train_peak = stats.get("peak_bytes_in_use", 0) / 2**30
+
+  eval_step = jax.jit(make_eval_step(graphdef, tc.loss_chunk))
+  eb = {k: v[0] for k, v in batch.items()}
+  jax.block_until_ready(eval_step(state["params"], eb, jnp.int32(8)))
+  t0 = time.time()
+  for _ in range(args.steps):
+    out = eval_step(state["params"], eb, jnp.int32(8))
+  jax.block_until_ready(out)
+  eval_tps = tc.micro_batch_size * tc.seq_len * args.steps / (time.time() - t0)
+  f_eval = executed_flops_per_token(cfg.model, tc.seq_len, n=8, k=0, train=False) if kind == "parcae" else \
+      executed_flops_per_token(cfg.model, tc.seq_len, train=False)
+  return {
+      "variant": name, "device": dev[0].device_kind, "micro": tc.micro_batch_size, "accum": tc.grad_accum,
+      "seq": tc.seq_len, "compile_s": compile_s, "train_tokens_per_s": train_tps, "eval_tokens_per_s": eval_tps,
+      "train_peak_gib": train_peak, "temp_gib_aot": getattr(mem, "temp_size_in_bytes", 0) / 2**30,
+      "n_exec_mean": n_exec, "n_mean": n_use, "k_mean": k_use, "executed_iters": n_exec + grad_depth(cfg.model)
+      if kind == "parcae" else 0, "mfu_executed": train_tps * f_exec / peak if peak else None,
+      "mfu_useful": train_tps * f_use / peak if peak else None,
+      "eval_mfu": eval_tps * f_eval / peak if peak else None, "losses": losses,
+  }
+
+
+def profile_steps(step, state, batch, name):
+  """Trace two steps and print the 25 most expensive device ops (summed duration), from the perfetto trace."""
+  import glob
+  import gzip
+  import jax
+  logdir = os.path.join(os.environ.get("OUT", "/tmp"), "prof_" + name)
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    for _ in range(2):
+      state, _ = step(state, batch)
+    jax.block_until_ready(state)
+  files = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)
+  if not files:
+    print("no perfetto trace written", flush=True)
+    return state
+  with gzip.open(files[0]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  totals, total = {}, 0.0
+  for e in events:
+    if e.get("ph") != "X" or "dur" not in e or "GPU" not in pids.get(e["pid"], "") and "/device" not in pids.get(e["pid"], ""):
+      continue
+    key = e["name"][:90]
+    totals[key] = totals.get(key, 0.0) + e["dur"]
+    total += e["dur"]
+  print(f"device time in 2 steps: {total / 1e3:.1f} ms", flush=True)
+  if not total:
+    print("process names in the trace:", sorted(set(pids.values()))[:20], flush=True)
+  for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:
+    print(f"  {v / 1e3:9.2f} ms {100 * v / total:5.1f}%  {k}", flush=True)
+  return state
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--only", default="")
+  p.add_argument("--one", default="")
+  p.add_argument("--micro", type=int, default=16)
+  p.add_argument("--accum", type=int, default=8)
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--smoke", action="store_true")
+  p.add_argument("--profile", action="store_true", help="also trace 2 steps and print the top device ops")
+  p.add_argument("--exact", action="store_true", help="--only matches the variant name exactly")
+  args = p.parse_args()
+  if args.smoke:
+    args.micro, args.accum, args.seq, args.steps = 4, 2, 32, 2
+  if args.one:
+    print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
+    return
+  only = [o for o in args.only.split(",") if o]
+  names = [n for n in VARIANTS if not only or any(n == o if args.exact else n.startswith(o) for o in only)]
+  results = []
+  for name in names:
+    cmd = [sys.executable, __file__, "--one", name] + [f"--{k}={v}" for k, v in
+                                                         (("micro", args.micro), ("accum", args.accum),
+                                                          ("seq", args.seq), ("warmup", args.warmup),
+                                                          ("steps", args.steps))]
+    cmd += ["--smoke"] * args.smoke + ["--profile"] * args.profile
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if args.profile:
+      print("\n".join(l for l in proc.stdout.splitlines() if not l.startswith("RESULT ")), flush=True)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not line:
+      print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+      results.append({"variant": name, "error": proc.stderr[-3000:]})
+      continue
+    r = json.loads(line[0][7:])
+    results.append(r)
+    print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+  out = os.path.join(os.environ.get("OUT", "."), "train_throughput.json")
+  with open(out, "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"\n{'variant':28s} {'train tok/s':>12s} {'x ref':>6s} {'eval tok/s':>11s} {'x ref':>6s} "
+        f"{'peak GiB':>8s} {'ref GiB':>7s} {'iters':>6s} {'MFU ex':>6s} {'MFU use':>7s}")
+  for r in results:
+    if "error" in r:
+      print(f"{r['variant']:28s} FAILED")
+      continue
+    ref = REFERENCE.get(r["variant"], (None, None, None))
+    fx = lambda a, b: f"{a / b:6.2f}" if b else "     -"
+    mfu = lambda v: f"{100 * v:5.1f}%" if v else "     -"
+    print(f"{r['variant']:28s} {r['train_tokens_per_s']:12,.0f} {fx(r['train_tokens_per_s'], ref[0])} "
+          f"{r['eval_tokens_per_s']:11,.0f} {fx(r['eval_tokens_per_s'], ref[1])} {r['train_peak_gib']:8.1f} "
+          f"{ref[2] or 0:7.1f} {r['executed_iters']:6.2f} {mfu(r['mfu_executed'])} {mfu(r['mfu_useful'])}")
+
+
+if __name__ == "__main__":
+  main()
