@@ -8,6 +8,7 @@ from flax import nnx
 
 from parcae import model as M
 from parcae.eval import generate as G
+from parcae.model import layers
 
 V, D, H = 64, 64, 2
 T = 2  # test-time loops, deliberately != mean_recurrence (3)
@@ -178,6 +179,12 @@ def test_cache_layout(parcae_zero, gpt):
   assert len(G.init_cache(gpt, 2, 10).k) == 3
   bf16 = M.build(tiny_cfg(compute_dtype="bfloat16"))
   assert G.init_cache(bf16, 1, 4, 2).v[0].dtype == jnp.bfloat16
+  # the decode loop reads bf16 copies of every matmul kernel and of the head; norms and embeddings stay float32
+  cast, head = G._cast_kernels(*nnx.split(bf16))
+  n_linear = sum(isinstance(m, layers.Linear) for _, m in nnx.iter_graph(cast))
+  kernels = [x for x in jax.tree.leaves(nnx.state(cast, nnx.Param)) if x.dtype == jnp.bfloat16]
+  assert head.dtype == jnp.bfloat16 and len(kernels) == n_linear > 10
+  assert cast.embed.embedding[...].dtype == cast.final_norm.scale[...].dtype == jnp.float32
 
 
 def test_sample_distribution():

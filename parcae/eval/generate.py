@@ -187,27 +187,42 @@ def _prefill_fn(graphdef, all_logits: bool):
   return fn
 
 
-def _step(model, cache, tok_B, state_key, sample_key, temperature, top_k):
+def _step(model, cache, tok_B, state_key, sample_key, temperature, top_k, head_VxD):
   y, new_cache = _forward(model, tok_B[:, None], cache, state_key)
-  logits_BxV = model.logits(y)[:, 0]
+  logits_BxV = layers.head_logits(y[:, 0], head_VxD, model.cd)
   nxt = sample(logits_BxV, jax.random.fold_in(sample_key, cache.pos), temperature, top_k)
   return nxt, logits_BxV, new_cache
 
 
 def _decode_step_fn(graphdef, temperature, top_k):
   def fn(state, cache, tok_B, state_key, sample_key):
-    return _step(nnx.merge(graphdef, state), cache, tok_B, state_key, sample_key, temperature, top_k)
+    model = nnx.merge(graphdef, state)
+    head = model.embed.embedding[...]
+    return _step(model, cache, tok_B, state_key, sample_key, temperature, top_k, head)
   return fn
+
+
+def _cast_kernels(graphdef, state):
+  """(model, head table) with every Linear kernel and the tied head cast to the compute dtype once, so a decode
+  loop reads bf16 weights instead of converting float32 ones at every step (identical math: Linear casts to the
+  compute dtype anyway). Simulated low-precision recipes (quant != "bf16") read float32 kernels: unchanged."""
+  model = nnx.merge(graphdef, state)
+  if model.quant != "bf16":
+    return model, model.embed.embedding[...]
+  cd = model.cd
+  is_kernel = lambda path: any(getattr(k, "key", None) == "kernel" for k in path)
+  state = jax.tree_util.tree_map_with_path(lambda p, x: x.astype(cd) if is_kernel(p) else x, state)
+  return nnx.merge(graphdef, state), model.embed.embedding[...].astype(cd)
 
 
 def _decode_loop_fn(graphdef, n_steps, temperature, top_k):
   """n_steps decode steps in one fori_loop: feed tok_B, return the n_steps sampled tokens [B, n_steps]."""
   def fn(state, cache, tok_B, state_key, sample_key):
-    model = nnx.merge(graphdef, state)
+    model, head = _cast_kernels(graphdef, state)
 
     def body(i, carry):
       cache, tok, out_BxN = carry
-      nxt, _, cache = _step(model, cache, tok, state_key, sample_key, temperature, top_k)
+      nxt, _, cache = _step(model, cache, tok, state_key, sample_key, temperature, top_k, head)
       return cache, nxt, out_BxN.at[:, i].set(nxt)
     out = jnp.zeros((tok_B.shape[0], n_steps), jnp.int32)
     cache, _, out = jax.lax.fori_loop(0, n_steps, body, (cache, tok_B, out))
