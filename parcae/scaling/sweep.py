@@ -95,10 +95,10 @@ def _merge(user) -> ml_collections.ConfigDict:
 def load_sweep_config(path: str, overrides=()) -> ml_collections.ConfigDict:
   """Load configs/sweeps/X.py, apply `--config.a.b=value` overrides and validate (errors name the field)."""
   user = config_lib.load_module(path).get_config()
+  cfg = _merge(user)  # unknown fields first: a misspelt required field is reported as a typo
   missing = [k for k in REQUIRED if k not in user]
   if missing:
     _fail(missing[0], "is required", f"set it in {path}'s get_config() (see default_sweep_config())")
-  cfg = _merge(user)
   for item in overrides:
     config_lib.apply_override(cfg, item)
   validate_sweep_config(cfg)
