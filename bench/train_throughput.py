@@ -28,11 +28,15 @@ VARIANTS = {
     "parcae_small_quartet": ("parcae", "small", {"quant.recipe": "quartet"}),
     "parcae_small_remat_none": ("parcae", "small", {"model.remat": "none"}),
     "parcae_small_accum16": ("parcae", "small", {"_accum": 16}),
+    "parcae_small_xlaflags": ("parcae", "small", {"_accum": 16, "_xla_flags": XLA_FLAGS}),
+    "parcae_small_accum16_quartet": ("parcae", "small", {"_accum": 16, "quant.recipe": "quartet"}),
     "gpt_small": ("gpt", "small", {}),
     "gpt_small_accum1": ("gpt", "small", {"_accum": 1}),
     "parcae_medium": ("parcae", "medium", {}),
     "gpt_medium": ("gpt", "medium", {}),
 }
+XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
+             "--xla_gpu_enable_command_buffer=")
 DEFAULTS = {"model.attention_impl": "cudnn", "train.loss_chunk": 8192, "train.depth_grouping": True}
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB
     "parcae_small": (284_635, 544_430, 16.3), "gpt_small": (504_992, 749_423, 8.6),
@@ -49,6 +53,8 @@ def build_config(kind, size, overrides, args):
   for k, v in {**DEFAULTS, **overrides}.items():
     if k == "_accum":
       cfg.train.grad_accum = v
+      continue
+    if k == "_xla_flags":
       continue
     apply_override(cfg, f"{k}={v}")
   if args.smoke:
@@ -200,7 +206,10 @@ def main():
                                                           ("seq", args.seq), ("warmup", args.warmup),
                                                           ("steps", args.steps))]
     cmd += ["--smoke"] * args.smoke + ["--profile"] * args.profile
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if "_xla_flags" in VARIANTS[name][2]:
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS[name][2]["_xla_flags"]).strip()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if args.profile:
       print("\n".join(l for l in proc.stdout.splitlines() if not l.startswith("RESULT ")), flush=True)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
