@@ -82,7 +82,7 @@ def cached_logits(model, ids_BxS, split, loops, state_key=None):
     _, lg, cache = G.decode_step(model, cache, ids_BxS[:, p], state_key=state_key)
     steps.append(lg)
   assert int(cache.pos) == s
-  return jnp.concatenate([first] + [x[:, None] for x in steps], axis=1)
+  return jnp.concatenate([first] + [x[:, None] for x in steps], axis=1), cache
 
 
 def assert_greedy_matches_full(model, out_BxS, p, loops):
@@ -99,8 +99,9 @@ def assert_greedy_matches_full(model, out_BxS, p, loops):
 def test_parcae_cached_steps_equal_full_forward(parcae_zero):
   x = ids(B, P + N)
   full = full_logits(parcae_zero, x, T)
-  got = cached_logits(parcae_zero, x, P, T)
+  got, cache = cached_logits(parcae_zero, x, P, T)
   np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=TOL, rtol=0)
+  assert np.isnan(np.asarray(G.decode_step(parcae_zero, cache, x[:, -1])[1])).all()  # past the cache end
   assert float(jnp.std(full)) > 0.1  # the comparison is not between near-constant logits
   # the loop count matters, so the match above shows that the cache path runs exactly T iterations
   assert float(jnp.abs(full_logits(parcae_zero, x, T + 1) - full).max()) > 100 * TOL
@@ -108,7 +109,7 @@ def test_parcae_cached_steps_equal_full_forward(parcae_zero):
 
 def test_gpt_cached_steps_equal_full_forward(gpt):
   x = ids(B, P + N, seed=4)
-  np.testing.assert_allclose(np.asarray(cached_logits(gpt, x, P, None)), np.asarray(full_logits(gpt, x, None)),
+  np.testing.assert_allclose(np.asarray(cached_logits(gpt, x, P, None)[0]), np.asarray(full_logits(gpt, x, None)),
                              atol=TOL, rtol=0)
 
 
@@ -152,12 +153,12 @@ def test_sampled_generation_equals_decode_step_loop(parcae_zero):
 
 def test_like_init_is_deterministic_and_split_invariant(parcae_like):
   x = ids(B, P + N, seed=7)
-  one_pass = cached_logits(parcae_like, x, P + N, T)  # prefill of the whole sequence
-  stepwise = cached_logits(parcae_like, x, P, T)  # prefill P tokens, then one decode step per token
+  one_pass = cached_logits(parcae_like, x, P + N, T)[0]  # prefill of the whole sequence
+  stepwise = cached_logits(parcae_like, x, P, T)[0]  # prefill P tokens, then one decode step per token
   np.testing.assert_allclose(np.asarray(stepwise), np.asarray(one_pass), atol=TOL, rtol=0)
   # the state init is random but keyed: the default key reproduces, another key changes the logits
-  np.testing.assert_array_equal(np.asarray(cached_logits(parcae_like, x, P, T)), np.asarray(stepwise))
-  other = cached_logits(parcae_like, x, P + N, T, state_key=jax.random.key(5))
+  np.testing.assert_array_equal(np.asarray(cached_logits(parcae_like, x, P, T)[0]), np.asarray(stepwise))
+  other = cached_logits(parcae_like, x, P + N, T, state_key=jax.random.key(5))[0]
   assert float(jnp.abs(other - one_pass).max()) > 100 * TOL
 
 

@@ -129,7 +129,8 @@ def init_states(model, state_key, batch: int, pos, length: int):
 
 
 def _forward(model, ids_BxS, cache: KVCache, state_key):
-  """Final-normed hidden states [B, S, D] of new tokens at cache.pos.., and the extended cache."""
+  """Final-normed hidden states [B, S, D] of new tokens at cache.pos.., and the extended cache (all NaN when
+  the tokens do not fit in the cache)."""
   cfg = model.cfg
   b, s = ids_BxS.shape
   pos = cache.pos
@@ -149,7 +150,9 @@ def _forward(model, ids_BxS, cache: KVCache, state_key):
       h = _stage(model.core, model.injection.step(h, ctx), ids_BxS, rope, ks, vs, p_ + it * r_, pos)
     x = model.C(h).astype(jnp.float32)
     x = _stage(model.coda, x, ids_BxS, rope, ks, vs, p_ + t * r_, pos)
-  return model.final_norm(x), KVCache(tuple(ks), tuple(vs), pos + s)
+  # writes past the cache end cannot be caught on device without a host sync: make them visible as NaN
+  y = jnp.where(pos + s <= cache.k[0].shape[2], model.final_norm(x), jnp.nan)
+  return y, KVCache(tuple(ks), tuple(vs), pos + s)
 
 
 def sample(logits_BxV, key, temperature: float = 0.0, top_k: int = 0):
@@ -250,7 +253,8 @@ def decode_step(model, cache: KVCache, tok_B, *, key=None, state_key=None, tempe
                 top_k: int = 0):
   """Feed one token per sequence (donates `cache`): (next token [B], float32 logits [B, V], cache).
 
-  The next token is sampled with fold_in(key, position of tok_B); greedy when temperature == 0.
+  The next token is sampled with fold_in(key, position of tok_B); greedy when temperature == 0. A step past the
+  cache's max_len returns NaN logits.
   """
   _check_sampling(temperature, top_k, model.cfg.vocab_size)
   fn = _compiled(model, "decode_step", (float(temperature), int(top_k)))
