@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
+             "--xla_gpu_enable_command_buffer=")
 # name: (kind, size, overrides)
 VARIANTS = {
     "parcae_small": ("parcae", "small", {}),
@@ -35,8 +37,6 @@ VARIANTS = {
     "parcae_medium": ("parcae", "medium", {}),
     "gpt_medium": ("gpt", "medium", {}),
 }
-XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
-             "--xla_gpu_enable_command_buffer=")
 DEFAULTS = {"model.attention_impl": "cudnn", "train.loss_chunk": 8192, "train.depth_grouping": True}
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB
     "parcae_small": (284_635, 544_430, 16.3), "gpt_small": (504_992, 749_423, 8.6),
