@@ -167,6 +167,7 @@ def _csv_rows(path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:test-time fit of run")  # barely trained runs: L(T) is nearly flat
 def test_micro_sweep_table_loads_and_fits(micro_sweep):
   out, argv = micro_sweep
   cfg = sweep.load_sweep_config(MICRO, argv[4:])
