@@ -24,8 +24,15 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_params(cfg, workdir: str, step=None):
+  """(graphdef, params on the mesh, mesh, step) from a training run, or from `parcae convert --out DIR`."""
   mesh = pmesh.make_mesh(cfg.mesh)
   graphdef, _, _, abstract, shardings = init_state(cfg, mesh)
+  ckdir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckdir) and os.path.isdir(os.path.join(workdir, "params")):
+    from flax import nnx
+    from parcae.convert import load_params as load_converted
+    params = nnx.split(load_converted(workdir, cfg.model, quant=cfg.quant.recipe), nnx.Param)[1]
+    return graphdef, jax.device_put(params, shardings["params"]), mesh, 0
   checkpointer = ckpt.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), every_steps=1)
   step = checkpointer.latest_step() if step is None else step
   if step is None:
