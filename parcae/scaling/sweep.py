@@ -58,7 +58,7 @@ def default_sweep_config() -> ml_collections.ConfigDict:
   c.models = ml_collections.ConfigDict()  # optional axis: name -> {model field: value}; empty = the base model
   c.quant_recipes = ()  # optional axis: quant.recipe values; empty = the base's recipe
   c.eval_loops = "1-24"  # test-time loop counts at the final step: "1-24" (range), "1,2,4,8", "2mu" (1..2mu)
-  c.intermediate_evals = 2  # in-training validations per run (evenly spaced, besides the final one)
+  c.intermediate_evals = 2  # in-training validations per run: every floor(steps / (n + 1)) steps (n or n + 1)
   c.min_steps = 10  # refuse a budget that gives a run fewer optimizer steps than this
   c.out = "runs/sweep"  # output directory (--out overrides)
   c.slurm = ml_collections.ConfigDict()
