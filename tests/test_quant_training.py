@@ -2,6 +2,7 @@
 runs with it, bf16 is the plain model, mxfp8 is close to it, and stochastic recipes are seeded."""
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -14,7 +15,6 @@ import parcae.quant as pq
 from parcae.cli import main as cli_main
 from parcae.model import build
 from parcae.model.config import grad_depth
-from parcae.train.loop import train
 from parcae.train.step import micro_loss
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import VOCAB, tiny_config, train_rows, write_dataset  # noqa: E402
@@ -64,19 +64,16 @@ def grad_fn(model):
   return params, jax.jit(jax.value_and_grad(loss))
 
 
-def record_qdot_calls(monkeypatch, *, quantize=True):
+def record_qdot_calls(monkeypatch):
   """Patch parcae.quant.qdot (Linear looks it up at call time) to log, at trace time, the recipe and key of
-  every call and, at run time, every executed call's key. quantize=False runs the plain matmul instead
-  (the wiring is under test, not the numerics, and the plain matmul compiles in seconds)."""
+  every call and, at run time, every executed call's key. It then runs the plain matmul: the wiring is under
+  test here, not the numerics (tests/test_quant_dense.py), and the plain matmul compiles in seconds."""
   traced, executed = [], []
-  orig = pq.qdot
 
   def logged(x, w, recipe, *, key=None, compute_dtype=jnp.bfloat16):
     traced.append((recipe, key is not None))
     if key is not None:
       jax.debug.callback(lambda k: executed.append(np.asarray(k).tobytes()), jax.random.key_data(key))
-    if quantize:
-      return orig(x, w, recipe, key=key, compute_dtype=compute_dtype)
     return jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype))
 
   monkeypatch.setattr(pq, "qdot", logged)
@@ -86,7 +83,7 @@ def record_qdot_calls(monkeypatch, *, quantize=True):
 def test_every_loop_iteration_quantizes_with_its_own_key(monkeypatch):
   """Both loop phases (the no-grad while_loop and the grad scan) send every core GEMM through qdot with the
   recipe, and each executed GEMM gets a distinct key (folded per stage, iteration, phase and block)."""
-  traced, executed = record_qdot_calls(monkeypatch, quantize=False)
+  traced, executed = record_qdot_calls(monkeypatch)
   cfg = model_cfg(core_layers=2)
   model = build(cfg, jax.random.key(0), quant="quartet")
   assert {blk.attn.q.quant for blk in model.core} == {"quartet"}
@@ -169,31 +166,6 @@ def write_config(tmp_path, cfg):
   return str(path)
 
 
-@pytest.mark.slow
-def test_quartet_trains_on_a_data_fsdp_tensor_mesh(data, tmp_path, monkeypatch):
-  """`parcae train ... --config.quant.recipe=quartet` on a (data 2, fsdp 2, tensor 2) mesh of the 8 CPU
-  devices: every traced GEMM of the model carries the recipe and a key, and the loss is finite and falls."""
-  traced, _ = record_qdot_calls(monkeypatch)
-  cfg = tiny_config(data, steps=5)
-  cfg.train.eval_loops = (3,)
-  work = tmp_path / "run"
-  argv = ["train", "--config", write_config(tmp_path, cfg), "--workdir", str(work), "--no-progress",
-          "--config.quant.recipe=quartet", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-          "--config.mesh.tensor=2"]
-  assert cli_main(argv) == 0
-  assert json.loads((work / "config.json").read_text())["quant"]["recipe"] == "quartet"
-  assert traced and {r for r, _ in traced} == {"quartet"}
-  # The train step traces prelude + while body + scan body + coda with keys; the eval step traces the
-  # same Linears without a key (fixed-key forward). Both happen.
-  assert any(k for _, k in traced) and not all(k for _, k in traced)
-  rows = train_rows(work)
-  losses = [rows[s]["loss"] for s in range(1, 6)]
-  assert all(np.isfinite(losses)), losses
-  assert losses[-1] < losses[0], losses
-  evals = json.loads((work / "eval.json").read_text())
-  assert [r["loops"] for r in evals] == [3] and np.isfinite(evals[0]["val_loss"])
-
-
 def test_unknown_recipe_is_refused_with_the_allowed_names(data, tmp_path, capsys):
   cfg = tiny_config(data)
   argv = ["train", "--config", write_config(tmp_path, cfg), "--workdir", str(tmp_path / "w"),
@@ -203,6 +175,7 @@ def test_unknown_recipe_is_refused_with_the_allowed_names(data, tmp_path, capsys
   assert "'fp4'" in err and "quartet" in err and "mxfp8" in err
 
 
+@pytest.mark.slow
 def test_quartet_gradients_are_quantized_and_seeded():
   """Quartet's forward is deterministic (round-to-nearest), its backward uses stochastic rounding and random
   Hadamard signs drawn from the quant key: the loss does not depend on the key, the gradients do, the
@@ -226,16 +199,37 @@ def test_quartet_gradients_are_quantized_and_seeded():
   assert 0.5 < cos < 1 - 1e-6, cos
 
 
+def run_cli(tmp_path, name, cfg_file, env, *overrides):
+  cmd = [sys.executable, "-m", "parcae.cli", "train", "--config", cfg_file, "--workdir", str(tmp_path / name),
+         "--no-progress", *overrides]
+  subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  return train_rows(tmp_path / name)
+
+
 @pytest.mark.slow
-def test_stochastic_recipe_runs_are_reproducible(data, tmp_path):
-  """Two trainer runs with the stochastic quartet recipe and the same seed give identical losses."""
-  runs = []
-  for name in ("a", "b"):
-    cfg = tiny_config(data, steps=3)
-    cfg.quant.recipe, cfg.mesh.data = "quartet", 1
-    cfg.train.eval_loops = (1,)
-    train(cfg, str(tmp_path / name), progress=False, devices=jax.devices()[:1])
-    rows = train_rows(tmp_path / name)
-    runs.append([rows[s]["loss"] for s in (1, 2, 3)])
-  assert runs[0] == runs[1]
-  assert all(np.isfinite(runs[0]))
+def test_quartet_on_a_data_fsdp_tensor_mesh_trains_and_is_reproducible(data, tmp_path):
+  """`parcae train ... --config.quant.recipe=quartet` on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices:
+  finite, falling loss; two separate processes with the same seed log identical losses (the stochastic
+  rounding and random signs derive from the seed); and the losses are not bf16's (the recipe reached the
+  model). The processes share a persistent compilation cache, so the repeat does not compile again: a
+  trace-time source of randomness would change the program, miss the cache and show up as a difference."""
+  cfg = tiny_config(data, steps=4)
+  cfg.train.eval_loops = (3,)
+  cfg_file = write_config(tmp_path, cfg)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+  losses = {}
+  for name, recipe in (("a", "quartet"), ("b", "quartet"), ("bf16", "bf16")):
+    rows = run_cli(tmp_path, name, cfg_file, env, *mesh, f"--config.quant.recipe={recipe}")
+    losses[name] = [rows[s]["loss"] for s in range(1, 5)]
+  a = losses["a"]
+  assert json.loads((tmp_path / "a" / "config.json").read_text())["quant"]["recipe"] == "quartet"
+  assert all(np.isfinite(a)) and a[-1] < a[0], losses
+  assert a == losses["b"], losses
+  # Step 1 is bf16's exactly: at init attn.o and mlp.proj are zero, so no GEMM output reaches the loss
+  # whatever the recipe; the quantized gradients of step 1 make step 2 differ.
+  assert a[0] == losses["bf16"][0] and a[1] != losses["bf16"][1], losses
+  evals = json.loads((tmp_path / "a" / "eval.json").read_text())
+  assert [r["loops"] for r in evals] == [3] and np.isfinite(evals[0]["val_loss"])
