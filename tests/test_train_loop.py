@@ -126,3 +126,45 @@ def test_bad_input_gives_one_clear_message(data, tmp_path, capsys):
   assert "model.injection='concat'" in capsys.readouterr().err
   assert cli_main(base + ["--config.model.mean_backprop_depth=0"]) == 2
   assert "model.mean_backprop_depth=0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(data, tmp_path):
+  """launch/local_multiprocess.sh: 2 processes x 2 CPU devices equal 1 process x 4 devices (same mesh)."""
+  cfg = tiny_config(data, steps=3)
+  cfg.optim.muon_ortho_dtype = "float32"  # see test_sharded_run_matches_single_device
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text("import ml_collections, json\n"
+                      f"def get_config():\n  return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "CPU_DEVICES_PER_PROCESS": "2", "PARCAE": f"{sys.executable} -m parcae.cli",
+         "PORT": str(20000 + os.getpid() % 20000)}
+  subprocess.run(["bash", os.path.join(root, "launch", "local_multiprocess.sh"), "2", str(cfg_file),
+                  str(tmp_path / "multi"), "--no-progress"], env=env, check=True, timeout=600,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  train(cfg, str(tmp_path / "single"), progress=False, devices=jax.devices()[:4])
+  a, b = train_rows(tmp_path / "multi"), train_rows(tmp_path / "single")
+  np.testing.assert_allclose([a[s]["loss"] for s in (1, 2, 3)], [b[s]["loss"] for s in (1, 2, 3)], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+  cfg = tiny_config(data, steps=10_000)
+  cfg.checkpoint.every_steps = 10_000
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text("import ml_collections, json\n"
+                      f"def get_config():\n  return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
+  workdir = tmp_path / "run"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.Popen([sys.executable, "-m", "parcae.cli", "train", "--config", str(cfg_file), "--workdir",
+                           str(workdir), "--no-progress", "--config.mesh.data=1"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and (not (workdir / "metrics.jsonl").exists() or len(train_rows(workdir)) < 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0
+  saved = max(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+  assert saved >= max(train_rows(workdir))  # nothing logged is lost
+  assert '"stopped": "signal' in out
