@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 
 from parcae.model.config import ve_layout
+from parcae.paths import path_str
 
 
 def _blocks(cfg):
@@ -37,7 +38,7 @@ def param_counts(cfg) -> dict:
   model = nnx.eval_shape(lambda: build(cfg, jax.random.key(0)))
   counts = {"params_total": 0, "embedding": 0, "value_embeds": 0}
   for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
-    names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+    names = path_str(path).split("/")
     n = math.prod(leaf.shape)
     counts["params_total"] += n
     if names[:2] == ["embed", "embedding"]:

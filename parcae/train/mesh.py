@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from parcae.paths import path_str  # noqa: F401  (re-exported)
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension of every input is split over both
@@ -76,25 +77,6 @@ def make_mesh(mesh_cfg, devices=None):
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
-
-
-def path_str(path):
-    """'/'-joined keys of a tree_flatten_with_path path; drops the trailing `.value` of nnx Variables."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    if parts and parts[-1] == "value":
-        parts = parts[:-1]
-    return "/".join(parts)
 
 
 def _shape(x):

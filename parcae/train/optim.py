@@ -41,6 +41,7 @@ import ml_collections
 import optax
 
 from parcae.train import schedules
+from parcae.paths import path_str  # noqa: F401  (re-exported)
 
 # (a, b, c) per Polar Express iteration, as in the reference.
 POLAR_EXPRESS_COEFFS = (
@@ -125,25 +126,6 @@ ROUTE_RULES = [
     (r"(^|/)mlp/(fc|proj)/kernel$", "muon"),
     (r".", "muon"),                             # every other >= 2-D weight (reference: Muon by default)
 ]
-
-
-def path_str(path) -> str:
-  """'/'-joined keys of a tree_flatten_with_path path; drops the trailing `.value` of nnx Variables."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(k.name)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
-    else:
-      parts.append(str(k))
-  if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
-    parts.pop()
-  return "/".join(parts)
 
 
 def route(path: str, x) -> str:
