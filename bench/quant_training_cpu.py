@@ -57,6 +57,9 @@ def run_recipe(cfg, recipe, workdir, tail):
   except FloatingPointError as e:  # the trainer stops on a non-finite loss: that is a divergence
     summary, error = None, str(e)
   wall = time.time() - t0
+  if summary is not None and summary.get("stopped"):  # SIGTERM / SIGINT: checkpointed, not a result
+    raise SystemExit(f"interrupted ({summary['stopped']}) while training {recipe}; the JSON holds the "
+                     "recipes finished before it")
   rows, evals = read_rows(workdir)
   steps = sorted(rows)
   losses = [rows[s].get("loss") for s in steps]
