@@ -83,7 +83,10 @@ def validate(cfg) -> None:
     validate_optim_config(cfg.optim)
   if "quant" in cfg:
     from parcae.quant import validate_recipe
-    validate_recipe(cfg.quant.recipe)
+    try:
+      validate_recipe(cfg.quant.recipe)
+    except ValueError as err:
+      raise ValueError(f"quant.recipe={cfg.quant.recipe!r}: {err}") from None
   if "train" in cfg:
     for f in ("steps", "micro_batch_size", "grad_accum", "seq_len"):
       if cfg.train[f] < 1:
