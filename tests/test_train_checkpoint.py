@@ -216,6 +216,8 @@ def test_sigterm_sets_the_flag_and_handlers_are_restored():
 
 
 def test_second_sigint_interrupts():
+    # pytest-xdist workers ignore SIGINT; install Python's default handler as the one to fall back to.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     pre = ckpt_lib.Preemption()
     try:
         signal.raise_signal(signal.SIGINT)
@@ -224,3 +226,4 @@ def test_second_sigint_interrupts():
             signal.raise_signal(signal.SIGINT)
     finally:
         pre.restore_handlers()
+        signal.signal(signal.SIGINT, old)
