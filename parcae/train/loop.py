@@ -148,6 +148,8 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
   try:
     for step in range(start + 1, end + 1):
       batch = put_batch(next(it), tc.grad_accum, batch_sh)
+      if step == start + 1:  # ahead-of-time compile: report memory before the first step runs
+        train_step = compile_and_report(train_step, state, batch, logger, step)
       state, metrics = train_step(state, batch)
       done = deferred.push(step, metrics)
       if done is not None:
@@ -186,6 +188,20 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(rows, f, indent=2)
   return summary
+
+
+def compile_and_report(jitted, state, batch, logger, step):
+  """Lower and compile the train step once, log its memory analysis (GiB per device), return the executable."""
+  t0 = time.time()
+  compiled = jitted.lower(state, batch).compile()
+  row = {"kind": "compile", "compile_s": time.time() - t0}
+  mem = compiled.memory_analysis()
+  for name in ("argument", "output", "temp", "generated_code"):
+    value = getattr(mem, f"{name}_size_in_bytes", None) if mem is not None else None
+    if value is not None:
+      row[f"{name}_gib"] = value / 2**30
+  logger.log(step, row)
+  return compiled
 
 
 def _add_mfu(m, cfg, seq_len, peak):
