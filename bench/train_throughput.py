@@ -34,6 +34,9 @@ VARIANTS = {
     "parcae_small_accum16_quartet": ("parcae", "small", {"_accum": 16, "quant.recipe": "quartet"}),
     "gpt_small": ("gpt", "small", {}),
     "gpt_small_accum1": ("gpt", "small", {"_accum": 1}),
+    "gpt_small_chunk2k": ("gpt", "small", {"train.loss_chunk": 2048}),
+    "gpt_medium_chunk2k": ("gpt", "medium", {"train.loss_chunk": 2048}),
+    "parcae_small_chunk2k": ("parcae", "small", {"train.loss_chunk": 2048}),
     "parcae_medium": ("parcae", "medium", {}),
     "gpt_medium": ("gpt", "medium", {}),
 }
