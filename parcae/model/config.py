@@ -13,7 +13,7 @@ STATE_INITS = ("like-init", "zero", "normal", "embed", "unit")
 SAMPLING_SCHEMES = ("poisson-truncated-full", "poisson-full", "fixed")
 SAMPLING_GRANULARITIES = ("per-sequence", "per-batch")
 REMAT_POLICIES = ("full", "dots", "none")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
 # name: (d_model, n_heads, prelude, core, coda); GPT uses n_layers = prelude + core + coda.
@@ -51,7 +51,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.max_backprop_depth = 0  # poisson-full only: static cap on k (0 = 3 * mean_recurrence)
   c.compute_dtype = "bfloat16"  # matmul dtype; "float32" for exact checks (params stay float32)
   c.remat = "full"  # recompute policy per grad loop iteration: full | dots | none
-  c.attention_impl = "xla"  # "xla" everywhere, "cudnn" fused attention on NVIDIA GPUs
+  c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"
   return c
 
 

@@ -115,9 +115,15 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if self.use_qk_norm:
       q, k = qk_norm(q), qk_norm(k)
-    impl = None if self.impl == "xla" else self.impl
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._impl())
     return self.o(out.reshape(b, s, d), keys[3])
+
+
+  def _impl(self):
+    if self.impl == "auto":
+      use_cudnn = jax.default_backend() == "gpu" and self.cd in (jnp.bfloat16, jnp.float16)
+      return "cudnn" if use_cudnn else None
+    return None if self.impl == "xla" else self.impl
 
 
 class MLP(nnx.Module):

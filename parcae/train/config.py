@@ -84,6 +84,7 @@ def reference_config(kind: str, size: str) -> ml_collections.ConfigDict:
   micro, accum, steps, lr = REFERENCE_RECIPES[size]
   c.train.micro_batch_size, c.train.grad_accum, c.train.steps = micro, accum, steps
   c.train.seq_len = 2048
+  c.train.loss_chunk = 2048  # chunked head: float32 logits of 2048 tokens at a time (memory; see bench/)
   c.train.eval_every = 500
   c.train.log_every = 10
   c.optim.lr, c.optim.muon_lr = lr, 8e-3
