@@ -3,8 +3,8 @@
 
 Command (the tests point data at synthetic shards with --config.base.data.kind=shards
 --config.base.data.path=DIR; on its own it uses the embedded corpus):
-  parcae sweep --config configs/sweeps/micro_cpu.py --out /tmp/sweep_micro
-  parcae fit --results /tmp/sweep_micro/results.csv --law testtime
+  parcae sweep --config configs/sweeps/micro_cpu.py --out runs/sweep_micro
+  parcae fit --results runs/sweep_micro/results.csv --law testtime
 Expected: 4 runs, each well under a minute on CPU (mostly compilation); results.csv with 4 runs x
 (1 in-training + 1 final) evaluations x 4 loop counts. The losses are barely trained; this checks plumbing.
 """
