@@ -37,6 +37,8 @@ VARIANTS = {
     "gpt_small_chunk2k": ("gpt", "small", {"train.loss_chunk": 2048}),
     "gpt_medium_chunk2k": ("gpt", "medium", {"train.loss_chunk": 2048}),
     "parcae_small_chunk2k": ("parcae", "small", {"train.loss_chunk": 2048}),
+    "gpt_small_chunk1k": ("gpt", "small", {"train.loss_chunk": 1024}),
+    "gpt_medium_chunk1k": ("gpt", "medium", {"train.loss_chunk": 1024}),
     "parcae_medium": ("parcae", "medium", {}),
     "gpt_medium": ("gpt", "medium", {}),
 }
