@@ -112,7 +112,9 @@ def main(argv=None) -> int:
   try:
     return COMMANDS[argv[0]](argv[1:]) or 0
   except (ValueError, FileNotFoundError) as err:
-    print(f"parcae {argv[0]}: error: {err}", file=sys.stderr)
+    if os.environ.get("PARCAE_TRACEBACK"):  # full traceback for debugging the framework itself
+      raise
+    print(f"parcae {argv[0]}: error: {err} (set PARCAE_TRACEBACK=1 for the traceback)", file=sys.stderr)
     return 2
 
 
