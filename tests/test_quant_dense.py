@@ -63,17 +63,15 @@ def hand_written(recipe, x, w, g, key):
     dx = dot(q(g2, fmt, 1, **kw), q(w, fmt, 1, **kw).T)
     dw = dot(q(x2, fmt, 0, **kw).T, q(g2, fmt, 0, **kw))
   elif recipe == "quartet":
-    h = H.matrix(32)
-    xr, wr = H.rotate(x2, h, 1), H.rotate(w, h, 0)
+    xr, wr = H.rotate(x2, 32, None, 1), H.rotate(w, 32, None, 0)
     xq, wq = q(xr, "mxfp4", 1, scale_mode="rms"), q(wr, "mxfp4", 0, scale_mode="rms")
     y = dot(xq, wq)
     sr = {"scale_mode": "headroom", "rounding": "stochastic"}
-    hd = H.matrix(32, H.random_signs(k[6], 32))
-    hw = H.matrix(32, H.random_signs(k[7], 32))
-    dxr = dot(q(H.rotate(g2, hd, 1), "mxfp4", 1, key=k[2], **sr),
-              q(H.rotate(wq, hd, 1), "mxfp4", 1, key=k[3], **sr).T)
-    dwr = dot(q(H.rotate(xq, hw, 0), "mxfp4", 0, key=k[4], **sr).T,
-              q(H.rotate(g2, hw, 0), "mxfp4", 0, key=k[5], **sr))
+    sd, sw = H.random_signs(k[6], 32), H.random_signs(k[7], 32)
+    dxr = dot(q(H.rotate(g2, 32, sd, 1), "mxfp4", 1, key=k[2], **sr),
+              q(H.rotate(wq, 32, sd, 1), "mxfp4", 1, key=k[3], **sr).T)
+    dwr = dot(q(H.rotate(xq, 32, sw, 0), "mxfp4", 0, key=k[4], **sr).T,
+              q(H.rotate(g2, 32, sw, 0), "mxfp4", 0, key=k[5], **sr))
     # QuEST mask: entries the forward quantizer clipped (|x / scale| >= 6) get no gradient;
     # scale = 2^floor(log2(0.48708 * std)) per 32-block, exponent via frexp (exact).
     def keep(v):  # v [R, 32k] blocked along the last axis
@@ -81,15 +79,14 @@ def hand_written(recipe, x, w, g, key):
       _, p = jnp.frexp(0.48708 * jnp.std(vb, -1, keepdims=True) + 1e-8)
       return (jnp.abs(vb / 2.0 ** (p - 1).astype(f32)) < 6).reshape(v.shape)
     mx, mw = keep(xr), keep(wr.T).T
-    dx = H.rotate(dxr * mx, h, 1, inverse=True)
-    dw = H.rotate(dwr * mw, h, 0, inverse=True)
+    dx = H.rotate(dxr * mx, 32, None, 1, inverse=True)
+    dw = H.rotate(dwr * mw, 32, None, 0, inverse=True)
   elif recipe == "nvidia_nvfp4":
     wq = quantize_dequantize(w, "nvfp4", block_2d=True)
     y = dot(q(x2, "nvfp4", 1), wq)
     dx = dot(q(g2, "nvfp4", 1, rounding="stochastic", key=k[2]), wq.T)
-    hr = H.matrix(16, H.TE_SIGNS_16)
-    dw = dot(q(H.rotate(x2, hr, 0), "nvfp4", 0).T,
-             q(H.rotate(g2, hr, 0), "nvfp4", 0, rounding="stochastic", key=k[5]))
+    dw = dot(q(H.rotate(x2, 16, H.TE_SIGNS_16, 0), "nvfp4", 0).T,
+             q(H.rotate(g2, 16, H.TE_SIGNS_16, 0), "nvfp4", 0, rounding="stochastic", key=k[5]))
   return y.reshape(2, M // 2, N), dx.reshape(x.shape), dw
 
 

@@ -23,19 +23,36 @@ def test_rotation_preserves_product(n, random):
   x = rng.standard_normal((8, 256)).astype(np.float32)
   w = rng.standard_normal((16, 256)).astype(np.float32)
   signs = H.random_signs(jax.random.key(1), n) if random else None
-  m = H.matrix(n, signs)
-  xr, wr = H.rotate(jnp.asarray(x), m, -1), H.rotate(jnp.asarray(w), m, -1)
+  xr, wr = H.rotate(jnp.asarray(x), n, signs, -1), H.rotate(jnp.asarray(w), n, signs, -1)
   got = np.asarray(xr, np.float64) @ np.asarray(wr, np.float64).T
   np.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64), atol=2e-4)
-  back = H.rotate(xr, m, -1, inverse=True)
+  back = H.rotate(xr, n, signs, -1, inverse=True)
   np.testing.assert_allclose(np.asarray(back), x, atol=2e-5)
   assert not np.allclose(np.asarray(xr), x)
+
+
+@pytest.mark.parametrize("n", H.SIZES)
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_fast_transform_equals_matrix_in_float64(n, axis):
+  """The in-place butterfly transform is v @ diag(s) H_n / sqrt(n) to f32 rounding (float64 oracle)."""
+  rng = np.random.default_rng(n + axis)
+  shape = [6, 10, 12]
+  shape[axis] = 256
+  x = rng.standard_normal(shape).astype(np.float32)
+  signs = H.random_signs(jax.random.key(n), n)
+  m = np.asarray(H.matrix(n, signs), np.float64)
+  xm = np.moveaxis(x.astype(np.float64), axis, -1)
+  for inverse, mm in ((False, m), (True, m.T)):
+    want = np.moveaxis((xm.reshape(xm.shape[:-1] + (-1, n)) @ mm).reshape(xm.shape), -1, axis)
+    got = np.asarray(jax.jit(lambda v: H.rotate(v, n, signs, axis, inverse))(jnp.asarray(x)), np.float64)
+    # log2(n) f32 adds and one scale: error ~ (log2 n + 1) * 2^-24 * |v|_1 / sqrt(n) per element
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-6 * np.log2(n) * np.abs(x).max())
 
 
 def test_rotate_other_axis_and_block_locality():
   x = np.zeros((64, 3), np.float32)
   x[5, 1] = 1.0
-  y = np.asarray(H.rotate(jnp.asarray(x), H.matrix(32), axis=0))
+  y = np.asarray(H.rotate(jnp.asarray(x), 32, axis=0))
   assert np.count_nonzero(y[:32, 1]) == 32 and not y[32:].any() and not y[:, [0, 2]].any()
 
 
@@ -43,4 +60,6 @@ def test_bad_size():
   with pytest.raises(ValueError, match="one of"):
     H.sylvester(24)
   with pytest.raises(ValueError, match="multiple of the Hadamard size"):
-    H.rotate(jnp.ones((2, 40)), H.matrix(16))
+    H.rotate(jnp.ones((2, 40)), 16)
+  with pytest.raises(ValueError, match="one of"):
+    H.rotate(jnp.ones((2, 48)), 24)

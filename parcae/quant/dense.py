@@ -98,15 +98,16 @@ def quantize_operand(x, op: Operand | None, axis: int, key, return_scaled=False)
 
 
 def _rotation(g: Gemm, key):
+  """(size, signs) of the GEMM's block Hadamard, or None."""
   if not g.rotation:
     return None
   signs = {"none": None, "te": H.TE_SIGNS_16 if g.rotation == 16 else None,
            "random": H.random_signs(key, g.rotation) if g.signs == "random" else None}[g.signs]
-  return H.matrix(g.rotation, signs)
+  return g.rotation, signs
 
 
-def _rot(x, m, axis, inverse=False):
-  return x if m is None else H.rotate(x, m, axis, inverse)
+def _rot(x, r, axis, inverse=False):
+  return x if r is None else H.rotate(x, r[0], r[1], axis, inverse)
 
 
 def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims):
@@ -124,9 +125,9 @@ def _forward(recipe: Recipe, cd, x, w, key):
   wq, wt = quantize_operand(_rot(w, m, 0), r.rhs, 0, keys[1], return_scaled=True)
   y = jnp.dot(xq.astype(cd), wq.astype(cd))
   fwdq = recipe.bwd_source == "fwdq"  # keep only the residuals the backward reads
-  keep_t = recipe.clip_mask
+  keep = recipe.clip_mask  # boolean masks (1 byte per entry), not the f32 scaled values
   return y, (x, w, xq if fwdq else None, wq if fwdq or recipe.dgrad.rhs is None else None,
-             xt if keep_t else None, wt if keep_t else None, key)
+             _clip_mask(xt, r.lhs) if keep else None, _clip_mask(wt, r.rhs) if keep else None, key)
 
 
 def _clip_mask(t, op: Operand | None):
@@ -137,7 +138,7 @@ def _clip_mask(t, op: Operand | None):
 
 
 def _backward(recipe: Recipe, cd, res, g):
-  x, w, xq, wq, xt, wt, key = res
+  x, w, xq, wq, mx, mwk, key = res
   keys = jax.random.split(key, 8)
   m_fwd = _rotation(recipe.fwd, None)
   if recipe.bwd_source == "fwdq":
@@ -150,7 +151,6 @@ def _backward(recipe: Recipe, cd, res, g):
   dx = _gemm(g, ws, recipe.dgrad, 1, 1, keys[2:4], md, cd, ((1,), (1,)))  # [M, K]
   dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)))  # [K, N]
   if recipe.clip_mask:
-    mx, mwk = _clip_mask(xt, recipe.fwd.lhs), _clip_mask(wt, recipe.fwd.rhs)
     dx = dx if mx is None else jnp.where(mx, dx, 0)
     dw = dw if mwk is None else jnp.where(mwk, dw, 0)
   dx = _rot(dx.astype(jnp.float32), m_fwd, 1, inverse=True)

@@ -37,15 +37,35 @@ def random_signs(key, n: int) -> jax.Array:
   return jax.random.rademacher(key, (n,), jnp.float32)
 
 
-def rotate(x, m, axis: int = -1, inverse: bool = False):
-  """Apply m (n x n, orthogonal) to consecutive length-n blocks of x along axis (f32 math)."""
-  n = m.shape[0]
+def rotate(x, n: int, signs=None, axis: int = -1, inverse: bool = False):
+  """Rotate consecutive length-n blocks of x along `axis` by M = diag(signs) @ H_n/sqrt(n) (v @ M;
+  inverse: v @ M^T), in f32, as a fast Walsh-Hadamard transform in place.
+
+  The butterflies are slices, adds and concatenations on the un-transposed array, so XLA fuses
+  the rotation into the quantizer that reads it; no [.., K] f32 copy and no matmul. Agrees with
+  v @ matrix(n, signs) to f32 rounding (log2(n) adds per element, one final scale).
+  """
+  if n not in SIZES:
+    raise ValueError(f"Hadamard size {n} is not supported; use one of {SIZES}")
   ax = axis % x.ndim
   if x.shape[ax] % n:
     raise ValueError(f"axis {axis} has length {x.shape[ax]}, not a multiple of the Hadamard size "
                      f"{n}; pad it or choose a rotation size that divides it")
-  xm = jnp.moveaxis(x.astype(jnp.float32), ax, -1)
-  xb = xm.reshape(xm.shape[:-1] + (xm.shape[-1] // n, n))
-  mm = m.T if inverse else m
-  yb = jnp.einsum("...i,ij->...j", xb, mm, precision=jax.lax.Precision.HIGHEST)
-  return jnp.moveaxis(yb.reshape(xm.shape), -1, ax).astype(x.dtype)
+  shape = x.shape
+  pre, post = shape[:ax], shape[ax + 1:]
+  v = x.astype(jnp.float32).reshape(pre + (shape[ax] // n, n) + post)
+  bshape = (1,) * len(pre) + (1, n) + (1,) * len(post)
+  s = None if signs is None else jnp.asarray(signs, jnp.float32).reshape(bshape)
+  if s is not None and not inverse:
+    v = v * s
+  h = n // 2
+  while h >= 1:  # H_2m = [[H_m, H_m], [H_m, -H_m]]: (a, b) -> (a + b, a - b), then recurse
+    w = v.reshape(pre + (shape[ax] // n, n // (2 * h), 2, h) + post)
+    a = jax.lax.index_in_dim(w, 0, ax + 2, keepdims=True)
+    b = jax.lax.index_in_dim(w, 1, ax + 2, keepdims=True)
+    v = jnp.concatenate([a + b, a - b], axis=ax + 2).reshape(pre + (shape[ax] // n, n) + post)
+    h //= 2
+  v = v * jnp.float32(1.0 / np.sqrt(n))
+  if s is not None and inverse:
+    v = v * s
+  return v.reshape(shape).astype(x.dtype)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parcae.quant import formats as F
+from parcae.quant import rng as R
 
 ROUNDINGS = ("nearest", "stochastic")
 NV_GLOBAL = 448.0 * 6.0  # E4M3 max * E2M1 max: the tensor amax maps to block scale 448
@@ -36,11 +37,11 @@ def _mx_exponent(amax, elem: F.Element, mode: str, div):
   return jnp.clip(e, -127, 128)
 
 
-def _mx_blocks(xb, elem, mode, u, div):
-  amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+def _mx_blocks(xb, elem, mode, u, div, baxis):
+  amax = jnp.max(jnp.abs(xb), axis=baxis, keepdims=True)
   if mode == "rms":
-    mean = jnp.mean(xb, axis=-1, keepdims=True)
-    var = jnp.maximum(jnp.mean(xb * xb, axis=-1, keepdims=True) - mean * mean, 0.0)
+    mean = jnp.mean(xb, axis=baxis, keepdims=True)
+    var = jnp.maximum(jnp.mean(xb * xb, axis=baxis, keepdims=True) - mean * mean, 0.0)
     e = F.exp_field(QUARTET_RMS_MULT * jnp.sqrt(var) + 1e-8) - 127
     qe, de = e, e
   else:
@@ -94,17 +95,18 @@ def nv_apply_scale(xb, q_s, consts, two_level, u):
 
 
 def qdq_blocks(xb, fmt: F.Format, scale_mode, u=None, consts=None, two_level=True,
-               div=jnp.divide, return_scaled=False):
-  """Quantize-dequantize f32 xb [..., block]; the last axis is one scale block.
+               div=jnp.divide, return_scaled=False, baxis=-1):
+  """Quantize-dequantize f32 xb; axis `baxis` (an int or a tuple of axes) spans one scale block.
 
   consts: `nv_consts(s_g)` for nvfp4 (ignored by MX). Returns f32; with return_scaled also the
-  scaled pre-rounding values t (for clip masks).
+  scaled pre-rounding values t (for clip masks). Everything but the block reductions is
+  elementwise, so the block axis may sit anywhere (the jnp path blocks in place, no transpose).
   """
   xb = xb.astype(jnp.float32)
   if fmt.scale == "e8m0":
-    deq, t = _mx_blocks(xb, fmt.elem, scale_mode, u, div)
+    deq, t = _mx_blocks(xb, fmt.elem, scale_mode, u, div, baxis)
   else:
-    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    amax = jnp.max(jnp.abs(xb), axis=baxis, keepdims=True)
     q_s = nv_block_scale(amax, consts, two_level, div)
     deq, t = nv_apply_scale(xb, q_s, consts, two_level, u)
     deq = jnp.where(amax != amax, jnp.float32(jnp.nan), deq)
@@ -147,15 +149,16 @@ def check_args(x, fmt, axis, scale_mode, rounding, key, block_2d):
 
 
 def to_blocks(x, ax, block, block_2d):
-  """Move the quantization axis last and split into blocks -> ([..., nb, block], inverse fn)."""
+  """Split axis `ax` into (blocks, block) in place -> (xb, block axes, inverse fn); no transpose.
+
+  block_2d: a 2-D x as [r/16, 16, c/16, 16] with block axes (1, 3).
+  """
   if block_2d:
     r, c = x.shape
-    xt = x.reshape(r // 16, 16, c // 16, 16).transpose(0, 2, 1, 3).reshape(r // 16, c // 16, 256)
-    return xt, lambda y: y.reshape(r // 16, c // 16, 16, 16).transpose(0, 2, 1, 3).reshape(r, c)
-  xm = jnp.moveaxis(x, ax, -1)
-  shape = xm.shape
-  xb = xm.reshape(shape[:-1] + (shape[-1] // block, block))
-  return xb, lambda y: jnp.moveaxis(y.reshape(shape), -1, ax)
+    return x.reshape(r // 16, 16, c // 16, 16), (1, 3), lambda y: y.reshape(r, c)
+  shape = x.shape
+  xb = x.reshape(shape[:ax] + (shape[ax] // block, block) + shape[ax + 1:])
+  return xb, ax + 1, lambda y: y.reshape(shape)
 
 
 def quantize_dequantize(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=None,
@@ -166,8 +169,8 @@ def quantize_dequantize(x, fmt, *, axis=-1, scale_mode="floor", rounding="neares
     E8M0 scales) | nvfp4 (16-element blocks, E4M3 scales; two_level adds the FP32 tensor scale
     `tensor_scale`, by default amax/(448*6) of x; two_level=False is the single-level variant).
   scale_mode (MX): floor (OCP) | rceil | ceil | even; plus recipe rules headroom | rms.
-  rounding: nearest (ties to even) | stochastic (needs key; uniforms drawn in x's moved-axis
-    layout, shape x.shape with `axis` last).
+  rounding: nearest (ties to even) | stochastic (needs key; uniforms from a counter hash of each
+    element's index in x's moved-axis layout, shape x.shape with `axis` last: `rng.uniform_moved`).
   block_2d: nvfp4 only, 16x16 tiles of a 2-D x (axis is then irrelevant).
   impl: "jnp" or "pallas" (fused kernel, parcae.quant.kernels; bit-identical).
   Output has x's dtype; all arithmetic is f32.
@@ -185,14 +188,14 @@ def quantize_dequantize(x, fmt, *, axis=-1, scale_mode="floor", rounding="neares
 def _qdq_jnp(x, f, ax, scale_mode, rounding, key, tensor_scale, two_level, block_2d):
   """Returns (dequantized x in x.dtype, scaled pre-rounding values in f32, x's layout)."""
   x32 = x.astype(jnp.float32)
-  xb, back = to_blocks(x32, ax, f.block, block_2d)
+  xb, baxis, back = to_blocks(x32, ax, f.block, block_2d)
   u = None
   if rounding == "stochastic":
-    ushape = x32.shape if block_2d else jnp.moveaxis(x32, ax, -1).shape
-    u, _ = to_blocks(jax.random.uniform(key, ushape, jnp.float32), -1, f.block, block_2d)
+    u = to_blocks(R.uniform_moved(R.seed(key), x.shape, x.ndim - 1 if block_2d else ax),
+                  ax, f.block, block_2d)[0]
   consts = None
   if f.scale == "e4m3":
     sg = (nv_tensor_scale(x32) if tensor_scale is None else tensor_scale) if two_level else 1.0
     consts = nv_consts(sg)
-  deq, t = qdq_blocks(xb, f, scale_mode, u, consts, two_level, return_scaled=True)
+  deq, t = qdq_blocks(xb, f, scale_mode, u, consts, two_level, return_scaled=True, baxis=baxis)
   return back(deq).astype(x.dtype), back(t)

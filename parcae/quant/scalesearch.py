@@ -23,11 +23,11 @@ def _offsets(window):
   return sorted(range(lo, hi + 1), key=lambda k: (abs(k), k))  # base first: ties keep it
 
 
-def search_blocks(xb, fmt: F.Format, window, consts=None, two_level=True):
-  """Quantize-dequantize f32 blocks xb [..., block] with the searched scale (a lax.scan over
-  candidate offsets, base first, so ties keep the max-based scale)."""
+def search_blocks(xb, fmt: F.Format, window, consts=None, two_level=True, baxis=-1):
+  """Quantize-dequantize f32 blocks of xb (block axes `baxis`) with the searched scale (a lax.scan
+  over candidate offsets, base first, so ties keep the max-based scale)."""
   xb = xb.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+  amax = jnp.max(jnp.abs(xb), axis=baxis, keepdims=True)
   if fmt.scale == "e4m3":
     c0 = F.e4m3_code(Q.nv_block_scale(amax, consts, two_level, jnp.divide))
 
@@ -43,13 +43,13 @@ def search_blocks(xb, fmt: F.Format, window, consts=None, two_level=True):
 
   def step(best, k):
     cand = candidate(k)
-    sse = jnp.sum((cand - xb) ** 2, axis=-1, keepdims=True)
+    sse = jnp.sum((cand - xb) ** 2, axis=baxis, keepdims=True)
     take = sse < best[1]
     return (jnp.where(take, cand, best[0]), jnp.where(take, sse, best[1])), None
 
   offs = _offsets(window)
   first = candidate(offs[0])
-  init = (first, jnp.sum((first - xb) ** 2, axis=-1, keepdims=True))
+  init = (first, jnp.sum((first - xb) ** 2, axis=baxis, keepdims=True))
   best, _ = jax.lax.scan(step, init, jnp.asarray(offs[1:], jnp.int32)) if len(offs) > 1 else (init, None)
   return jnp.where(amax != amax, jnp.float32(jnp.nan), best[0])
 
@@ -59,12 +59,12 @@ def quantize_dequantize_search(x, fmt, *, axis=-1, window=None, two_level=True,
   """Like quantize_dequantize (nearest rounding) but with ScaleSearch block scales."""
   f, ax = Q.check_args(x, fmt, axis, "floor", "nearest", None, block_2d)
   window = DEFAULT_WINDOW[f.scale] if window is None else tuple(window)
-  xb, back = Q.to_blocks(x.astype(jnp.float32), ax, f.block, block_2d)
+  xb, baxis, back = Q.to_blocks(x.astype(jnp.float32), ax, f.block, block_2d)
   consts = None
   if f.scale == "e4m3":
     sg = (Q.nv_tensor_scale(x) if tensor_scale is None else tensor_scale) if two_level else 1.0
     consts = Q.nv_consts(sg)
-  return back(search_blocks(xb, f, window, consts, two_level)).astype(x.dtype)
+  return back(search_blocks(xb, f, window, consts, two_level, baxis)).astype(x.dtype)
 
 
 def mse_reduction(fmt="nvfp4", *, n=1 << 20, window=None, two_level=False, key=None,

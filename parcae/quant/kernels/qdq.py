@@ -2,8 +2,9 @@
 
 The input is viewed as [blocks, block_size] (quantization axis moved last, blocks contiguous), and
 each program handles `block_rows` blocks with `quantize.qdq_blocks`, the same function the jnp
-path uses, so results are bit-identical. Stochastic rounding reads uniforms drawn outside the
-kernel with jax.random.uniform(key, x-with-axis-last shape), exactly as the jnp path draws them.
+path uses, so results are bit-identical. Stochastic rounding computes its uniforms in the kernel
+from each element's index and the key's seed words (`parcae.quant.rng`), the same numbers the jnp
+path draws: no uniform array is read.
 
 GPU: the Triton backend (H100 / sm_90). Triton's f32 `/` is approximate (div.full.f32), so the
 few divisions (block amax / 6, / s_g, amax / max_elem for rceil) use inline PTX div.rn.f32.
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from parcae.quant import quantize as Q
+from parcae.quant import rng as R
 
 N_CONSTS = 16  # nv_consts (9 values) padded to a power of two for Triton
 
@@ -32,13 +34,14 @@ def _div_rn_ptx(x, y):
       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
 
 
-def _kernel(*refs, fmt, scale_mode, two_level, stochastic, div):
-  if stochastic:
-    x_ref, u_ref, c_ref, o_ref = refs
-    u = u_ref[...]
-  else:
-    x_ref, c_ref, o_ref = refs
-    u = None
+def _kernel(x_ref, c_ref, s_ref, o_ref, *, fmt, scale_mode, two_level, stochastic, div):
+  u = None
+  if stochastic:  # element index in the [blocks, block] view = moved-layout row-major index
+    rows, block = x_ref.shape
+    first = (pl.program_id(0) * rows).astype(jnp.uint32)
+    r = jax.lax.broadcasted_iota(jnp.int32, (rows, block), 0).astype(jnp.uint32)
+    c = jax.lax.broadcasted_iota(jnp.int32, (rows, block), 1).astype(jnp.uint32)
+    u = R.uniform_from_index((first + r) * jnp.uint32(block) + c, s_ref[0], s_ref[1])
   consts = [c_ref[i] for i in range(9)]
   deq = Q.qdq_blocks(x_ref[...].astype(jnp.float32), fmt, scale_mode, u, consts, two_level, div)
   o_ref[...] = deq.astype(o_ref.dtype)
@@ -66,11 +69,12 @@ def qdq_pallas(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=N
   nb = xb.shape[0]
   rows = _pick_rows(nb, block_rows)
   pad = (-nb) % rows
-  ops = [xb]
-  if rounding == "stochastic":
-    ops.append(jax.random.uniform(key, shape, jnp.float32).reshape(-1, f.block))
   if pad:
-    ops = [jnp.pad(o, ((0, pad), (0, 0))) for o in ops]
+    xb = jnp.pad(xb, ((0, pad), (0, 0)))
+  sd = jnp.zeros((N_CONSTS,), jnp.uint32)
+  if rounding == "stochastic":
+    R.check_size(x.shape)
+    sd = sd.at[:2].set(R.seed(key))
   if f.scale == "e4m3":
     sg = (Q.nv_tensor_scale(x) if tensor_scale is None else tensor_scale) if two_level else 1.0
     consts = Q.nv_consts(sg)
@@ -89,9 +93,9 @@ def qdq_pallas(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=N
       kernel,
       out_shape=jax.ShapeDtypeStruct((nb + pad, f.block), x.dtype),
       grid=((nb + pad) // rows,),
-      in_specs=[spec] * len(ops) + [pl.BlockSpec((N_CONSTS,), lambda i: (0,))],
+      in_specs=[spec] + [pl.BlockSpec((N_CONSTS,), lambda i: (0,))] * 2,
       out_specs=spec,
       interpret=interpret,
       **params,
-  )(*ops, consts)
+  )(xb, consts, sd)
   return jnp.moveaxis(out[:nb].reshape(shape), -1, ax)

@@ -1,0 +1,47 @@
+"""Counter-based uniforms for stochastic rounding: range, uniformity, independence, layout."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parcae.quant import rng as R
+
+
+def test_range_grid_and_uniformity():
+  u = np.asarray(R.uniform_moved(R.seed(jax.random.key(0)), (1 << 20,), 0), np.float64)
+  assert u.min() >= 0 and u.max() < 1
+  np.testing.assert_array_equal(u * 2**24, np.floor(u * 2**24))  # on the 2^-24 grid
+  # chi-square over 256 equal bins: df 255, mean 255, sd 22.6 -> 6 sd bound
+  counts = np.bincount((u * 256).astype(int), minlength=256)
+  exp = len(u) / 256
+  chi2 = np.sum((counts - exp) ** 2 / exp)
+  assert chi2 < 255 + 6 * np.sqrt(2 * 255), chi2
+  assert abs(u.mean() - 0.5) < 6 * np.sqrt(1 / 12 / len(u))
+
+
+def test_neighbours_and_seeds_uncorrelated():
+  n = 1 << 18
+  a = np.asarray(R.uniform_moved(R.seed(jax.random.key(1)), (n,), 0), np.float64) - 0.5
+  b = np.asarray(R.uniform_moved(R.seed(jax.random.key(2)), (n,), 0), np.float64) - 0.5
+  bound = 6 / np.sqrt(n)  # correlation of independent uniforms ~ N(0, 1/n)
+  assert abs(np.corrcoef(a[1:], a[:-1])[0, 1]) < bound  # consecutive counters
+  assert abs(np.corrcoef(a, b)[0, 1]) < bound  # two keys
+  assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("ax", [0, 1, 2])
+def test_moved_layout_index(ax):
+  """The number an element gets depends on its position in the axis-last layout only."""
+  shape = (3, 5, 4)
+  sd = R.seed(jax.random.key(3))
+  got = np.asarray(R.uniform_moved(sd, shape, ax))
+  moved = tuple(d for i, d in enumerate(shape) if i != ax) + (shape[ax],)
+  flat = np.asarray(R.uniform_moved(sd, moved, len(shape) - 1))
+  np.testing.assert_array_equal(np.moveaxis(got, ax, -1), flat)
+  idx = np.asarray(R.moved_index(shape, ax))
+  np.testing.assert_array_equal(np.moveaxis(idx, ax, -1).ravel(), np.arange(idx.size))
+
+
+def test_too_many_elements():
+  with pytest.raises(ValueError, match="chunks"):
+    R.check_size((1 << 16, 1 << 16, 2))
