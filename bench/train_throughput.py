@@ -69,36 +69,44 @@ def build_config(kind, size, overrides, args):
   return cfg
 
 
-def run_one(name, args):
+def random_batch(cfg, sharding, seed=0):
+  """Random tokens as {"inputs", "targets"} of shape [accum, micro, seq] on `sharding` (micro is global)."""
   import jax
-  import jax.numpy as jnp
+  import numpy as np
+  tc = cfg.train
+  shape = (tc.grad_accum, tc.micro_batch_size, tc.seq_len + 1)
+  toks = np.random.default_rng(seed).integers(0, cfg.model.vocab_size, size=shape, dtype=np.int32)
+  return {"inputs": jax.device_put(toks[..., :-1], sharding), "targets": jax.device_put(toks[..., 1:], sharding)}
+
+
+def peak_gib(devices):
+  """Largest peak_bytes_in_use over `devices` in GiB (0 where the backend keeps no statistics, e.g. CPU)."""
+  return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices) / 2**30
+
+
+def train_and_time(cfg, args, devices, name=""):
+  """Builds the train state on cfg.mesh over `devices`, compiles the step, runs args.warmup steps, times
+  args.steps steps, checks the loss is finite and falls. Returns a dict of what run_one and others need."""
+  import jax
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
   from parcae.train import mesh as pmesh
-  from parcae.train.loop import init_state, peak_flops_per_device
-  from parcae.train.step import make_eval_step, make_train_step
-  from parcae.scaling.flops import executed_flops_per_token
-  from parcae.model.config import grad_depth
+  from parcae.train.loop import init_state
+  from parcae.train.step import make_train_step
 
-  kind, size, overrides = VARIANTS[name]
-  cfg = build_config(kind, size, overrides, args)
   tc = cfg.train
-  dev = jax.devices()[:1]
-  mesh = pmesh.make_mesh(cfg.mesh, dev)
+  mesh = pmesh.make_mesh(cfg.mesh, devices)
   graphdef, optimizer, create, abstract, shardings = init_state(cfg, mesh)
   state = jax.jit(create, out_shardings=shardings)()
-  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))  # [accum, micro, seq]: micro split
   step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, None), donate_argnums=0)
-  rng = np.random.default_rng(0)
-  shape = (tc.grad_accum, tc.micro_batch_size, tc.seq_len)
-  toks = rng.integers(0, cfg.model.vocab_size, size=(shape[0], shape[1], shape[2] + 1), dtype=np.int32)
-  batch = {"inputs": jax.device_put(toks[..., :-1], batch_sh), "targets": jax.device_put(toks[..., 1:], batch_sh)}
+  batch = random_batch(cfg, batch_sh)
   t0 = time.time()
   compiled = step.lower(state, batch).compile()
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
-  losses, metrics_all = [], []
+  losses = []
   for _ in range(args.warmup):
     state, m = step(state, batch)
     losses.append(float(m["loss"]))
@@ -111,11 +119,32 @@ def run_one(name, args):
   jax.block_until_ready(state)
   dt = time.time() - t0
   ms = jax.device_get(ms)
-  if args.profile:
+  if getattr(args, "profile", False):
     state = profile_steps(step, state, batch, name)
   losses += [float(m["loss"]) for m in ms]
   assert all(np.isfinite(losses)), f"non-finite loss {losses}"
   assert losses[-1] < losses[0], f"loss did not fall: {losses}"
+  return {"graphdef": graphdef, "state": state, "batch": batch, "metrics": ms, "losses": losses,
+          "seconds": dt, "compile_s": compile_s, "mem": mem, "peak_gib": peak_gib(mesh.devices.flat)}
+
+
+def run_one(name, args):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from parcae.train.loop import peak_flops_per_device
+  from parcae.train.step import make_eval_step
+  from parcae.scaling.flops import executed_flops_per_token
+  from parcae.model.config import grad_depth
+
+  kind, size, overrides = VARIANTS[name]
+  cfg = build_config(kind, size, overrides, args)
+  tc = cfg.train
+  dev = jax.devices()[:1]
+  run = train_and_time(cfg, args, dev, name)
+  graphdef, state, batch, ms, losses = run["graphdef"], run["state"], run["batch"], run["metrics"], run["losses"]
+  compile_s, mem, dt = run["compile_s"], run["mem"], run["seconds"]
+  shape = (tc.grad_accum, tc.micro_batch_size, tc.seq_len)
   tokens = np.prod(shape) * args.steps
   train_tps = tokens / dt
   n_exec = float(np.mean([m.get("n_exec_mean", 0.0) for m in ms]))
@@ -127,8 +156,7 @@ def run_one(name, args):
   else:
     f_exec = f_use = executed_flops_per_token(cfg.model, tc.seq_len)
   peak = peak_flops_per_device()
-  stats = jax.devices()[0].memory_stats() or {}
-  train_peak = stats.get("peak_bytes_in_use", 0) / 2**30
+  train_peak = run["peak_gib"]
 
   eval_step = jax.jit(make_eval_step(graphdef, tc.loss_chunk))
   eb = {k: v[0] for k, v in batch.items()}
