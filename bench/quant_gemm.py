@@ -70,8 +70,12 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--recipes", default=",".join(RECIPES))
   p.add_argument("--label", default="")
+  p.add_argument("--shapes", default="", help="KxN,KxN (default: parcae-small's four)")
+  p.add_argument("--no-count", action="store_true", help="skip the kernel count (one compile less)")
   args = p.parse_args(argv)
   shapes = [(64, 96)] if args.smoke else SHAPES
+  if args.shapes:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
   m = 64 if args.smoke else args.tokens
   iters = 2 if args.smoke else args.iters
   rows = []
@@ -90,14 +94,14 @@ def main(argv=None):
       t = timed(f, a, iters)
       base = t if recipe == "bf16" else base
       row = {"label": args.label, "K": k, "N": n, "M": m, "recipe": recipe, "ms": t * 1e3,
-             "x_bf16": t / base if base else None, "kernels": kernel_count(f, a),
+             "x_bf16": t / base if base else None, "kernels": None if args.no_count else kernel_count(f, a),
              "rel_err_y_dx_dw": errs, "ok": all(e < MAX_REL[recipe] for e in errs)}
       rows.append(row)
       print(json.dumps(row), flush=True)
   print(f"\n{'K x N':>10} {'recipe':>13} {'ms':>8} {'x bf16':>7} {'kernels':>7} {'ok':>3}")
   for r in rows:
     print(f"{r['K']:>5}x{r['N']:<5} {r['recipe']:>13} {r['ms']:>8.3f} {r['x_bf16'] or 0:>7.2f} "
-          f"{r['kernels']:>7} {'yes' if r['ok'] else 'NO':>3}")
+          f"{r['kernels'] or 0:>7} {'yes' if r['ok'] else 'NO':>3}")
   tot = {}
   for r in rows:
     tot[r["recipe"]] = tot.get(r["recipe"], 0.0) + r["ms"]

@@ -1,0 +1,127 @@
+"""Which jnp formulation of blocking and rotation lets XLA fuse the quantized layer best on the GPU?
+
+  PYTHONPATH=$PWD python bench/quant_layouts.py [--smoke]
+
+An exploration bench: it swaps, by patching module attributes, three choices inside the library's
+quantizer and times bench/quant_gemm.py's layer (fwd + bwd) for each combination:
+  blocks   inplace: split the quantization axis in place (reductions over a middle axis)
+           moved:   move the axis last first (transposes), reduce over the last axis
+  barrier  materialize the block reductions (optimization_barrier) so XLA cannot fuse a reduction
+           into every element of its consumer
+  rot      fwht:    butterflies (slices + concatenates)
+           dot32:   axis moved last, f32 matmul with the orthonormal matrix at HIGHEST precision
+           dotbf16: bf16(x) times the +-1 matrix on the tensor cores (exact products, f32
+                    accumulation), scaled by 1/sqrt(n) after, no transpose of x
+The library keeps the winner; this script records why. Writes $OUT/quant_layouts.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quant_gemm  # noqa: E402  pylint: disable=wrong-import-position
+from parcae.quant import hadamard as H  # noqa: E402
+from parcae.quant import quantize as Q  # noqa: E402
+
+ORIG = {"to_blocks": Q.to_blocks, "rotate": H.rotate}
+
+
+def moved_blocks(x, ax, block, block_2d):
+  if block_2d:
+    return ORIG["to_blocks"](x, ax, block, block_2d)
+  xm = jnp.moveaxis(x, ax, -1)
+  shape = xm.shape
+  xb = xm.reshape(shape[:-1] + (shape[-1] // block, block))
+  return xb, -1, lambda y: jnp.moveaxis(y.reshape(shape), -1, ax)
+
+
+class BarrierJnp:
+  """jnp with max / mean results put behind an optimization barrier."""
+
+  def __getattr__(self, name):
+    return getattr(jnp, name)
+
+  @staticmethod
+  def max(*a, **k):
+    return jax.lax.optimization_barrier(jnp.max(*a, **k))
+
+  @staticmethod
+  def mean(*a, **k):
+    return jax.lax.optimization_barrier(jnp.mean(*a, **k))
+
+
+def _pm(n, signs, inverse):
+  m = np.round(H.sylvester(n) * np.sqrt(n))
+  if signs is None:
+    return jnp.asarray(m, jnp.float32)
+  m = jnp.asarray(signs, jnp.float32)[:, None] * jnp.asarray(m, jnp.float32)
+  return m.T if inverse else m
+
+
+def rotate_dot32(x, n, signs=None, axis=-1, inverse=False):
+  ax = axis % x.ndim
+  xm = jnp.moveaxis(x.astype(jnp.float32), ax, -1)
+  xb = xm.reshape(xm.shape[:-1] + (xm.shape[-1] // n, n))
+  m = _pm(n, signs, inverse) / np.sqrt(n)
+  yb = jnp.einsum("...i,ij->...j", xb, m, precision=jax.lax.Precision.HIGHEST)
+  return jnp.moveaxis(yb.reshape(xm.shape), -1, ax).astype(x.dtype)
+
+
+def rotate_dotbf16(x, n, signs=None, axis=-1, inverse=False):
+  ax = axis % x.ndim
+  shape = x.shape
+  xr = x.astype(jnp.bfloat16).reshape(shape[:ax] + (shape[ax] // n, n) + shape[ax + 1:])
+  y = jax.lax.dot_general(xr, _pm(n, signs, inverse).astype(jnp.bfloat16), (((ax + 1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)  # new axis last
+  y = jnp.moveaxis(y, -1, ax + 1).reshape(shape) * jnp.float32(1 / np.sqrt(n))
+  return y.astype(x.dtype)
+
+
+ROT = {"fwht": ORIG["rotate"], "dot32": rotate_dot32, "dotbf16": rotate_dotbf16}
+
+
+def apply(blocks, barrier, rot):
+  Q.to_blocks = ORIG["to_blocks"] if blocks == "inplace" else moved_blocks
+  Q.jnp = BarrierJnp() if barrier else jnp
+  H.rotate = ROT[rot]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--smoke", action="store_true")
+  p.add_argument("--iters", type=int, default=10)
+  args = p.parse_args(argv)
+  rows = []
+  for blocks, barrier, rot in itertools.product(("inplace", "moved"), (False, True), ("fwht", "dot32", "dotbf16")):
+    apply(blocks, barrier, rot)
+    recipes = "bf16,quartet" if rot != "fwht" or blocks != "inplace" or barrier else "bf16,mxfp8,nvfp4,quartet"
+    if rot == "fwht":
+      recipes += ",mxfp8"  # rotation-free recipe: once per blocking choice
+    label = f"{blocks}{'+barrier' if barrier else ''}/{rot}"
+    argv_ = ["--recipes", ",".join(dict.fromkeys(recipes.split(","))), "--label", label.replace("/", "_"),
+             "--iters", str(args.iters), "--no-count"] + (["--smoke"] if args.smoke else ["--shapes", "3072x768,768x3072"])
+    quant_gemm.main(argv_)
+    with open(os.path.join(os.environ.get("OUT", "."), f"quant_gemm_{label.replace('/', '_')}.json")) as fh:
+      rows += [dict(r, variant=label) for r in json.load(fh)["rows"]]
+  apply("inplace", False, "fwht")
+  print(f"\n{'variant':26s} {'recipe':>8s} {'ms (sum of shapes)':>18s} {'x bf16':>7s}")
+  table = {}
+  for r in rows:
+    table.setdefault((r["variant"], r["recipe"]), []).append(r["ms"])
+  for (v, rec), ms in table.items():
+    base = sum(table[(v, "bf16")])
+    print(f"{v:26s} {rec:>8s} {sum(ms):18.3f} {sum(ms) / base:7.2f}")
+  with open(os.path.join(os.environ.get("OUT", "."), "quant_layouts.json"), "w") as fh:
+    json.dump({"device": str(jax.devices()[0]), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()
