@@ -4,15 +4,16 @@
 
 An exploration bench: it swaps, by patching module attributes, three choices inside the library's
 quantizer and times bench/quant_gemm.py's layer (fwd + bwd) for each combination:
-  blocks   inplace: split the quantization axis in place (reductions over a middle axis)
-           moved:   move the axis last first (transposes), reduce over the last axis
+  blocks   moved:   move the axis last first (transposes), reduce over the last axis (library)
+           inplace: split the quantization axis in place (reductions over a middle axis)
   barrier  materialize the block reductions (optimization_barrier) so XLA cannot fuse a reduction
            into every element of its consumer
-  rot      fwht:    butterflies (slices + concatenates)
+  rot      dotbf16: bf16(x) times the +-1 matrix on the tensor cores (exact products, f32
+                    accumulation), scaled by 1/sqrt(n) after, no transpose of x (library)
            dot32:   axis moved last, f32 matmul with the orthonormal matrix at HIGHEST precision
-           dotbf16: bf16(x) times the +-1 matrix on the tensor cores (exact products, f32
-                    accumulation), scaled by 1/sqrt(n) after, no transpose of x
-The library keeps the winner; this script records why. Writes $OUT/quant_layouts.json.
+           fwht:    butterflies (slices + concatenates) in place
+The library keeps the winner; this script records why (bench/RESULTS.md). Writes
+$OUT/quant_layouts.json.
 """
 from __future__ import annotations
 
@@ -34,13 +35,12 @@ from parcae.quant import quantize as Q  # noqa: E402
 ORIG = {"to_blocks": Q.to_blocks, "rotate": H.rotate}
 
 
-def moved_blocks(x, ax, block, block_2d):
+def inplace_blocks(x, ax, block, block_2d):
   if block_2d:
     return ORIG["to_blocks"](x, ax, block, block_2d)
-  xm = jnp.moveaxis(x, ax, -1)
-  shape = xm.shape
-  xb = xm.reshape(shape[:-1] + (shape[-1] // block, block))
-  return xb, -1, lambda y: jnp.moveaxis(y.reshape(shape), -1, ax)
+  shape = x.shape
+  xb = x.reshape(shape[:ax] + (shape[ax] // block, block) + shape[ax + 1:])
+  return xb, ax + 1, lambda y: y.reshape(shape)
 
 
 class BarrierJnp:
@@ -75,21 +75,29 @@ def rotate_dot32(x, n, signs=None, axis=-1, inverse=False):
   return jnp.moveaxis(yb.reshape(xm.shape), -1, ax).astype(x.dtype)
 
 
-def rotate_dotbf16(x, n, signs=None, axis=-1, inverse=False):
+def rotate_fwht(x, n, signs=None, axis=-1, inverse=False):
   ax = axis % x.ndim
   shape = x.shape
-  xr = x.astype(jnp.bfloat16).reshape(shape[:ax] + (shape[ax] // n, n) + shape[ax + 1:])
-  y = jax.lax.dot_general(xr, _pm(n, signs, inverse).astype(jnp.bfloat16), (((ax + 1,), (0,)), ((), ())),
-                          preferred_element_type=jnp.float32)  # new axis last
-  y = jnp.moveaxis(y, -1, ax + 1).reshape(shape) * jnp.float32(1 / np.sqrt(n))
-  return y.astype(x.dtype)
+  pre, post, nb = shape[:ax], shape[ax + 1:], shape[ax] // n
+  v = x.astype(jnp.float32).reshape(pre + (nb, n) + post)
+  s = None if signs is None else jnp.asarray(signs, jnp.float32).reshape((1,) * len(pre) + (1, n) + (1,) * len(post))
+  v = v * s if s is not None and not inverse else v
+  h = n // 2
+  while h >= 1:  # (a, b) -> (a + b, a - b) on halves of every 2h-block
+    w = v.reshape(pre + (nb, n // (2 * h), 2, h) + post)
+    a, b = (jax.lax.index_in_dim(w, i, ax + 2, keepdims=True) for i in (0, 1))
+    v = jnp.concatenate([a + b, a - b], axis=ax + 2).reshape(pre + (nb, n) + post)
+    h //= 2
+  v = v * jnp.float32(1 / np.sqrt(n))
+  v = v * s if s is not None and inverse else v
+  return v.reshape(shape).astype(x.dtype)
 
 
-ROT = {"fwht": ORIG["rotate"], "dot32": rotate_dot32, "dotbf16": rotate_dotbf16}
+ROT = {"dotbf16": ORIG["rotate"], "dot32": rotate_dot32, "fwht": rotate_fwht}
 
 
 def apply(blocks, barrier, rot):
-  Q.to_blocks = ORIG["to_blocks"] if blocks == "inplace" else moved_blocks
+  Q.to_blocks = ORIG["to_blocks"] if blocks == "moved" else inplace_blocks
   Q.jnp = BarrierJnp() if barrier else jnp
   H.rotate = ROT[rot]
 
@@ -100,18 +108,16 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=10)
   args = p.parse_args(argv)
   rows = []
-  for blocks, barrier, rot in itertools.product(("inplace", "moved"), (False, True), ("fwht", "dot32", "dotbf16")):
+  for blocks, barrier, rot in itertools.product(("moved", "inplace"), (False, True), ("dotbf16", "dot32", "fwht")):
     apply(blocks, barrier, rot)
-    recipes = "bf16,quartet" if rot != "fwht" or blocks != "inplace" or barrier else "bf16,mxfp8,nvfp4,quartet"
-    if rot == "fwht":
-      recipes += ",mxfp8"  # rotation-free recipe: once per blocking choice
-    label = f"{blocks}{'+barrier' if barrier else ''}/{rot}"
+    recipes = "bf16,quartet" + (",mxfp8" if rot == "dotbf16" else "")  # mxfp8: rotation-free, once per blocking
+    label = f"{blocks}{'_barrier' if barrier else ''}/{rot}"
     argv_ = ["--recipes", ",".join(dict.fromkeys(recipes.split(","))), "--label", label.replace("/", "_"),
              "--iters", str(args.iters), "--no-count"] + (["--smoke"] if args.smoke else ["--shapes", "3072x768,768x3072"])
     quant_gemm.main(argv_)
     with open(os.path.join(os.environ.get("OUT", "."), f"quant_gemm_{label.replace('/', '_')}.json")) as fh:
       rows += [dict(r, variant=label) for r in json.load(fh)["rows"]]
-  apply("inplace", False, "fwht")
+  apply("moved", False, "dotbf16")
   print(f"\n{'variant':26s} {'recipe':>8s} {'ms (sum of shapes)':>18s} {'x bf16':>7s}")
   table = {}
   for r in rows:

@@ -100,7 +100,7 @@ def qdq_blocks(xb, fmt: F.Format, scale_mode, u=None, consts=None, two_level=Tru
 
   consts: `nv_consts(s_g)` for nvfp4 (ignored by MX). Returns f32; with return_scaled also the
   scaled pre-rounding values t (for clip masks). Everything but the block reductions is
-  elementwise, so the block axis may sit anywhere (the jnp path blocks in place, no transpose).
+  elementwise, so the block axes may sit anywhere (2-D NVFP4 tiles are blocked in place).
   """
   xb = xb.astype(jnp.float32)
   if fmt.scale == "e8m0":
@@ -149,16 +149,19 @@ def check_args(x, fmt, axis, scale_mode, rounding, key, block_2d):
 
 
 def to_blocks(x, ax, block, block_2d):
-  """Split axis `ax` into (blocks, block) in place -> (xb, block axes, inverse fn); no transpose.
+  """Move the quantization axis last and split it -> (xb [..., nb, block], block axes, inverse).
 
-  block_2d: a 2-D x as [r/16, 16, c/16, 16] with block axes (1, 3).
+  block_2d: a 2-D x as [r/16, 16, c/16, 16] with block axes (1, 3), in place. (Blocking 1-D
+  blocks in place, reducing over a middle axis, measured no faster on the H200 than the
+  transpose: bench/quant_layouts.py.)
   """
   if block_2d:
     r, c = x.shape
     return x.reshape(r // 16, 16, c // 16, 16), (1, 3), lambda y: y.reshape(r, c)
-  shape = x.shape
-  xb = x.reshape(shape[:ax] + (shape[ax] // block, block) + shape[ax + 1:])
-  return xb, ax + 1, lambda y: y.reshape(shape)
+  xm = jnp.moveaxis(x, ax, -1)
+  shape = xm.shape
+  xb = xm.reshape(shape[:-1] + (shape[-1] // block, block))
+  return xb, -1, lambda y: jnp.moveaxis(y.reshape(shape), -1, ax)
 
 
 def quantize_dequantize(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=None,
@@ -192,7 +195,7 @@ def _qdq_jnp(x, f, ax, scale_mode, rounding, key, tensor_scale, two_level, block
   u = None
   if rounding == "stochastic":
     u = to_blocks(R.uniform_moved(R.seed(key), x.shape, x.ndim - 1 if block_2d else ax),
-                  ax, f.block, block_2d)[0]
+                  ax, f.block, block_2d)[0]  # the moved layout's index, however x is blocked
   consts = None
   if f.scale == "e4m3":
     sg = (nv_tensor_scale(x32) if tensor_scale is None else tensor_scale) if two_level else 1.0
