@@ -99,8 +99,8 @@ def train_and_time(cfg, args, devices, name=""):
   graphdef, optimizer, create, abstract, shardings = init_state(cfg, mesh)
   state = jax.jit(create, out_shardings=shardings)()
   batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))  # [accum, micro, seq]: micro split
-  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  step = pmesh.MeshBound(jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, None), donate_argnums=0), mesh)
   batch = random_batch(cfg, batch_sh)
   t0 = time.time()
   compiled = step.lower(state, batch).compile()

@@ -207,3 +207,18 @@ def test_sharded_matmul_matches_unsharded():
     w1, w2 = np.asarray(w_fc, np.float64), np.asarray(w_proj, np.float64)
     want = np.maximum(x.astype(np.float64) @ w1, 0) @ w2
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_inputs_get_one_sharding_under_the_mesh():
+    """q, k, v are constrained to HEADS_SPEC when traced under the trainer's mesh (cuDNN attention's
+    partitioner rejects q/k/v with different shardings, which FSDP kernels otherwise produce); outside a
+    mesh the constraint is a no-op."""
+    from parcae.model import layers
+    mesh = mesh_lib.make_mesh(_cfg(2, 2, 2), jax.devices()[:8])
+    x = jnp.ones((4, 8, 4, 16))
+    f = mesh_lib.MeshBound(jax.jit(layers.shard_heads), mesh)
+    want = jax.sharding.NamedSharding(mesh, layers.HEADS_SPEC)
+    assert f(x).sharding.is_equivalent_to(want, x.ndim)
+    assert f.lower(x).compile().output_shardings.is_equivalent_to(want, x.ndim)
+    np.testing.assert_array_equal(np.asarray(jax.jit(layers.shard_heads)(x)), np.asarray(x))
+    assert jax.jit(layers.shard_heads)(x).sharding.is_fully_replicated

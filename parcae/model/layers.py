@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from parcae.model import init
 
@@ -115,6 +116,7 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if self.use_qk_norm:
       q, k = qk_norm(q), qk_norm(k)
+    q, k, v = (shard_heads(t) for t in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._impl())
     return self.o(out.reshape(b, s, d), keys[3])
 
@@ -124,6 +126,20 @@ class Attention(nnx.Module):
       use_cudnn = jax.default_backend() == "gpu" and self.cd in (jnp.bfloat16, jnp.float16)
       return "cudnn" if use_cudnn else None
     return None if self.impl == "xla" else self.impl
+
+
+# [B, S, H, hd] activations: batch over the data-parallel axes, heads over "tensor" (the axes of
+# parcae.train.mesh). cuDNN attention's partitioner needs q, k and v sharded alike; without this,
+# FSDP-sharded q/k/v kernels let propagation give them different shardings (seen on 2 H200s).
+HEADS_SPEC = P(("data", "fsdp"), None, "tensor", None)
+
+
+def shard_heads(x_BxSxHxK):
+  """Constrain to HEADS_SPEC when traced under jax.set_mesh with the trainer's axes; else as is."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+    return x_BxSxHxK
+  return jax.lax.with_sharding_constraint(x_BxSxHxK, HEADS_SPEC)
 
 
 class MLP(nnx.Module):

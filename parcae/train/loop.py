@@ -132,9 +132,9 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
     it.set_state(data_state)
   batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
   eval_sh = NamedSharding(mesh, P(("data", "fsdp"), None))
-  train_step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
-                       out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef, tc.loss_chunk))
+  train_step = pmesh.MeshBound(jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
+                                        out_shardings=(shardings, None), donate_argnums=0), mesh)
+  eval_step = pmesh.MeshBound(jax.jit(make_eval_step(graphdef, tc.loss_chunk)), mesh)
   eval_loops = resolve_eval_loops(cfg)
 
   # ---- loop

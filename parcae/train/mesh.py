@@ -79,6 +79,22 @@ def make_mesh(mesh_cfg, devices=None):
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+class MeshBound:
+    """A jitted function traced inside `jax.set_mesh(mesh)` (on call and on `.lower`), so constraints in the
+    model (`parcae.model.layers.shard_heads`) see the mesh's axes."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
 def _shape(x):
     return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
