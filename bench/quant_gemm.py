@@ -3,6 +3,7 @@
   PYTHONPATH=$PWD python bench/quant_gemm.py                 # GPU: parcae-small's four GEMM shapes
   PYTHONPATH=$PWD python bench/quant_gemm.py --smoke         # CPU: tiny shapes
   PYTHONPATH=other/tree python bench/quant_gemm.py --label X # the same layer from another checkout
+  PYTHONPATH=$PWD python bench/quant_gemm.py --impl pallas --label pallas   # one-pass Pallas quantizers
 
 One layer is y = qdot(x, w, recipe) with x [M, K] bf16 (M = 16 x 2048 tokens), w [K, N] f32, and the
 backward pulls a fixed bf16 cotangent, i.e. the three GEMMs of a training step and all their
@@ -32,9 +33,9 @@ RECIPES = ["bf16", "mxfp8", "mxfp4", "nvfp4", "quartet", "nvidia_nvfp4"]
 MAX_REL = {"bf16": 1e-4, "mxfp8": 2e-3, "mxfp4": 0.05, "nvfp4": 0.03, "quartet": 0.3, "nvidia_nvfp4": 0.08}
 
 
-def layer(recipe):
+def layer(recipe, impl="jnp"):
   def f(x, w, g, key):
-    y, pull = jax.vjp(lambda x, w: qdot(x, w, recipe, key=key), x, w)
+    y, pull = jax.vjp(lambda x, w: qdot(x, w, recipe, key=key, impl=impl), x, w)
     return (y, *pull(g))
   return jax.jit(f)
 
@@ -70,6 +71,7 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--recipes", default=",".join(RECIPES))
   p.add_argument("--label", default="")
+  p.add_argument("--impl", default="jnp", help="jnp | pallas (one-pass rotate + quantize kernels)")
   p.add_argument("--shapes", default="", help="KxN,KxN (default: parcae-small's four)")
   p.add_argument("--no-count", action="store_true", help="skip the kernel count (one compile less)")
   args = p.parse_args(argv)
@@ -88,12 +90,12 @@ def main(argv=None):
     ref = layer("bf16")(*a)
     base = None
     for recipe in args.recipes.split(","):
-      f = layer(recipe)
+      f = layer(recipe, "jnp" if recipe == "bf16" else args.impl)
       out = f(*a)
       errs = [rel_err(o, r) for o, r in zip(out, ref)]
       t = timed(f, a, iters)
       base = t if recipe == "bf16" else base
-      row = {"label": args.label, "K": k, "N": n, "M": m, "recipe": recipe, "ms": t * 1e3,
+      row = {"label": args.label, "impl": args.impl, "K": k, "N": n, "M": m, "recipe": recipe, "ms": t * 1e3,
              "x_bf16": t / base if base else None, "kernels": None if args.no_count else kernel_count(f, a),
              "rel_err_y_dx_dw": errs, "ok": all(e < MAX_REL[recipe] for e in errs)}
       rows.append(row)

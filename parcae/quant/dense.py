@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from parcae.quant import hadamard as H
 from parcae.quant import quantize as Q
 from parcae.quant import scalesearch as S
+from parcae.quant.kernels import rotq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,18 +84,24 @@ def validate_recipe(name: str) -> str:
   return name
 
 
-def quantize_operand(x, op: Operand | None, axis: int, key, return_scaled=False):
-  """Quantize one GEMM operand along `axis` (the contraction axis)."""
+def quantize_operand(x, op: Operand | None, axis: int, key, *, rotation=None, want_mask=False, impl="jnp"):
+  """Rotate (rotation = (n, signs) or None) and quantize one GEMM operand along `axis` (its
+  contraction axis) -> (operand, clip mask or None). impl "pallas": one kernel pass where
+  `kernels.rotq` handles the operand (2-D, rotation size = block size), else the jnp path."""
   if op is None:
-    return (x, None) if return_scaled else x
+    return _rot(x, rotation, axis), None
+  if impl == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search):
+    y, mask = rotq.rotate_quantize(x, op.fmt, axis, scale_mode=op.scale_mode, rounding=op.rounding,
+                                   key=key, rotation=rotation, two_level=op.two_level, want_mask=want_mask)
+    return y, None if mask is None else mask != 0
+  x = _rot(x, rotation, axis)
   if op.search:
-    y = S.quantize_dequantize_search(x, op.fmt, axis=axis, two_level=op.two_level,
-                                     block_2d=op.block_2d)
-    return (y, None) if return_scaled else y
+    return S.quantize_dequantize_search(x, op.fmt, axis=axis, two_level=op.two_level,
+                                        block_2d=op.block_2d), None
   f, ax = Q.check_args(x, op.fmt, axis, op.scale_mode, op.rounding, key, op.block_2d)
   y, t = Q._qdq_jnp(x, f, ax, op.scale_mode, op.rounding, key, None,  # pylint: disable=protected-access
                     op.two_level, op.block_2d)
-  return (y, t) if return_scaled else y
+  return y, (jnp.abs(t) < f.elem.max_val) if want_mask else None
 
 
 def _rotation(g: Gemm, key):
@@ -110,34 +117,26 @@ def _rot(x, r, axis, inverse=False):
   return x if r is None else H.rotate(x, r[0], r[1], axis, inverse)
 
 
-def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims):
+def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims, impl):
   """Rotate a, b along their contraction axes, quantize them, contract in compute dtype."""
-  aq = quantize_operand(_rot(a, m, a_axis), g.lhs, a_axis, keys[0])
-  bq = quantize_operand(_rot(b, m, b_axis), g.rhs, b_axis, keys[1])
+  aq = quantize_operand(a, g.lhs, a_axis, keys[0], rotation=m, impl=impl)[0]
+  bq = quantize_operand(b, g.rhs, b_axis, keys[1], rotation=m, impl=impl)[0]
   return jax.lax.dot_general(aq.astype(cd), bq.astype(cd), (dims, ((), ())))
 
 
-def _forward(recipe: Recipe, cd, x, w, key):
+def _forward(recipe: Recipe, cd, impl, x, w, key):
   keys = jax.random.split(key, 8)
   r = recipe.fwd
   m = _rotation(r, None)
-  xq, xt = quantize_operand(_rot(x, m, 1), r.lhs, 1, keys[0], return_scaled=True)
-  wq, wt = quantize_operand(_rot(w, m, 0), r.rhs, 0, keys[1], return_scaled=True)
+  keep = recipe.clip_mask  # boolean masks (1 byte per entry) for the backward
+  xq, mx = quantize_operand(x, r.lhs, 1, keys[0], rotation=m, want_mask=keep, impl=impl)
+  wq, mw = quantize_operand(w, r.rhs, 0, keys[1], rotation=m, want_mask=keep, impl=impl)
   y = jnp.dot(xq.astype(cd), wq.astype(cd))
   fwdq = recipe.bwd_source == "fwdq"  # keep only the residuals the backward reads
-  keep = recipe.clip_mask  # boolean masks (1 byte per entry), not the f32 scaled values
-  return y, (x, w, xq if fwdq else None, wq if fwdq or recipe.dgrad.rhs is None else None,
-             _clip_mask(xt, r.lhs) if keep else None, _clip_mask(wt, r.rhs) if keep else None, key)
+  return y, (x, w, xq if fwdq else None, wq if fwdq or recipe.dgrad.rhs is None else None, mx, mw, key)
 
 
-def _clip_mask(t, op: Operand | None):
-  from parcae.quant import formats as F  # pylint: disable=g-import-not-at-top
-  if t is None or op is None:
-    return None
-  return jnp.abs(t) < F.get_format(op.fmt).elem.max_val
-
-
-def _backward(recipe: Recipe, cd, res, g):
+def _backward(recipe: Recipe, cd, impl, res, g):
   x, w, xq, wq, mx, mwk, key = res
   keys = jax.random.split(key, 8)
   m_fwd = _rotation(recipe.fwd, None)
@@ -148,8 +147,8 @@ def _backward(recipe: Recipe, cd, res, g):
   if recipe.dgrad.rhs is None:  # reuse the forward-quantized weight as is
     ws = wq
   md, mw = _rotation(recipe.dgrad, keys[6]), _rotation(recipe.wgrad, keys[7])
-  dx = _gemm(g, ws, recipe.dgrad, 1, 1, keys[2:4], md, cd, ((1,), (1,)))  # [M, K]
-  dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)))  # [K, N]
+  dx = _gemm(g, ws, recipe.dgrad, 1, 1, keys[2:4], md, cd, ((1,), (1,)), impl)  # [M, K]
+  dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)), impl)  # [K, N]
   if recipe.clip_mask:
     dx = dx if mx is None else jnp.where(mx, dx, 0)
     dw = dw if mwk is None else jnp.where(mwk, dw, 0)
@@ -158,20 +157,24 @@ def _backward(recipe: Recipe, cd, res, g):
   return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _qdot2(recipe, cd, x, w, key):
-  return _forward(recipe, cd, x, w, key)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _qdot2(recipe, cd, impl, x, w, key):
+  return _forward(recipe, cd, impl, x, w, key)[0]
 
 
 _qdot2.defvjp(_forward, _backward)
 
 
-def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16):
+def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16, impl="jnp"):
   """x [..., K] @ w [K, N] -> [..., N] in compute_dtype, with the named recipe's quantization.
 
   "bf16" is exactly jnp.dot(x.astype(cd), w.astype(cd)) (values and gradients). key: PRNG key for
   stochastic rounding / random Hadamard signs; None -> a fixed key (deterministic).
+  impl: "jnp" (XLA-fused quantizers) or "pallas" (one-pass rotate + quantize kernels where they
+  apply; the same values, except that Quartet's RMS block scales may sum in another order).
   """
+  if impl not in ("jnp", "pallas"):
+    raise ValueError(f"impl {impl!r} is not valid; use 'jnp' or 'pallas'")
   rec = RECIPE_TABLE[validate_recipe(recipe)]
   cd = jnp.dtype(compute_dtype)
   if rec is None:
@@ -180,5 +183,5 @@ def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16):
     raise ValueError(f"qdot needs x [..., K] and w [K, N]; got x {x.shape}, w {w.shape}")
   key = jax.random.key(0) if key is None else key
   x2 = x.reshape(-1, x.shape[-1])
-  y = _qdot2(rec, cd, x2, w, key)
+  y = _qdot2(rec, cd, impl, x2, w, key)
   return y.reshape(x.shape[:-1] + (w.shape[1],))

@@ -62,4 +62,7 @@ def rotate(x, n: int, signs=None, axis: int = -1, inverse: bool = False):
   y = jax.lax.dot_general(xr, m.astype(jnp.bfloat16), (((ax + 1,), (0,)), ((), ())),
                           preferred_element_type=jnp.float32)  # the block axis comes out last
   y = jnp.moveaxis(y, -1, ax + 1).reshape(shape) * jnp.float32(1.0 / np.sqrt(n))
+  if x.dtype != jnp.float32:  # round explicitly: XLA may skip a bare f32->bf16->f32 inside a fusion
+    fi = jnp.finfo(x.dtype)
+    y = jax.lax.reduce_precision(y, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
   return y.astype(x.dtype)

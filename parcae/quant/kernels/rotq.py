@@ -1,0 +1,130 @@
+"""One-pass Pallas kernel for a 2-D GEMM operand: [block Hadamard +] scale + round + dequantize [+ clip mask].
+
+The recipes quantize 2-D operands along either axis: along K (columns, axis 1) for the forward and
+dgrad operands and along the tokens (rows, axis 0) for the wgrad operands. The jnp path moves the axis
+last (a transpose), rotates with a small matmul (an f32 array written and read) and then quantizes;
+this kernel reads x once and writes the result once, with no transpose:
+
+  axis 1: tiles [rows, block] on a (R / rows, C / block) grid; rotation = tile @ M
+  axis 0: tiles [block, cols] on a (R / block, C / cols) grid; rotation = M^T @ tile
+
+The arithmetic is the jnp path's, step for step (bf16(x) times the +-1 matrix with f32 accumulation,
+times 1/sqrt(n), rounded to x's dtype; `quantize.qdq_blocks` with the block axis in place; the
+stochastic-rounding uniforms hashed from the moved-layout index), so in interpret mode (CPU) it equals
+`hadamard.rotate` + `quantize_dequantize` bit for bit (tests/test_quant_rotq.py). It has not yet been
+compiled or timed on a GPU: `bench/quant_gemm.py --impl pallas` is the measurement to run.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from parcae.quant import formats as F
+from parcae.quant import hadamard as H
+from parcae.quant import quantize as Q
+from parcae.quant import rng as R
+from parcae.quant.kernels.qdq import N_CONSTS, _div_rn_ptx
+
+TILE = 256  # elements along the non-block axis per program
+
+
+def _tile(d):
+  """Largest power of two <= TILE dividing d, or 0 when below 16 (the smallest tensor-core dot)."""
+  t = TILE
+  while t >= 16 and d % t:
+    t //= 2
+  return t if t >= 16 else 0
+
+
+def supported(x, fmt, axis, rotation, block_2d=False, search=False):
+  """Whether the kernel handles this operand (else the caller uses the jnp path)."""
+  f = F.get_format(fmt)
+  if x.ndim != 2 or block_2d or search or (rotation is not None and rotation[0] != f.block):
+    return False
+  ax = axis % 2
+  return x.shape[ax] % f.block == 0 and _tile(x.shape[1 - ax]) > 0
+
+
+def _kernel(x_ref, m_ref, c_ref, s_ref, o_ref, *mask_ref, fmt, axis, scale_mode, two_level, stochastic,
+            rotate, shape, div):
+  x = x_ref[...]
+  tr, tc = x.shape
+  i, j = pl.program_id(0), pl.program_id(1)
+  if rotate:
+    xb, m = x.astype(jnp.bfloat16), m_ref[...]
+    y = jnp.dot(xb, m, preferred_element_type=jnp.float32) if axis == 1 else \
+        jnp.dot(m, xb, preferred_element_type=jnp.float32)
+    x = (y * jnp.float32(1.0 / np.sqrt(fmt.block))).astype(x.dtype)
+  u = None
+  if stochastic:  # index in the moved layout: x itself for axis 1, x^T for axis 0
+    r = (i * tr).astype(jnp.uint32) + jax.lax.broadcasted_iota(jnp.int32, (tr, tc), 0).astype(jnp.uint32)
+    c = (j * tc).astype(jnp.uint32) + jax.lax.broadcasted_iota(jnp.int32, (tr, tc), 1).astype(jnp.uint32)
+    idx = r * jnp.uint32(shape[1]) + c if axis == 1 else c * jnp.uint32(shape[0]) + r
+    u = R.uniform_from_index(idx, s_ref[0], s_ref[1])
+  consts = [c_ref[k] for k in range(9)]
+  deq, t = Q.qdq_blocks(x.astype(jnp.float32), fmt, scale_mode, u, consts, two_level, div,
+                        return_scaled=True, baxis=axis)
+  o_ref[...] = deq.astype(o_ref.dtype)
+  if mask_ref:
+    mask_ref[0][...] = (jnp.abs(t) < fmt.elem.max_val).astype(jnp.int8)
+
+
+def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key=None, rotation=None,
+                    two_level=True, want_mask=False, interpret=None):
+  """quantize_dequantize(rotate(x, *rotation, axis), fmt, axis=axis, ...) for a 2-D x in one pass.
+
+  rotation: None or (n, signs) with n == the format's block size. Returns (y, mask or None); mask is
+  int8 [R, C], 1 where the scaled value was inside the element range (not clipped).
+  """
+  f, ax = Q.check_args(x, fmt, axis, scale_mode, rounding, key, False)
+  if not supported(x, fmt, ax, rotation):
+    raise ValueError(f"rotate_quantize does not handle x {x.shape} along axis {axis} with rotation "
+                     f"{rotation and rotation[0]} for {fmt}; use the jnp path")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  rows, cols = x.shape
+  if ax == 1:
+    bshape, grid = (_tile(rows), f.block), (rows // _tile(rows), cols // f.block)
+  else:
+    bshape, grid = (f.block, _tile(cols)), (rows // f.block, cols // _tile(cols))
+  m = jnp.zeros((f.block, f.block), jnp.bfloat16)
+  if rotation is not None:  # the +-1 matrix diag(signs) H_n; axis 0 applies it as M^T @ tile
+    pm = jnp.asarray(np.round(H.sylvester(f.block) * np.sqrt(f.block)), jnp.float32)
+    if rotation[1] is not None:
+      pm = jnp.asarray(rotation[1], jnp.float32)[:, None] * pm
+    m = (pm if ax == 1 else pm.T).astype(jnp.bfloat16)
+  consts = jnp.zeros((9,), jnp.float32)
+  if f.scale == "e4m3":
+    xr = H.rotate(x, rotation[0], rotation[1], ax) if rotation is not None else x
+    consts = Q.nv_consts(Q.nv_tensor_scale(xr) if two_level else 1.0)
+  consts = jnp.pad(consts, (0, N_CONSTS - 9))
+  sd = jnp.zeros((N_CONSTS,), jnp.uint32)
+  if rounding == "stochastic":
+    R.check_size(x.shape)
+    sd = sd.at[:2].set(R.seed(key))
+  spec = pl.BlockSpec(bshape, lambda i, j: (i, j))
+  one = lambda i, j: (0,)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+  out_specs = [spec]
+  if want_mask:
+    out_shape.append(jax.ShapeDtypeStruct(x.shape, jnp.int8))
+    out_specs.append(spec)
+  kernel = functools.partial(
+      _kernel, fmt=f, axis=ax, scale_mode=scale_mode, two_level=two_level,
+      stochastic=rounding == "stochastic", rotate=rotation is not None, shape=x.shape,
+      div=jnp.divide if interpret else _div_rn_ptx)
+  params = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+    params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=2)
+  outs = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid,
+      in_specs=[spec, pl.BlockSpec((f.block, f.block), lambda i, j: (0, 0)),
+                pl.BlockSpec((N_CONSTS,), one), pl.BlockSpec((N_CONSTS,), one)],
+      out_specs=out_specs, interpret=interpret, **params,
+  )(x, m, consts, sd)
+  return outs[0], (outs[1] if want_mask else None)

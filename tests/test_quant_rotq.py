@@ -1,0 +1,56 @@
+"""One-pass rotate + quantize kernel (interpret mode) == hadamard.rotate + quantize_dequantize."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parcae.quant import formats as F
+from parcae.quant import hadamard as H
+from parcae.quant import quantize as Q
+from parcae.quant.kernels import rotq
+
+CASES = [  # fmt, scale_mode, rounding, rotate
+    ("mxfp4", "rms", "nearest", True),  # quartet forward
+    ("mxfp4", "headroom", "stochastic", True),  # quartet backward
+    ("mxfp4", "floor", "nearest", False),
+    ("mxfp8_e4m3", "rceil", "nearest", False),
+    ("nvfp4", "floor", "stochastic", True),  # nvidia_nvfp4 wgrad (16-point rotation)
+    ("nvfp4", "floor", "nearest", False),
+]
+
+
+def reference(x, fmt, axis, mode, rounding, key, rotation):
+  xr = H.rotate(x, rotation[0], rotation[1], axis) if rotation else x
+  f, ax = Q.check_args(xr, fmt, axis, mode, rounding, key, False)
+  y, t = Q._qdq_jnp(xr, f, ax, mode, rounding, key, None, True, False)  # pylint: disable=protected-access
+  return y, (jnp.abs(t) < f.elem.max_val).astype(jnp.int8)
+
+
+@pytest.mark.parametrize("fmt,mode,rounding,rotate", CASES)
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_equals_rotate_then_quantize(fmt, mode, rounding, rotate, axis, dtype):
+  blk = F.get_format(fmt).block
+  x = (3 * jax.random.normal(jax.random.key(0), (64, 96))).astype(dtype)
+  x = x.at[5, 7].set(40.0)  # an outlier: clipped entries for the mask
+  key = jax.random.key(4)
+  rotation = (blk, H.random_signs(jax.random.key(9), blk)) if rotate else None
+  got, mask = jax.jit(lambda x: rotq.rotate_quantize(x, fmt, axis, scale_mode=mode, rounding=rounding,
+                                                     key=key, rotation=rotation, want_mask=True))(x)
+  want, want_mask = jax.jit(lambda x: reference(x, fmt, axis, mode, rounding, key, rotation))(x)
+  assert got.dtype == x.dtype and mask.dtype == jnp.int8
+  a, b = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  if mode == "rms":  # the block mean / variance may sum in another order: scales rarely differ
+    assert np.mean(a != b) < 0.01
+  else:
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(np.asarray(mask), np.asarray(want_mask))
+  assert 0 < np.asarray(mask).sum() <= mask.size
+
+
+def test_unsupported_shapes_are_refused_with_a_reason():
+  assert not rotq.supported(jnp.ones((8, 64)), "mxfp4", 1, None)  # 8 rows: below a 16-row dot tile
+  assert not rotq.supported(jnp.ones((64, 64)), "mxfp4", 1, (16, None))  # rotation != block
+  assert rotq.supported(jnp.ones((64, 64)), "mxfp4", 0, (32, None))
+  with pytest.raises(ValueError, match="jnp path"):
+    rotq.rotate_quantize(jnp.ones((8, 64)), "mxfp4", 1)
