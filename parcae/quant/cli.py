@@ -1,10 +1,11 @@
 """`parcae quant-error`: quantization MSE / relative error per format and scale rule.
 
   parcae quant-error --input acts.npz [--formats mxfp4 nvfp4] [--scale-modes floor rceil]
-                     [--gaussian N] [--axis -1] [--json]
+                     [--gaussian N] [--axis -1] [--search] [--json]
 Tensors are quantized along --axis (last by default); arrays whose axis length is not a multiple of
 the block size are skipped with a note. nvfp4 ignores --scale-modes (one E4M3 rule) and is reported
-as two-level ("nvfp4") and single-level ("nvfp4_1l").
+as two-level ("nvfp4") and single-level ("nvfp4_1l"). --search adds a ScaleSearch row (scale_mode
+"search", default window) after each max-based floor row, with its MSE reduction against that row.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from parcae.quant import formats as F
 from parcae.quant.quantize import quantize_dequantize
+from parcae.quant.scalesearch import quantize_dequantize_search
 
 
 def _load(path):
@@ -30,7 +32,10 @@ def _load(path):
 
 def _errors(x, fmt, mode, two_level, axis):
   xj = jnp.asarray(x, jnp.float32)
-  f = jax.jit(lambda v: quantize_dequantize(v, fmt, axis=axis, scale_mode=mode, two_level=two_level))
+  if mode == "search":
+    f = jax.jit(lambda v: quantize_dequantize_search(v, fmt, axis=axis, two_level=two_level))
+  else:
+    f = jax.jit(lambda v: quantize_dequantize(v, fmt, axis=axis, scale_mode=mode, two_level=two_level))
   err = np.asarray(f(xj), np.float64) - np.asarray(xj, np.float64)
   mse = float(np.mean(err**2))
   power = float(np.mean(np.asarray(xj, np.float64) ** 2))
@@ -45,6 +50,7 @@ def quant_error_main(argv: list[str]) -> int:
                  help=f"MX scale rules, of {list(F.MX_SCALE_MODES)}")
   p.add_argument("--gaussian", type=int, default=0, help="also report on N this many N(0,1) samples")
   p.add_argument("--axis", type=int, default=-1, help="quantization (block) axis")
+  p.add_argument("--search", action="store_true", help="also ScaleSearch scales (vs max-based floor)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
   args = p.parse_args(argv)
   for fmt in args.formats:
@@ -70,13 +76,18 @@ def quant_error_main(argv: list[str]) -> int:
       for mode, two_level, label in variants:
         r = _errors(x, fmt, mode, two_level, args.axis)
         rows.append({"tensor": name, "format": label, "scale_mode": mode, **r})
+        if args.search and mode == "floor":
+          s = _errors(x, fmt, "search", two_level, args.axis)
+          rows.append({"tensor": name, "format": label, "scale_mode": "search", **s,
+                       "reduction": 1.0 - s["mse"] / r["mse"] if r["mse"] else 0.0})
   if args.json:
     print(json.dumps({"rows": rows, "notes": notes}, indent=1))
   else:
-    print(f"{'tensor':>16} {'format':>11} {'scale':>6} {'mse':>11} {'rel_mse':>9}")
+    print(f"{'tensor':>16} {'format':>11} {'scale':>6} {'mse':>11} {'rel_mse':>9} {'search gain':>11}")
     for r in rows:
+      gain = f"{100 * r['reduction']:10.1f}%" if "reduction" in r else ""
       print(f"{r['tensor'][:16]:>16} {r['format']:>11} {r['scale_mode']:>6} {r['mse']:>11.4e} "
-            f"{r['rel_mse']:>9.5f}")
+            f"{r['rel_mse']:>9.5f} {gain:>11}")
     for n in notes:
       print("note:", n)
   return 0
