@@ -2,8 +2,8 @@
 
   PYTHONPATH=$PWD python bench/quant_layouts.py [--smoke]
 
-An exploration bench: it swaps, by patching module attributes, three choices inside the library's
-quantizer and times bench/quant_gemm.py's layer (fwd + bwd) for each combination:
+An exploration bench: it swaps, by patching module attributes, four choices inside the library's
+quantizer and times bench/quant_gemm.py's layer (fwd + bwd) for each named variant (VARIANTS):
   blocks   moved:   move the axis last first (transposes), reduce over the last axis (library)
            inplace: split the quantization axis in place (reductions over a middle axis)
   barrier  materialize the block reductions (optimization_barrier) so XLA cannot fuse a reduction
@@ -12,13 +12,15 @@ quantizer and times bench/quant_gemm.py's layer (fwd + bwd) for each combination
                     accumulation), scaled by 1/sqrt(n) after, no transpose of x (library)
            dot32:   axis moved last, f32 matmul with the orthonormal matrix at HIGHEST precision
            fwht:    butterflies (slices + concatenates) in place
+  operand barrier: materialize each quantized GEMM operand (optimization_barrier before the dot), in
+           case XLA folds the quantizer into a GEMM's operand loads and recomputes it per output tile
 The library keeps the winner; this script records why (bench/RESULTS.md). Writes
-$OUT/quant_layouts.json.
+$OUT/quant_layouts.json. XLA's own GEMM fusion can be switched off around it for comparison:
+  XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python bench/quant_layouts.py --variants library
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quant_gemm  # noqa: E402  pylint: disable=wrong-import-position
 from parcae.quant import hadamard as H  # noqa: E402
 from parcae.quant import quantize as Q  # noqa: E402
+from parcae.quant import dense as D  # noqa: E402
 
 ORIG = {"to_blocks": Q.to_blocks, "rotate": H.rotate}
 
@@ -96,28 +99,61 @@ def rotate_fwht(x, n, signs=None, axis=-1, inverse=False):
 ROT = {"dotbf16": ORIG["rotate"], "dot32": rotate_dot32, "fwht": rotate_fwht}
 
 
-def apply(blocks, barrier, rot):
+class _Proxy:
+  """A module stand-in: attributes from `base`, except those given."""
+
+  def __init__(self, base, **over):
+    self._base, self._over = base, over
+
+  def __getattr__(self, name):
+    return self._over[name] if name in self._over else getattr(self._base, name)
+
+
+def _barrier_args(f):
+  return lambda a, b, *rest, **kw: f(*jax.lax.optimization_barrier((a, b)), *rest, **kw)
+
+
+# dense.py's GEMMs read their operands through these (jnp.dot forward, lax.dot_general backward)
+DENSE_BARRIER = {"jnp": _Proxy(jnp, dot=_barrier_args(jnp.dot)),
+                 "jax": _Proxy(jax, lax=_Proxy(jax.lax, dot_general=_barrier_args(jax.lax.dot_general)))}
+
+# name: (blocking, reduction barrier, rotation, operand barrier: materialize the quantized operands so
+# XLA cannot fold the quantizer into a GEMM's operand loads)
+VARIANTS = {
+    "library": ("moved", False, "dotbf16", False),
+    "operand_barrier": ("moved", False, "dotbf16", True),
+    "reduction_barrier": ("moved", True, "dotbf16", False),
+    "inplace": ("inplace", False, "dotbf16", False),
+    "inplace_reduction_barrier": ("inplace", True, "dotbf16", False),
+    "rot_dot32": ("moved", False, "dot32", False),
+    "rot_fwht": ("moved", False, "fwht", False),
+}
+
+
+def apply(blocks, barrier, rot, operand_barrier):
   Q.to_blocks = ORIG["to_blocks"] if blocks == "moved" else inplace_blocks
   Q.jnp = BarrierJnp() if barrier else jnp
   H.rotate = ROT[rot]
+  D.jnp = DENSE_BARRIER["jnp"] if operand_barrier else jnp
+  D.jax = DENSE_BARRIER["jax"] if operand_barrier else jax
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--recipes", default="bf16,quartet,mxfp8,mxfp4")
   args = p.parse_args(argv)
   rows = []
-  for blocks, barrier, rot in itertools.product(("moved", "inplace"), (False, True), ("dotbf16", "dot32", "fwht")):
-    apply(blocks, barrier, rot)
-    recipes = "bf16,quartet" + (",mxfp8" if rot == "dotbf16" else "")  # mxfp8: rotation-free, once per blocking
-    label = f"{blocks}{'_barrier' if barrier else ''}/{rot}"
-    argv_ = ["--recipes", ",".join(dict.fromkeys(recipes.split(","))), "--label", label.replace("/", "_"),
-             "--iters", str(args.iters), "--no-count"] + (["--smoke"] if args.smoke else ["--shapes", "3072x768,768x3072"])
+  for label in args.variants.split(","):
+    apply(*VARIANTS[label])
+    argv_ = ["--recipes", args.recipes, "--label", label, "--iters", str(args.iters), "--no-count"] + \
+        (["--smoke"] if args.smoke else ["--shapes", "3072x768,768x3072"])
     quant_gemm.main(argv_)
-    with open(os.path.join(os.environ.get("OUT", "."), f"quant_gemm_{label.replace('/', '_')}.json")) as fh:
+    with open(os.path.join(os.environ.get("OUT", "."), f"quant_gemm_{label}.json")) as fh:
       rows += [dict(r, variant=label) for r in json.load(fh)["rows"]]
-  apply("moved", False, "dotbf16")
+  apply(*VARIANTS["library"])
   print(f"\n{'variant':26s} {'recipe':>8s} {'ms (sum of shapes)':>18s} {'x bf16':>7s}")
   table = {}
   for r in rows:
