@@ -28,6 +28,7 @@ VARIANTS = {
     "parcae_small_no_grouping": ("parcae", "small", {"train.depth_grouping": False}),
     "parcae_small_remat_dots": ("parcae", "small", {"model.remat": "dots"}),
     "parcae_small_quartet": ("parcae", "small", {"quant.recipe": "quartet"}),
+    "parcae_small_quartet_pallas": ("parcae", "small", {"quant.recipe": "quartet", "quant.impl": "pallas"}),
     "parcae_small_remat_none": ("parcae", "small", {"model.remat": "none"}),
     "parcae_small_accum16": ("parcae", "small", {"_accum": 16}),
     "parcae_small_xlaflags": ("parcae", "small", {"_accum": 16, "_xla_flags": XLA_FLAGS}),

@@ -154,3 +154,18 @@ def test_bad_impl_is_refused():
   x, w, _ = inputs()
   with pytest.raises(ValueError, match="impl"):
     qdot(x, w, "mxfp4", impl="cuda")
+
+
+def test_recipe_spec_selects_the_implementation():
+  """"mxfp4@pallas" (what a model's layers carry for quant.impl=pallas) is qdot(..., impl="pallas")."""
+  from parcae.quant import quant_spec
+  x, w, _ = inputs(jnp.bfloat16)
+  assert quant_spec("quartet", "jnp") == "quartet" and quant_spec("quartet", "pallas") == "quartet@pallas"
+  a = jax.jit(lambda x, w: qdot(x, w, "mxfp4@pallas"))(x, w)
+  b = jax.jit(lambda x, w: qdot(x, w, "mxfp4", impl="pallas"))(x, w)
+  np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  assert validate_recipe("nvfp4@pallas") == "nvfp4@pallas"
+  with pytest.raises(ValueError, match="unknown quantization recipe 'fp4'"):
+    validate_recipe("fp4@pallas")
+  with pytest.raises(ValueError, match="impl 'cuda'"):
+    validate_recipe("mxfp4@cuda")

@@ -160,6 +160,24 @@ def test_mxfp8_forward_differs_but_stays_close():
   assert e8[1] < 1.5 * e8[0], e8  # 3 loop iterations do not amplify the error of 1
 
 
+def test_pallas_impl_model_forward_equals_jnp(monkeypatch):
+  """A model built with quant "mxfp8@pallas" (config quant.impl=pallas) runs every GEMM operand through the
+  one-pass kernels (interpret mode on CPU) and gives the jnp recipe's logits bit for bit, in the loop too."""
+  from parcae.quant.kernels import rotq
+  calls = []
+  kernel = rotq.rotate_quantize
+  monkeypatch.setattr(rotq, "rotate_quantize", lambda x, *a, **k: calls.append(x.shape) or kernel(x, *a, **k))
+  cfg = model_cfg()
+  ids = batch()["inputs"]
+  out = []
+  for spec in ("mxfp8", "mxfp8@pallas"):
+    m = perturbed(build(cfg, jax.random.key(0), quant=spec))
+    out.append(np.asarray(jax.jit(lambda m, x: m(x, loops=2))(m, ids)))
+  # 2 operands x 6 GEMMs x 3 blocks (prelude, core, coda; the loop body is traced once)
+  assert len(calls) == 36, len(calls)
+  np.testing.assert_array_equal(out[0], out[1])
+
+
 def write_config(tmp_path, cfg):
   path = tmp_path / "cfg.py"
   path.write_text("import ml_collections, json\n"
@@ -174,6 +192,8 @@ def test_unknown_recipe_is_refused_with_the_allowed_names(data, tmp_path, capsys
   assert cli_main(argv) == 2
   err = capsys.readouterr().err
   assert "'fp4'" in err and "quartet" in err and "mxfp8" in err
+  assert cli_main(argv[:-1] + ["--config.quant.impl=cuda"]) == 2
+  assert "quant.impl='cuda'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

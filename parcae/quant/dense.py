@@ -78,9 +78,27 @@ RECIPE_TABLE = {
 RECIPES = tuple(RECIPE_TABLE)
 
 
+IMPLS = ("jnp", "pallas")
+
+
+def quant_spec(recipe: str, impl: str = "jnp") -> str:
+  """The string a model's Linear layers carry: the recipe, with "@pallas" when impl is not jnp."""
+  return recipe if impl == "jnp" else f"{recipe}@{impl}"
+
+
+def parse_spec(spec: str, impl: str = "jnp") -> tuple[str, str]:
+  """"quartet@pallas" -> ("quartet", "pallas"); a bare recipe keeps `impl`."""
+  recipe, _, suffix = spec.partition("@")
+  impl = suffix or impl
+  if impl not in IMPLS:
+    raise ValueError(f"impl {impl!r} is not valid; use one of {IMPLS}")
+  return recipe, impl
+
+
 def validate_recipe(name: str) -> str:
-  if name not in RECIPE_TABLE:
-    raise ValueError(f"unknown quantization recipe {name!r}; recipe must be one of {RECIPES}")
+  recipe = parse_spec(name)[0]
+  if recipe not in RECIPE_TABLE:
+    raise ValueError(f"unknown quantization recipe {recipe!r}; recipe must be one of {RECIPES}")
   return name
 
 
@@ -171,11 +189,11 @@ def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16, impl="jnp")
   "bf16" is exactly jnp.dot(x.astype(cd), w.astype(cd)) (values and gradients). key: PRNG key for
   stochastic rounding / random Hadamard signs; None -> a fixed key (deterministic).
   impl: "jnp" (XLA-fused quantizers) or "pallas" (one-pass rotate + quantize kernels where they
-  apply; the same values, except that Quartet's RMS block scales may sum in another order).
+  apply; the same values, except that Quartet's RMS block scales may sum in another order); a
+  recipe spelled "NAME@pallas" (`quant_spec`, what the model's layers carry) selects it too.
   """
-  if impl not in ("jnp", "pallas"):
-    raise ValueError(f"impl {impl!r} is not valid; use 'jnp' or 'pallas'")
-  rec = RECIPE_TABLE[validate_recipe(recipe)]
+  recipe, impl = parse_spec(validate_recipe(recipe), impl)
+  rec = RECIPE_TABLE[recipe]
   cd = jnp.dtype(compute_dtype)
   if rec is None:
     return jnp.dot(x.astype(cd), w.astype(cd))

@@ -42,7 +42,8 @@ def resolve_eval_loops(cfg):
 
 def init_state(cfg, mesh):
   """Abstract and concrete train state, built directly into its sharding (no full copy on one device)."""
-  quant = cfg.quant.recipe
+  from parcae.quant import quant_spec  # pylint: disable=g-import-not-at-top
+  quant = quant_spec(cfg.quant.recipe, cfg.quant.get("impl", "jnp"))
 
   def create():
     model = build(cfg.model, jax.random.key(cfg.train.seed), quant=quant)
