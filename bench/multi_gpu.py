@@ -20,12 +20,13 @@ sequences, so its executed loop iterations ("iters") differ from the 1-device ru
 The 1-device baselines of the two models run at the same time, each on its own GPU (CUDA_VISIBLE_DEVICES),
 unless --serial; everything else runs alone. NCCL_NVLS_ENABLE=0 (NVLink multicast off) in every process.
 
-  python bench/multi_gpu.py                       # everything: estimated 6-8 min on 2 H200 (see below)
-  python bench/multi_gpu.py --only parcae_medium,ckpt
+  python bench/multi_gpu.py                       # everything: ~13 min on 2 H200, so two calls of < 10 min:
+  python bench/multi_gpu.py --only parcae_medium_1gpu,parcae_large_1gpu,ckpt
+  python bench/multi_gpu.py --only parcae_medium_dp,parcae_medium_fsdp,parcae_large_dp,parcae_large_fsdp
   python bench/multi_gpu.py --smoke               # tiny model on 2 fake CPU devices (~1.5 min on 2 CPU cores)
 Order: the two 1-device baselines side by side, ckpt_portability, then the N-device variants of medium and of
-large. Estimate, not yet measured (compile times on the H200 are the unknown): ~10 s start per process,
-30-60 s compile, 5 steps of 1-3 s (parcae-medium ran 115k tok/s on one H100).
+large. Measured wall time per variant on 2 H200 (2026-11-29, bench/RESULTS.md): parcae-medium 1 GPU 91 s, dp2
+94 s, fsdp2 121 s; parcae-large 1 GPU 201 s (next to medium); ckpt_portability 172 s (float32, mostly compile).
 A variant that would end after --budget seconds (default 420; judged by the previous variant of the same model)
 is skipped and one still running 45 s after it is killed, so the whole run stays under 8 min (partial results
 are kept). Writes $OUT/multi_gpu.json (or ./multi_gpu.json), rewritten after every variant, and prints a table.
