@@ -47,6 +47,29 @@ def _kernel(x_ref, c_ref, s_ref, o_ref, *, fmt, scale_mode, two_level, stochasti
   o_ref[...] = deq.astype(o_ref.dtype)
 
 
+def kernel_inputs(x, f, rounding, key, two_level, tensor_scale=None):
+  """(consts f32[16], seed u32[16]) that the kernels read: NVFP4's per-tensor constants (`nv_consts` of
+  x's tensor scale; zeros for MX) and the stochastic-rounding seed words (zeros for nearest)."""
+  consts = jnp.zeros((9,), jnp.float32)
+  if f.scale == "e4m3":
+    consts = Q.nv_consts((Q.nv_tensor_scale(x) if tensor_scale is None else tensor_scale) if two_level else 1.0)
+  sd = jnp.zeros((N_CONSTS,), jnp.uint32)
+  if rounding == "stochastic":
+    R.check_size(x.shape)
+    sd = sd.at[:2].set(R.seed(key))
+  return jnp.pad(consts, (0, N_CONSTS - 9)), sd
+
+
+def backend(interpret):
+  """(interpret, division, pallas_call keyword arguments): CPU interprets; the GPU compiles with Triton."""
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  if interpret:
+    return True, jnp.divide, {}
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+  return False, _div_rn_ptx, {"compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=2)}
+
+
 def _pick_rows(nb, block_rows):
   rows = block_rows
   while rows > 1 and rows > nb:
@@ -61,8 +84,7 @@ def qdq_pallas(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=N
   if scale_mode == "rms":
     raise ValueError("scale_mode 'rms' is jnp-only (its mean/std sums are order dependent); "
                      "use impl='jnp'")
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  interpret, div, params = backend(interpret)
   xm = jnp.moveaxis(x, ax, -1)
   shape = xm.shape
   xb = xm.reshape(-1, f.block)
@@ -71,24 +93,11 @@ def qdq_pallas(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=N
   pad = (-nb) % rows
   if pad:
     xb = jnp.pad(xb, ((0, pad), (0, 0)))
-  sd = jnp.zeros((N_CONSTS,), jnp.uint32)
-  if rounding == "stochastic":
-    R.check_size(x.shape)
-    sd = sd.at[:2].set(R.seed(key))
-  if f.scale == "e4m3":
-    sg = (Q.nv_tensor_scale(x) if tensor_scale is None else tensor_scale) if two_level else 1.0
-    consts = Q.nv_consts(sg)
-  else:
-    consts = jnp.zeros((9,), jnp.float32)
-  consts = jnp.pad(consts, (0, N_CONSTS - 9))
+  consts, sd = kernel_inputs(x, f, rounding, key, two_level, tensor_scale)
   spec = pl.BlockSpec((rows, f.block), lambda i: (i, 0))
   kernel = functools.partial(
       _kernel, fmt=f, scale_mode=scale_mode, two_level=two_level,
-      stochastic=rounding == "stochastic", div=jnp.divide if interpret else _div_rn_ptx)
-  params = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
-    params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=2)
+      stochastic=rounding == "stochastic", div=div)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((nb + pad, f.block), x.dtype),

@@ -27,7 +27,7 @@ from parcae.quant import formats as F
 from parcae.quant import hadamard as H
 from parcae.quant import quantize as Q
 from parcae.quant import rng as R
-from parcae.quant.kernels.qdq import N_CONSTS, _div_rn_ptx
+from parcae.quant.kernels.qdq import N_CONSTS, backend, kernel_inputs
 
 TILE = 256  # elements along the non-block axis per program
 
@@ -84,8 +84,7 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
   if not supported(x, fmt, ax, rotation):
     raise ValueError(f"rotate_quantize does not handle x {x.shape} along axis {axis} with rotation "
                      f"{rotation and rotation[0]} for {fmt}; use the jnp path")
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  interpret, div, params = backend(interpret)
   rows, cols = x.shape
   if ax == 1:
     bshape, grid = (_tile(rows), f.block), (rows // _tile(rows), cols // f.block)
@@ -97,15 +96,9 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
     if rotation[1] is not None:
       pm = jnp.asarray(rotation[1], jnp.float32)[:, None] * pm
     m = (pm if ax == 1 else pm.T).astype(jnp.bfloat16)
-  consts = jnp.zeros((9,), jnp.float32)
-  if f.scale == "e4m3":
-    xr = H.rotate(x, rotation[0], rotation[1], ax) if rotation is not None else x
-    consts = Q.nv_consts(Q.nv_tensor_scale(xr) if two_level else 1.0)
-  consts = jnp.pad(consts, (0, N_CONSTS - 9))
-  sd = jnp.zeros((N_CONSTS,), jnp.uint32)
-  if rounding == "stochastic":
-    R.check_size(x.shape)
-    sd = sd.at[:2].set(R.seed(key))
+  # NVFP4's tensor scale is that of the rotated operand, as on the jnp path
+  scaled = H.rotate(x, rotation[0], rotation[1], ax) if rotation is not None and f.scale == "e4m3" else x
+  consts, sd = kernel_inputs(scaled, f, rounding, key, two_level)
   spec = pl.BlockSpec(bshape, lambda i, j: (i, j))
   one = lambda i, j: (0,)
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
@@ -116,11 +109,7 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
   kernel = functools.partial(
       _kernel, fmt=f, axis=ax, scale_mode=scale_mode, two_level=two_level,
       stochastic=rounding == "stochastic", rotate=rotation is not None, shape=x.shape,
-      div=jnp.divide if interpret else _div_rn_ptx)
-  params = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
-    params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=2)
+      div=div)
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid,
       in_specs=[spec, pl.BlockSpec((f.block, f.block), lambda i, j: (0, 0)),
