@@ -55,7 +55,7 @@ def evaluate_run(workdir: str, loops=None, num_batches=None, step=None) -> list[
                            num_batches=num_batches or tc.eval_batches, process_index=jax.process_index(),
                            process_count=jax.process_count())
   bpt = (pdata.dataset_info(cfg.data).get("bytes_per_token") or {}).get(cfg.data.val_split)
-  eval_step = jax.jit(make_eval_step(graphdef, tc.loss_chunk))
+  eval_step = pmesh.MeshBound(jax.jit(make_eval_step(graphdef, tc.loss_chunk)), mesh)  # see layers.shard_heads
   rows = evaluate(eval_step, params, val, loops, bpt, NamedSharding(mesh, P(("data", "fsdp"), None)))
   return [{**r, "step": int(step)} for r in rows]
 
