@@ -62,10 +62,7 @@ class BarrierJnp:
 
 
 def _pm(n, signs, inverse):
-  m = np.round(H.sylvester(n) * np.sqrt(n))
-  if signs is None:
-    return jnp.asarray(m, jnp.float32)
-  m = jnp.asarray(signs, jnp.float32)[:, None] * jnp.asarray(m, jnp.float32)
+  m = H.sign_matrix(n, signs)
   return m.T if inverse else m
 
 

@@ -13,6 +13,9 @@ def test_orthonormal_and_entries(n):
   np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-12)
   np.testing.assert_allclose(np.abs(h), 1 / np.sqrt(n))  # a true Hadamard matrix, scaled
   m = np.asarray(H.matrix(n, H.random_signs(jax.random.key(n), n)), np.float64)
+  pm = np.asarray(H.sign_matrix(n, H.random_signs(jax.random.key(n), n)), np.float64)
+  assert set(np.unique(pm)) == {-1.0, 1.0}
+  np.testing.assert_allclose(pm / np.sqrt(n), m, rtol=1e-7)
   np.testing.assert_allclose(m @ m.T, np.eye(n), atol=1e-6)
 
 

@@ -33,6 +33,12 @@ def matrix(n: int, signs=None) -> jax.Array:
   return jnp.asarray(signs, jnp.float32)[:, None] * h
 
 
+def sign_matrix(n: int, signs=None) -> jax.Array:
+  """The exact +-1 matrix diag(signs) @ (sqrt(n) H_n) in f32: `matrix` without the 1/sqrt(n)."""
+  pm = jnp.asarray(np.round(sylvester(n) * np.sqrt(n)), jnp.float32)
+  return pm if signs is None else jnp.asarray(signs, jnp.float32)[:, None] * pm
+
+
 def random_signs(key, n: int) -> jax.Array:
   return jax.random.rademacher(key, (n,), jnp.float32)
 
@@ -54,9 +60,7 @@ def rotate(x, n: int, signs=None, axis: int = -1, inverse: bool = False):
   if shape[ax] % n:
     raise ValueError(f"axis {axis} has length {shape[ax]}, not a multiple of the Hadamard size "
                      f"{n}; pad it or choose a rotation size that divides it")
-  pm = np.round(sylvester(n) * np.sqrt(n))  # exact +-1 Sylvester matrix
-  m = jnp.asarray(pm, jnp.float32) if signs is None else \
-      jnp.asarray(signs, jnp.float32)[:, None] * jnp.asarray(pm, jnp.float32)
+  m = sign_matrix(n, signs)
   m = m.T if inverse else m
   xr = x.astype(jnp.bfloat16).reshape(shape[:ax] + (shape[ax] // n, n) + shape[ax + 1:])
   y = jax.lax.dot_general(xr, m.astype(jnp.bfloat16), (((ax + 1,), (0,)), ((), ())),

@@ -91,10 +91,8 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
   else:
     bshape, grid = (f.block, _tile(cols)), (rows // f.block, cols // _tile(cols))
   m = jnp.zeros((f.block, f.block), jnp.bfloat16)
-  if rotation is not None:  # the +-1 matrix diag(signs) H_n; axis 0 applies it as M^T @ tile
-    pm = jnp.asarray(np.round(H.sylvester(f.block) * np.sqrt(f.block)), jnp.float32)
-    if rotation[1] is not None:
-      pm = jnp.asarray(rotation[1], jnp.float32)[:, None] * pm
+  if rotation is not None:  # axis 0 applies the +-1 matrix as M^T @ tile
+    pm = H.sign_matrix(f.block, rotation[1])
     m = (pm if ax == 1 else pm.T).astype(jnp.bfloat16)
   # NVFP4's tensor scale is that of the rotated operand, as on the jnp path
   scaled = H.rotate(x, rotation[0], rotation[1], ax) if rotation is not None and f.scale == "e4m3" else x
