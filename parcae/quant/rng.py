@@ -3,8 +3,8 @@
 A quantizer's uniforms are a pure function of (seed, index), so XLA fuses them into the quantize
 fusion and the Pallas kernel computes them from its tile position: no separate pass writes and
 reads a [.., K] float32 array of randoms. The index is the element's row-major position in the
-"moved" layout (quantization axis last), so the jnp path (which blocks in place) and the kernel
-(which sees that layout) draw the same number for the same element, bit for bit.
+"moved" layout (quantization axis last), so every path (jnp, whatever its blocking; the Pallas
+kernels, whatever their tiling) draws the same number for the same element, bit for bit.
 
 Hash: Wellons' `triple32` (a full-avalanche bijection of uint32) applied twice with the two seed
 words mixed in; the top 24 bits give u on the grid k / 2^24 in [0, 1), so P(u < f) = f to within
