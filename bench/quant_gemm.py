@@ -4,6 +4,7 @@
   PYTHONPATH=$PWD python bench/quant_gemm.py --smoke         # CPU: tiny shapes
   PYTHONPATH=other/tree python bench/quant_gemm.py --label X # the same layer from another checkout
   PYTHONPATH=$PWD python bench/quant_gemm.py --impl pallas --label pallas   # one-pass Pallas quantizers
+  PYTHONPATH=$PWD python bench/quant_gemm.py --recipes bf16,mxfp8 --profile   # + the top device ops
 
 One layer is y = qdot(x, w, recipe) with x [M, K] bf16 (M = 16 x 2048 tokens), w [K, N] f32, and the
 backward pulls a fixed bf16 cotangent, i.e. the three GEMMs of a training step and all their
@@ -74,6 +75,7 @@ def main(argv=None):
   p.add_argument("--impl", default="jnp", help="jnp | pallas (one-pass rotate + quantize kernels)")
   p.add_argument("--shapes", default="", help="KxN,KxN (default: parcae-small's four)")
   p.add_argument("--no-count", action="store_true", help="skip the kernel count (one compile less)")
+  p.add_argument("--profile", action="store_true", help="trace each recipe on the first shape, print its top ops")
   args = p.parse_args(argv)
   shapes = [(64, 96)] if args.smoke else SHAPES
   if args.shapes:
@@ -100,6 +102,10 @@ def main(argv=None):
              "rel_err_y_dx_dw": errs, "ok": all(e < MAX_REL[recipe] for e in errs)}
       rows.append(row)
       print(json.dumps(row), flush=True)
+      if args.profile and (k, n) == shapes[0]:
+        from profiling import top_device_ops
+        top_device_ops(lambda: [f(*a) for _ in range(iters)][-1], f"prof_{recipe}_{args.impl}", n=15,
+                       what=f"{iters} calls of {recipe}@{args.impl} {k}x{n}")
   print(f"\n{'K x N':>10} {'recipe':>13} {'ms':>8} {'x bf16':>7} {'kernels':>7} {'ok':>3}")
   for r in rows:
     print(f"{r['K']:>5}x{r['N']:<5} {r['recipe']:>13} {r['ms']:>8.3f} {r['x_bf16'] or 0:>7.2f} "

@@ -10,9 +10,11 @@ plain bf16 elementwise op (y = -x) measured in the same run on the same shape (2
 H100, ~4.3 TB/s on the H200). "nvfp4+ts" is NVFP4 with the FP32 tensor scale given (as when the
 producer of x reports its amax): the kernel alone, without the tensor-amax read pass that plain
 "nvfp4" includes. Writes $OUT/quant_kernels.json.
-The "rot32+mxfp4" rows are Quartet's operands (32-point Hadamard, then MXFP4 with the RMS rule forward or
-the headroom rule + stochastic rounding backward, along K = axis 1 or the tokens = axis 0): the jnp path
-(rotation matmul, transposes, fused quantizer) against the one-pass kernel `kernels/rotq.py`. Their
+The 2-D operand rows ("rot32+mxfp4 ax1", "mxfp8 ax0", ...) are the recipes' GEMM operands (Quartet's:
+32-point Hadamard, then MXFP4 with the RMS rule forward or the headroom rule + stochastic rounding backward;
+the plain MX recipes': no rotation), along K = axis 1 or the tokens = axis 0: the jnp path (rotation
+matmul, transposes, fused quantizer) against the one-pass kernel `kernels/rotq.py`, for each launch shape
+in --rotq-tiles x --rotq-warps (the "rows" column then holds the tile). Their
 mismatch counts are reported but not required to be 0: on a GPU the kernel's in-tile rotation dot may sum
 in another order than cuBLAS, and the RMS rule's block sums may too (in interpret mode they are equal).
 """
@@ -56,7 +58,11 @@ def copy_tbs(shape, iters):
   return x.size * 4 / timed(jax.jit(jnp.negative), x, iters) / 1e12
 
 
-def run_case(shape, fmt, mode, rounding, iters, interpret, block_rows, ceiling):
+def run_case(shape, fmt, mode, rounding, iters, interpret, block_rows, ceiling, warps=None):
+  from parcae.quant import formats
+  from parcae.quant.kernels.qdq import TUNING
+  rows_def, warps_def = TUNING[(formats.get_format(fmt.split("+")[0]).scale, rounding)]
+  block_rows, warps = block_rows or rows_def, warps or warps_def
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(jnp.bfloat16)
   kw = dict(fmt=fmt.split("+")[0], scale_mode=mode, rounding=rounding, key=jax.random.key(1))
   if fmt.endswith("+ts"):
@@ -64,25 +70,44 @@ def run_case(shape, fmt, mode, rounding, iters, interpret, block_rows, ceiling):
     kw["tensor_scale"] = nv_tensor_scale(x)
   f_jnp = jax.jit(functools.partial(quantize_dequantize, **kw))
   from parcae.quant.kernels import qdq_pallas
-  f_pl = jax.jit(functools.partial(qdq_pallas, interpret=interpret, block_rows=block_rows, **kw))
-  row = {"shape": list(shape), "fmt": fmt, "scale_mode": mode, "rounding": rounding, "block_rows": block_rows}
+  f_pl = jax.jit(functools.partial(qdq_pallas, interpret=interpret, block_rows=block_rows, num_warps=warps, **kw))
+  row = {"shape": list(shape), "fmt": fmt, "scale_mode": mode, "rounding": rounding, "block_rows": block_rows,
+         "warps": warps}
   return measure(row, f_jnp, f_pl, x, iters, ceiling)
 
 
-def run_rotq_case(shape, mode, rounding, axis, iters, ceiling):
-  """A quartet operand: 32-point Hadamard + MXFP4 along `axis`, jnp path vs the one-pass rotq kernel."""
+# (format, scale rule, rounding, axis, rotated): the recipes' 2-D operands through kernels/rotq.py.
+# Rotated rows are Quartet's (RMS rule forward along K; headroom + SR backward, along K and along tokens);
+# the unrotated ones are the plain MX recipes' operands along K and along the tokens (the wgrad side).
+ROTQ_CASES = [("mxfp4", "rms", "nearest", 1, True), ("mxfp4", "headroom", "stochastic", 1, True),
+              ("mxfp4", "headroom", "stochastic", 0, True), ("mxfp8_e4m3", "rceil", "nearest", 1, False),
+              ("mxfp8_e4m3", "rceil", "nearest", 0, False), ("mxfp4", "floor", "nearest", 0, False),
+              ("nvfp4", "floor", "stochastic", 1, False), ("mxfp4", "floor", "stochastic", 0, False)]
+
+
+def run_rotq_case(shape, case, iters, ceiling, tile, warps, time_jnp=True):
+  """One 2-D operand: [32-point Hadamard +] MX quantization along `axis`, jnp path vs the rotq kernel."""
   from parcae.quant import dense, hadamard
+  from parcae.quant.kernels import rotq
+  fmt, mode, rounding, axis, rotated = case
+  tile_def, warps_def = rotq.TUNING[(rotated, rounding == "stochastic")]
+  tile, warps = tile or tile_def, warps or warps_def
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(jnp.bfloat16)
-  op = dense.Operand("mxfp4", scale_mode=mode, rounding=rounding)
-  rot = (32, hadamard.random_signs(jax.random.key(2), 32) if rounding == "stochastic" else None)
-  f = lambda impl: jax.jit(lambda v: dense.quantize_operand(v, op, axis, jax.random.key(1), rotation=rot,
-                                                            impl=impl)[0])
-  row = {"shape": list(shape), "fmt": f"rot32+mxfp4 ax{axis}", "scale_mode": mode, "rounding": rounding,
-         "block_rows": 0, "rotq": True}
-  return measure(row, f("jnp"), f("pallas"), x, iters, ceiling)
+  op = dense.Operand(fmt, scale_mode=mode, rounding=rounding)
+  rot = None
+  if rotated:
+    rot = (32, hadamard.random_signs(jax.random.key(2), 32) if rounding == "stochastic" else None)
+  key = jax.random.key(1)
+  f_jnp = jax.jit(lambda v: dense.quantize_operand(v, op, axis, key, rotation=rot, impl="jnp")[0])
+  f_pl = jax.jit(lambda v: rotq.rotate_quantize(v, fmt, axis, scale_mode=mode, rounding=rounding, key=key,
+                                                rotation=rot, tile=tile, num_warps=warps)[0])
+  name = f"{'rot32+' if rotated else ''}{fmt.split('_')[0]} ax{axis}"
+  row = {"shape": list(shape), "fmt": name, "scale_mode": mode, "rounding": rounding, "block_rows": tile,
+         "warps": warps, "rotq": True}
+  return measure(row, f_jnp, f_pl, x, iters, ceiling, time_jnp)
 
 
-def measure(row, f_jnp, f_pl, x, iters, ceiling):
+def measure(row, f_jnp, f_pl, x, iters, ceiling, time_jnp=True):
   """Compare the two implementations on x (mismatch count) and time both (bf16 bytes in + out)."""
   try:
     a, b = np.asarray(f_jnp(x), np.float32), np.asarray(f_pl(x), np.float32)
@@ -92,6 +117,8 @@ def measure(row, f_jnp, f_pl, x, iters, ceiling):
     return row
   nbytes = x.size * 2 * 2
   for name, f in (("jnp", f_jnp), ("pallas", f_pl)):
+    if name == "jnp" and not time_jnp:
+      continue
     t = timed(f, x, iters)
     row[f"{name}_ms"] = t * 1e3
     row[f"{name}_tbs"] = nbytes / t / 1e12
@@ -103,10 +130,15 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode (CPU)")
   p.add_argument("--iters", type=int, default=50)
-  p.add_argument("--block-rows", default="256", help="comma-separated Pallas block sizes (quant blocks/program)")
+  p.add_argument("--block-rows", default="", help="comma-separated quant blocks per program (default: TUNING)")
   p.add_argument("--quick", action="store_true", help="only 16384x8192")
   p.add_argument("--rounding", default="nearest,stochastic")
-  p.add_argument("--no-rotq", action="store_true", help="skip the rotate + quantize (quartet operand) rows")
+  p.add_argument("--warps", default="", help="comma-separated Triton warps per program, qdq rows (default: TUNING)")
+  p.add_argument("--no-rotq", action="store_true", help="skip the 2-D operand (rotq kernel) rows")
+  p.add_argument("--rotq-tiles", default="", help="comma-separated rotq tiles along the other axis (default: TUNING)")
+  p.add_argument("--rotq-warps", default="", help="comma-separated rotq warps per program (default: TUNING)")
+  p.add_argument("--rotq-cases", default="", help="comma-separated indices into ROTQ_CASES (default: all)")
+  p.add_argument("--formats", default="", help="comma-separated subset of the qdq formats (default: all)")
   args = p.parse_args(argv)
   interpret = args.smoke or jax.default_backend() == "cpu"
   shapes = [(64, 256)] if args.smoke else [(16384, 8192)] if args.quick else [(8192, 8192), (16384, 8192)]
@@ -114,24 +146,36 @@ def main(argv=None):
   rows = []
   ceiling = copy_tbs(shapes[-1], iters)
   print(f"elementwise ceiling (y = -x, bf16, {shapes[-1]}): {ceiling:.2f} TB/s", flush=True)
-  for br in [int(b) for b in args.block_rows.split(",")]:
-    for shape in shapes:
-      for fmt, mode in CASES:
-        for rounding in args.rounding.split(","):
-          rows.append(run_case(shape, fmt, mode, rounding, iters, interpret, br, ceiling))
-          print(json.dumps(rows[-1]), flush=True)
+  formats = args.formats.split(",") if args.formats else [f for f, _ in CASES]
+  ints = lambda s: [int(v) for v in s.split(",")] if s else [None]  # None: the kernel's TUNING table
+  for br in ints(args.block_rows):
+    for warps in ints(args.warps):
+      for shape in shapes:
+        for fmt, mode in [c for c in CASES if c[0] in formats]:
+          for rounding in args.rounding.split(","):
+            rows.append(run_case(shape, fmt, mode, rounding, iters, interpret, br, ceiling, warps))
+            print(json.dumps(rows[-1]), flush=True)
   if not args.no_rotq:  # mismatches here are reported, not required to be 0: see the docstring
-    for mode, rounding, axis in (("rms", "nearest", 1), ("headroom", "stochastic", 1), ("headroom", "stochastic", 0)):
-      rows.append(run_rotq_case(shapes[-1], mode, rounding, axis, iters, ceiling))
-      print(json.dumps(rows[-1]), flush=True)
-  print(f"\n{'rows':>5} {'shape':>12} {'fmt':>11} {'round':>10} {'mism':>5} {'jnp ms':>8} {'jnp TB/s':>8} "
+    picked = [ROTQ_CASES[int(i)] for i in args.rotq_cases.split(",")] if args.rotq_cases else ROTQ_CASES
+    for case in picked:
+      if case[2] not in args.rounding:
+        continue
+      first = True
+      for tile in ints(args.rotq_tiles):
+        for warps in ints(args.rotq_warps):
+          rows.append(run_rotq_case(shapes[-1], case, iters, ceiling, tile, warps, time_jnp=first))
+          first = False
+          print(json.dumps(rows[-1]), flush=True)
+  print(f"\n{'rows':>5} {'warps':>5} {'shape':>12} {'fmt':>15} {'round':>10} {'mism':>5} {'jnp ms':>8} {'jnp TB/s':>8} "
         f"{'pl ms':>8} {'pl TB/s':>8} {'pl %ceil':>8}")
   for r in rows:
     if "error" in r:
-      print(f"{'x'.join(map(str, r['shape'])):>12} {r['fmt']:>11} {r['rounding']:>10}  ERROR {r['error'][:80]}")
+      print(f"{r['block_rows']:>5} {r['warps']:>5} {'x'.join(map(str, r['shape'])):>12} {r['fmt']:>15} "
+            f"{r['rounding']:>10}  ERROR {r['error'][:80]}")
       continue
-    print(f"{r['block_rows']:>5} {'x'.join(map(str, r['shape'])):>12} {r['fmt']:>11} {r['rounding']:>10} "
-          f"{r['mismatches']:>5} {r['jnp_ms']:>8.3f} {r['jnp_tbs']:>8.2f} {r['pallas_ms']:>8.3f} "
+    jnp_ms, jnp_tbs = r.get("jnp_ms", float("nan")), r.get("jnp_tbs", float("nan"))
+    print(f"{r['block_rows']:>5} {r['warps']:>5} {'x'.join(map(str, r['shape'])):>12} {r['fmt']:>15} "
+          f"{r['rounding']:>10} {r['mismatches']:>5} {jnp_ms:>8.3f} {jnp_tbs:>8.2f} {r['pallas_ms']:>8.3f} "
           f"{r['pallas_tbs']:>8.2f} {100 * r['pallas_frac_hbm']:>6.1f}%")
   ok = all("error" not in r and r["mismatches"] == 0 for r in rows if not r.get("rotq"))
   print("bit-identical jnp vs pallas:", "yes" if ok else "NO")

@@ -28,7 +28,11 @@ VARIANTS = {
     "parcae_small_no_grouping": ("parcae", "small", {"train.depth_grouping": False}),
     "parcae_small_remat_dots": ("parcae", "small", {"model.remat": "dots"}),
     "parcae_small_quartet": ("parcae", "small", {"quant.recipe": "quartet"}),
-    "parcae_small_quartet_pallas": ("parcae", "small", {"quant.recipe": "quartet", "quant.impl": "pallas"}),
+    "parcae_small_quartet_jnp": ("parcae", "small", {"quant.recipe": "quartet", "quant.impl": "jnp"}),
+    "parcae_small_mxfp8": ("parcae", "small", {"quant.recipe": "mxfp8"}),
+    "parcae_small_mxfp8_jnp": ("parcae", "small", {"quant.recipe": "mxfp8", "quant.impl": "jnp"}),
+    "parcae_small_nvfp4": ("parcae", "small", {"quant.recipe": "nvfp4"}),
+    "parcae_small_nvidia_nvfp4": ("parcae", "small", {"quant.recipe": "nvidia_nvfp4"}),
     "parcae_small_remat_none": ("parcae", "small", {"model.remat": "none"}),
     "parcae_small_accum16": ("parcae", "small", {"_accum": 16}),
     "parcae_small_xlaflags": ("parcae", "small", {"_accum": 16, "_xla_flags": XLA_FLAGS}),
@@ -181,19 +185,16 @@ def run_one(name, args):
 
 
 def profile_steps(step, state, batch, name):
-  """Trace two steps and print the 25 most expensive device ops (summed duration), from the perfetto trace."""
-  import glob
-  import gzip
-  import jax
-  logdir = os.path.join(os.environ.get("OUT", "/tmp"), "prof_" + name)
-  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+  """Trace two steps and print the 25 most expensive device ops (bench/profiling.py)."""
+  from profiling import top_device_ops
+  box = [state]
+
+  def two_steps():
     for _ in range(2):
-      state, _ = step(state, batch)
-    jax.block_until_ready(state)
-  files = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)
-  if not files:
-    print("no perfetto trace written", flush=True)
-    return state
+      box[0], _ = step(box[0], batch)
+    return box[0]
+  top_device_ops(two_steps, "prof_" + name, what="2 steps")
+  return box[0]
   with gzip.open(files[0]) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace

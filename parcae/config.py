@@ -87,8 +87,9 @@ def validate(cfg) -> None:
       validate_recipe(cfg.quant.recipe)
     except ValueError as err:
       raise ValueError(f"quant.recipe={cfg.quant.recipe!r}: {err}") from None
-    if cfg.quant.get("impl", "jnp") not in ("jnp", "pallas"):
-      raise ValueError(f"quant.impl={cfg.quant.impl!r} is not valid; use 'jnp' or 'pallas'")
+    from parcae.quant.dense import IMPLS
+    if cfg.quant.get("impl", "auto") not in IMPLS:
+      raise ValueError(f"quant.impl={cfg.quant.impl!r} is not valid; use one of {IMPLS}")
   if "train" in cfg:
     for f in ("steps", "micro_batch_size", "grad_accum", "seq_len"):
       if cfg.train[f] < 1:

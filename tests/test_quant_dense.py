@@ -169,3 +169,17 @@ def test_recipe_spec_selects_the_implementation():
     validate_recipe("fp4@pallas")
   with pytest.raises(ValueError, match="impl 'cuda'"):
     validate_recipe("mxfp4@cuda")
+
+
+def test_auto_impl_is_pallas_on_a_gpu_only(monkeypatch):
+  """impl "auto" (the trainer's default) resolves to the Triton kernels when tracing for a GPU and to the
+  jnp path elsewhere, where those kernels would only run interpreted."""
+  from parcae.quant import dense
+  x, w, _ = inputs(jnp.bfloat16)
+  assert dense.resolve_impl("auto") == "jnp"  # this test runs on the CPU
+  np.testing.assert_array_equal(np.asarray(qdot(x, w, "mxfp4@auto"), np.float32),
+                                np.asarray(qdot(x, w, "mxfp4", impl="jnp"), np.float32))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert dense.resolve_impl("auto") == "pallas" and dense.resolve_impl("jnp") == "jnp"
+  with pytest.raises(ValueError, match="impl 'triton' is not valid"):
+    dense.resolve_impl("triton")

@@ -54,3 +54,18 @@ def test_unsupported_shapes_are_refused_with_a_reason():
   assert rotq.supported(jnp.ones((64, 64)), "mxfp4", 0, (32, None))
   with pytest.raises(ValueError, match="jnp path"):
     rotq.rotate_quantize(jnp.ones((8, 64)), "mxfp4", 1)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_launch_shape_does_not_change_values(rounding, axis):
+  """The tile (and warps) only change the grid: every tile gives the default's values bit for bit,
+  stochastic rounding included (its uniforms are hashed from the global index, not the tile's)."""
+  x = (3 * jax.random.normal(jax.random.key(1), (64, 128))).astype(jnp.bfloat16)
+  rotation = (32, H.random_signs(jax.random.key(2), 32))
+  run = lambda tile: np.asarray(rotq.rotate_quantize(
+      x, "mxfp4", axis, scale_mode="headroom", rounding=rounding, key=jax.random.key(3), rotation=rotation,
+      want_mask=True, tile=tile, num_warps=8)[0], np.float32)
+  want = run(None)
+  for tile in (16, 32, 64):
+    np.testing.assert_array_equal(run(tile), want)

@@ -78,11 +78,20 @@ RECIPE_TABLE = {
 RECIPES = tuple(RECIPE_TABLE)
 
 
-IMPLS = ("jnp", "pallas")
+IMPLS = ("auto", "jnp", "pallas")  # auto: pallas on a GPU, jnp elsewhere (the Triton kernels are GPU-only)
+
+
+def resolve_impl(impl: str) -> str:
+  """"auto" -> "pallas" when tracing for a GPU, else "jnp"; "jnp" / "pallas" as given."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl {impl!r} is not valid; use one of {IMPLS}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "jnp"
+  return impl
 
 
 def quant_spec(recipe: str, impl: str = "jnp") -> str:
-  """The string a model's Linear layers carry: the recipe, with "@pallas" when impl is not jnp."""
+  """The string a model's Linear layers carry: the recipe, with "@IMPL" when impl is not jnp."""
   return recipe if impl == "jnp" else f"{recipe}@{impl}"
 
 
@@ -105,10 +114,11 @@ def validate_recipe(name: str) -> str:
 def quantize_operand(x, op: Operand | None, axis: int, key, *, rotation=None, want_mask=False, impl="jnp"):
   """Rotate (rotation = (n, signs) or None) and quantize one GEMM operand along `axis` (its
   contraction axis) -> (operand, clip mask or None). impl "pallas": one kernel pass where
-  `kernels.rotq` handles the operand (2-D, rotation size = block size), else the jnp path."""
+  `kernels.rotq` handles the operand (2-D, rotation size = block size), else the jnp path; "auto":
+  "pallas" on a GPU."""
   if op is None:
     return _rot(x, rotation, axis), None
-  if impl == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search):
+  if resolve_impl(impl) == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search):
     y, mask = rotq.rotate_quantize(x, op.fmt, axis, scale_mode=op.scale_mode, rounding=op.rounding,
                                    key=key, rotation=rotation, two_level=op.two_level, want_mask=want_mask)
     return y, None if mask is None else mask != 0
@@ -188,9 +198,10 @@ def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16, impl="jnp")
 
   "bf16" is exactly jnp.dot(x.astype(cd), w.astype(cd)) (values and gradients). key: PRNG key for
   stochastic rounding / random Hadamard signs; None -> a fixed key (deterministic).
-  impl: "jnp" (XLA-fused quantizers) or "pallas" (one-pass rotate + quantize kernels where they
-  apply; the same values, except that Quartet's RMS block scales may sum in another order); a
-  recipe spelled "NAME@pallas" (`quant_spec`, what the model's layers carry) selects it too.
+  impl: "jnp" (XLA-fused quantizers), "pallas" (one-pass rotate + quantize kernels where they
+  apply; the same values, except that Quartet's RMS block scales may sum in another order) or
+  "auto" (pallas on a GPU, jnp elsewhere); a recipe spelled "NAME@IMPL" (`quant_spec`, what the
+  model's layers carry) selects it too.
   """
   recipe, impl = parse_spec(validate_recipe(recipe), impl)
   rec = RECIPE_TABLE[recipe]

@@ -46,7 +46,7 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
 def default_quant_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.recipe = "bf16"  # bf16 (off) | mxfp8 | mxfp4 | nvfp4 | nvfp4_scalesearch | quartet | nvidia_nvfp4
-  c.impl = "jnp"  # quantizers: jnp (XLA-fused) | pallas (one-pass rotate+quantize kernels; not yet timed on a GPU)
+  c.impl = "auto"  # quantizers: auto (pallas on a GPU, else jnp) | jnp (XLA-fused) | pallas (one-pass Triton kernels)
   return c
 
 

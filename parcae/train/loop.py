@@ -43,7 +43,7 @@ def resolve_eval_loops(cfg):
 def init_state(cfg, mesh):
   """Abstract and concrete train state, built directly into its sharding (no full copy on one device)."""
   from parcae.quant import quant_spec  # pylint: disable=g-import-not-at-top
-  quant = quant_spec(cfg.quant.recipe, cfg.quant.get("impl", "jnp"))
+  quant = quant_spec(cfg.quant.recipe, cfg.quant.get("impl", "auto"))
 
   def create():
     model = build(cfg.model, jax.random.key(cfg.train.seed), quant=quant)

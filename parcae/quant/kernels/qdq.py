@@ -22,6 +22,10 @@ from parcae.quant import quantize as Q
 from parcae.quant import rng as R
 
 N_CONSTS = 16  # nv_consts (9 values) padded to a power of two for Triton
+# GPU launch shape (scale type, rounding) -> (blocks per program, warps), measured on the H200 with
+# `bench/quant_kernels.py --quick --block-rows 128,256 --warps 2,4,8` (bench/RESULTS.md).
+TUNING = {("e8m0", "nearest"): (256, 8), ("e4m3", "nearest"): (256, 4),
+          ("e8m0", "stochastic"): (128, 8), ("e4m3", "stochastic"): (128, 8)}
 
 
 def _div_rn_ptx(x, y):
@@ -60,14 +64,15 @@ def kernel_inputs(x, f, rounding, key, two_level, tensor_scale=None):
   return jnp.pad(consts, (0, N_CONSTS - 9)), sd
 
 
-def backend(interpret):
-  """(interpret, division, pallas_call keyword arguments): CPU interprets; the GPU compiles with Triton."""
+def backend(interpret, num_warps=4):
+  """(interpret, division, pallas_call keyword arguments): CPU interprets; the GPU compiles with Triton
+  with `num_warps` warps per program."""
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   if interpret:
     return True, jnp.divide, {}
   from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
-  return False, _div_rn_ptx, {"compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=2)}
+  return False, _div_rn_ptx, {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=2)}
 
 
 def _pick_rows(nb, block_rows):
@@ -78,18 +83,22 @@ def _pick_rows(nb, block_rows):
 
 
 def qdq_pallas(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=None,
-               tensor_scale=None, two_level=True, interpret=None, block_rows=256):
-  """Pallas version of quantize_dequantize (same arguments; no block_2d / rms / search)."""
+               tensor_scale=None, two_level=True, interpret=None, block_rows=None, num_warps=None):
+  """Pallas version of quantize_dequantize (same arguments; no block_2d / rms / search).
+
+  block_rows: quantization blocks per program; num_warps: Triton warps per program (GPU launch shape,
+  the values do not depend on either; default: `TUNING`)."""
   f, ax = Q.check_args(x, fmt, axis, scale_mode, rounding, key, False)
   if scale_mode == "rms":
     raise ValueError("scale_mode 'rms' is jnp-only (its mean/std sums are order dependent); "
                      "use impl='jnp'")
-  interpret, div, params = backend(interpret)
+  rows_def, warps_def = TUNING[(f.scale, rounding)]
+  interpret, div, params = backend(interpret, num_warps or warps_def)
   xm = jnp.moveaxis(x, ax, -1)
   shape = xm.shape
   xb = xm.reshape(-1, f.block)
   nb = xb.shape[0]
-  rows = _pick_rows(nb, block_rows)
+  rows = _pick_rows(nb, block_rows or rows_def)
   pad = (-nb) % rows
   if pad:
     xb = jnp.pad(xb, ((0, pad), (0, 0)))

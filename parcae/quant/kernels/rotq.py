@@ -29,12 +29,16 @@ from parcae.quant import quantize as Q
 from parcae.quant import rng as R
 from parcae.quant.kernels.qdq import N_CONSTS, backend, kernel_inputs
 
-TILE = 256  # elements along the non-block axis per program
+TILE = 256  # elements along the non-block axis per program (the largest tile; `_tile` may pick less)
+# GPU launch shape per kernel flavour (rotate, stochastic) -> (tile, num_warps); the values computed do
+# not depend on it. Measured on the H200 with `bench/quant_kernels.py --rotq-tiles 32,64,128,256
+# --rotq-warps 4,8` (bench/RESULTS.md): rotated + stochastic 0.60 ms at (64, 4) against 0.92 ms at (256, 4).
+TUNING = {(False, False): (128, 4), (True, False): (128, 4), (False, True): (64, 4), (True, True): (64, 4)}
 
 
-def _tile(d):
-  """Largest power of two <= TILE dividing d, or 0 when below 16 (the smallest tensor-core dot)."""
-  t = TILE
+def _tile(d, tile=TILE):
+  """Largest power of two <= tile dividing d, or 0 when below 16 (the smallest tensor-core dot)."""
+  t = tile
   while t >= 16 and d % t:
     t //= 2
   return t if t >= 16 else 0
@@ -74,22 +78,26 @@ def _kernel(x_ref, m_ref, c_ref, s_ref, o_ref, *mask_ref, fmt, axis, scale_mode,
 
 
 def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key=None, rotation=None,
-                    two_level=True, want_mask=False, interpret=None):
+                    two_level=True, want_mask=False, interpret=None, tile=None, num_warps=None):
   """quantize_dequantize(rotate(x, *rotation, axis), fmt, axis=axis, ...) for a 2-D x in one pass.
 
   rotation: None or (n, signs) with n == the format's block size. Returns (y, mask or None); mask is
   int8 [R, C], 1 where the scaled value was inside the element range (not clipped).
+  tile, num_warps: the GPU launch shape (default: `TUNING`); they do not change the values.
   """
   f, ax = Q.check_args(x, fmt, axis, scale_mode, rounding, key, False)
   if not supported(x, fmt, ax, rotation):
     raise ValueError(f"rotate_quantize does not handle x {x.shape} along axis {axis} with rotation "
                      f"{rotation and rotation[0]} for {fmt}; use the jnp path")
-  interpret, div, params = backend(interpret)
+  stochastic = rounding == "stochastic"
+  t_def, w_def = TUNING[(rotation is not None, stochastic)]
+  interpret, div, params = backend(interpret, num_warps or w_def)
   rows, cols = x.shape
+  t = _tile(rows if ax == 1 else cols, tile or t_def)
   if ax == 1:
-    bshape, grid = (_tile(rows), f.block), (rows // _tile(rows), cols // f.block)
+    bshape, grid = (t, f.block), (rows // t, cols // f.block)
   else:
-    bshape, grid = (f.block, _tile(cols)), (rows // f.block, cols // _tile(cols))
+    bshape, grid = (f.block, t), (rows // f.block, cols // t)
   m = jnp.zeros((f.block, f.block), jnp.bfloat16)
   if rotation is not None:  # axis 0 applies the +-1 matrix as M^T @ tile
     pm = H.sign_matrix(f.block, rotation[1])
@@ -106,7 +114,7 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
     out_specs.append(spec)
   kernel = functools.partial(
       _kernel, fmt=f, axis=ax, scale_mode=scale_mode, two_level=two_level,
-      stochastic=rounding == "stochastic", rotate=rotation is not None, shape=x.shape,
+      stochastic=stochastic, rotate=rotation is not None, shape=x.shape,
       div=div)
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid,
