@@ -183,3 +183,36 @@ def test_auto_impl_is_pallas_on_a_gpu_only(monkeypatch):
   assert dense.resolve_impl("auto") == "pallas" and dense.resolve_impl("jnp") == "jnp"
   with pytest.raises(ValueError, match="impl 'triton' is not valid"):
     dense.resolve_impl("triton")
+
+
+def _mesh_layer(recipe, impl, x, w, g):
+  y, pull = jax.vjp(lambda x, w: qdot(x, w, recipe, key=jax.random.key(3), impl=impl), x, w)
+  return (y, *pull(g))
+
+
+@pytest.mark.parametrize("recipe", ["quartet", "mxfp8", "nvfp4", "nvidia_nvfp4"])
+def test_pallas_under_a_batch_sharded_mesh_runs_per_device_rows(recipe, monkeypatch):
+  """Under jax.set_mesh with the trainer's axes, the kernels quantize each device's token rows
+  (shard_map; XLA would otherwise gather the whole operand onto every device) and the result equals the
+  jnp path under the same mesh bit for bit: stochastic-rounding uniforms use the global row index and
+  NVFP4's tensor scale the whole operand's amax. Weights (rows = K) are quantized whole."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from parcae.quant.kernels import rotq
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  m, k, n = 256, 64, 96
+  x = jax.random.normal(jax.random.key(0), (m, k)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (k, n)) / 8
+  g = jax.random.normal(jax.random.key(2), (m, n)).astype(jnp.bfloat16)
+  rows_seen = []
+  real = rotq.rotate_quantize
+  monkeypatch.setattr(rotq, "rotate_quantize", lambda x, *a, **kw: rows_seen.append(x.shape[0]) or real(x, *a, **kw))
+  with jax.set_mesh(mesh):
+    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+    xs, gs = jax.device_put(x, rows), jax.device_put(g, rows)
+    got = jax.jit(functools.partial(_mesh_layer, recipe, "pallas"))(xs, w, gs)
+    want = jax.jit(functools.partial(_mesh_layer, recipe, "jnp"))(xs, w, gs)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  assert m // 4 in rows_seen  # token operands: a quarter of the rows on each of the 4 data x fsdp shards
+  assert m not in rows_seen  # never the whole token operand
+  assert k in rows_seen or recipe == "nvidia_nvfp4"  # weights whole (nvidia_nvfp4's are 16x16 2-D: jnp path)

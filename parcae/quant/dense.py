@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from parcae.quant import hadamard as H
 from parcae.quant import quantize as Q
@@ -111,16 +112,58 @@ def validate_recipe(name: str) -> str:
   return name
 
 
-def quantize_operand(x, op: Operand | None, axis: int, key, *, rotation=None, want_mask=False, impl="jnp"):
+# Mesh axes that split the token rows of activations and gradients (the trainer's batch axes,
+# parcae.train.mesh). Under jax.set_mesh with these axes, the Pallas path runs per device on its rows
+# (shard_map): XLA cannot partition a custom kernel call and would gather the whole operand onto every
+# device and quantize all of it there.
+ROW_AXES = ("data", "fsdp")
+
+
+def _row_axes(rows):
+  """The mesh axes (of ROW_AXES, size > 1) that split `rows` token rows here, and their device count."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return (), 1
+  axes = tuple(a for a in ROW_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return (axes, n) if axes and rows % n == 0 else ((), 1)
+
+
+def _pallas_operand(x, op: Operand, axis, key, rotation, want_mask, tokens):
+  """rotq on the whole operand, or (token rows under a batch-sharded mesh) on each device's rows."""
+  kw = dict(scale_mode=op.scale_mode, rounding=op.rounding, key=key, rotation=rotation,
+            two_level=op.two_level, want_mask=want_mask)
+  axes, n = _row_axes(x.shape[0]) if tokens else ((), 1)
+  local = (x.shape[0] // n, x.shape[1])
+  if not axes or not rotq.supported(jax.ShapeDtypeStruct(local, x.dtype), op.fmt, axis, rotation):
+    return rotq.rotate_quantize(x, op.fmt, axis, **kw)
+  inputs = rotq.operand_inputs(x, op.fmt, op.rounding, key, rotation, op.two_level, axis)  # whole operand
+  spec = P(axes, None)
+
+  def shard(xs, consts, sd):
+    first = jax.lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(local[0])
+    y, m = rotq.rotate_quantize(xs, op.fmt, axis, inputs=(consts, sd), first_row=first,
+                                total_rows=x.shape[0], **kw)
+    return (y, m) if want_mask else (y, jnp.zeros((), jnp.int8))
+
+  out_specs = (spec, spec if want_mask else P())
+  y, m = jax.shard_map(shard, in_specs=(spec, P(), P()), out_specs=out_specs, axis_names=set(axes),
+                       check_vma=False)(x, *inputs)
+  return y, m if want_mask else None
+
+
+def quantize_operand(x, op: Operand | None, axis: int, key, *, rotation=None, want_mask=False, impl="jnp",
+                     tokens=False):
   """Rotate (rotation = (n, signs) or None) and quantize one GEMM operand along `axis` (its
   contraction axis) -> (operand, clip mask or None). impl "pallas": one kernel pass where
   `kernels.rotq` handles the operand (2-D, rotation size = block size), else the jnp path; "auto":
-  "pallas" on a GPU."""
+  "pallas" on a GPU. tokens: axis 0 of x is the token axis (x, g; not w), split over ROW_AXES."""
   if op is None:
     return _rot(x, rotation, axis), None
   if resolve_impl(impl) == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search):
-    y, mask = rotq.rotate_quantize(x, op.fmt, axis, scale_mode=op.scale_mode, rounding=op.rounding,
-                                   key=key, rotation=rotation, two_level=op.two_level, want_mask=want_mask)
+    y, mask = _pallas_operand(x, op, axis, key, rotation, want_mask, tokens)
     return y, None if mask is None else mask != 0
   x = _rot(x, rotation, axis)
   if op.search:
@@ -145,10 +188,11 @@ def _rot(x, r, axis, inverse=False):
   return x if r is None else H.rotate(x, r[0], r[1], axis, inverse)
 
 
-def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims, impl):
-  """Rotate a, b along their contraction axes, quantize them, contract in compute dtype."""
-  aq = quantize_operand(a, g.lhs, a_axis, keys[0], rotation=m, impl=impl)[0]
-  bq = quantize_operand(b, g.rhs, b_axis, keys[1], rotation=m, impl=impl)[0]
+def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims, impl, b_tokens):
+  """Rotate a, b along their contraction axes, quantize them, contract in compute dtype. a's rows are
+  tokens (g or x); b's are tokens when b_tokens (g in wgrad; not w in dgrad)."""
+  aq = quantize_operand(a, g.lhs, a_axis, keys[0], rotation=m, impl=impl, tokens=True)[0]
+  bq = quantize_operand(b, g.rhs, b_axis, keys[1], rotation=m, impl=impl, tokens=b_tokens)[0]
   return jax.lax.dot_general(aq.astype(cd), bq.astype(cd), (dims, ((), ())))
 
 
@@ -157,7 +201,7 @@ def _forward(recipe: Recipe, cd, impl, x, w, key):
   r = recipe.fwd
   m = _rotation(r, None)
   keep = recipe.clip_mask  # boolean masks (1 byte per entry) for the backward
-  xq, mx = quantize_operand(x, r.lhs, 1, keys[0], rotation=m, want_mask=keep, impl=impl)
+  xq, mx = quantize_operand(x, r.lhs, 1, keys[0], rotation=m, want_mask=keep, impl=impl, tokens=True)
   wq, mw = quantize_operand(w, r.rhs, 0, keys[1], rotation=m, want_mask=keep, impl=impl)
   y = jnp.dot(xq.astype(cd), wq.astype(cd))
   fwdq = recipe.bwd_source == "fwdq"  # keep only the residuals the backward reads
@@ -175,8 +219,8 @@ def _backward(recipe: Recipe, cd, impl, res, g):
   if recipe.dgrad.rhs is None:  # reuse the forward-quantized weight as is
     ws = wq
   md, mw = _rotation(recipe.dgrad, keys[6]), _rotation(recipe.wgrad, keys[7])
-  dx = _gemm(g, ws, recipe.dgrad, 1, 1, keys[2:4], md, cd, ((1,), (1,)), impl)  # [M, K]
-  dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)), impl)  # [K, N]
+  dx = _gemm(g, ws, recipe.dgrad, 1, 1, keys[2:4], md, cd, ((1,), (1,)), impl, False)  # [M, K]
+  dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)), impl, True)  # [K, N]
   if recipe.clip_mask:
     dx = dx if mx is None else jnp.where(mx, dx, 0)
     dw = dw if mwk is None else jnp.where(mwk, dw, 0)

@@ -64,8 +64,10 @@ def _kernel(x_ref, m_ref, c_ref, s_ref, o_ref, *mask_ref, fmt, axis, scale_mode,
         jnp.dot(m, xb, preferred_element_type=jnp.float32)
     x = (y * jnp.float32(1.0 / np.sqrt(fmt.block))).astype(x.dtype)
   u = None
-  if stochastic:  # index in the moved layout: x itself for axis 1, x^T for axis 0
+  if stochastic:  # index in the moved layout: x itself for axis 1, x^T for axis 0; s_ref[2]: the first
+    # row of this (row-sharded) x in the whole operand, `shape` the whole operand's shape
     r = (i * tr).astype(jnp.uint32) + jax.lax.broadcasted_iota(jnp.int32, (tr, tc), 0).astype(jnp.uint32)
+    r = r + s_ref[2]
     c = (j * tc).astype(jnp.uint32) + jax.lax.broadcasted_iota(jnp.int32, (tr, tc), 1).astype(jnp.uint32)
     idx = r * jnp.uint32(shape[1]) + c if axis == 1 else c * jnp.uint32(shape[0]) + r
     u = R.uniform_from_index(idx, s_ref[0], s_ref[1])
@@ -77,13 +79,26 @@ def _kernel(x_ref, m_ref, c_ref, s_ref, o_ref, *mask_ref, fmt, axis, scale_mode,
     mask_ref[0][...] = (jnp.abs(t) < fmt.elem.max_val).astype(jnp.int8)
 
 
+def operand_inputs(x, fmt, rounding, key, rotation=None, two_level=True, axis=-1):
+  """(consts, seed words) the kernel reads for the whole operand x: NVFP4's tensor-scale constants (of
+  the rotated operand, as on the jnp path) and the stochastic-rounding seed. A row-sharded caller
+  computes them once on the whole x and hands them to every shard (`rotate_quantize(..., inputs=)`)."""
+  f = F.get_format(fmt)
+  scaled = H.rotate(x, rotation[0], rotation[1], axis) if rotation is not None and f.scale == "e4m3" else x
+  return kernel_inputs(scaled, f, rounding, key, two_level)
+
+
 def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key=None, rotation=None,
-                    two_level=True, want_mask=False, interpret=None, tile=None, num_warps=None):
+                    two_level=True, want_mask=False, interpret=None, tile=None, num_warps=None,
+                    inputs=None, first_row=0, total_rows=None):
   """quantize_dequantize(rotate(x, *rotation, axis), fmt, axis=axis, ...) for a 2-D x in one pass.
 
   rotation: None or (n, signs) with n == the format's block size. Returns (y, mask or None); mask is
   int8 [R, C], 1 where the scaled value was inside the element range (not clipped).
   tile, num_warps: the GPU launch shape (default: `TUNING`); they do not change the values.
+  Row shards (inside shard_map): x holds rows [first_row, first_row + R) of an operand of total_rows
+  rows, and inputs = operand_inputs(whole operand); the shard's values then equal those rows of the
+  whole operand's result (blocks along axis 0 must not straddle shards: R % block == 0).
   """
   f, ax = Q.check_args(x, fmt, axis, scale_mode, rounding, key, False)
   if not supported(x, fmt, ax, rotation):
@@ -102,9 +117,11 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
   if rotation is not None:  # axis 0 applies the +-1 matrix as M^T @ tile
     pm = H.sign_matrix(f.block, rotation[1])
     m = (pm if ax == 1 else pm.T).astype(jnp.bfloat16)
-  # NVFP4's tensor scale is that of the rotated operand, as on the jnp path
-  scaled = H.rotate(x, rotation[0], rotation[1], ax) if rotation is not None and f.scale == "e4m3" else x
-  consts, sd = kernel_inputs(scaled, f, rounding, key, two_level)
+  consts, sd = inputs if inputs is not None else operand_inputs(x, fmt, rounding, key, rotation, two_level, ax)
+  sd = sd.at[2].set(jnp.asarray(first_row, jnp.uint32))
+  shape = (total_rows or rows, cols)
+  if stochastic:
+    R.check_size(shape)
   spec = pl.BlockSpec(bshape, lambda i, j: (i, j))
   one = lambda i, j: (0,)
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
@@ -114,7 +131,7 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
     out_specs.append(spec)
   kernel = functools.partial(
       _kernel, fmt=f, axis=ax, scale_mode=scale_mode, two_level=two_level,
-      stochastic=stochastic, rotate=rotation is not None, shape=x.shape,
+      stochastic=stochastic, rotate=rotation is not None, shape=shape,
       div=div)
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid,
