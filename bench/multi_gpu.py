@@ -24,6 +24,7 @@ unless --serial; everything else runs alone. NCCL_NVLS_ENABLE=0 (NVLink multicas
   python bench/multi_gpu.py --only parcae_medium_1gpu,parcae_large_1gpu,ckpt
   python bench/multi_gpu.py --only parcae_medium_dp,parcae_medium_fsdp,parcae_large_dp,parcae_large_fsdp
   python bench/multi_gpu.py --smoke               # tiny model on 2 fake CPU devices (~1.5 min on 2 CPU cores)
+  python bench/multi_gpu.py --only parcae_medium_1gpu,parcae_medium_dp --quant quartet   # quantized scaling
 Order: the two 1-device baselines side by side, ckpt_portability, then the N-device variants of medium and of
 large. Measured wall time per variant on 2 H200 (2026-11-29, bench/RESULTS.md): parcae-medium 1 GPU 91 s, dp2
 94 s, fsdp2 121 s; parcae-large 1 GPU 201 s (next to medium); ckpt_portability 172 s (float32, mostly compile).
@@ -94,13 +95,13 @@ def run_scaling(name, args):
   size, layout = parse_variant(name)
   n = 1 if layout == "1gpu" else jax.device_count()
   devices = jax.devices()[:n]
-  cfg = place(model_config(size, args), layout, n, args.micro)
+  cfg = place(model_config(size, args, {"quant.recipe": args.quant}), layout, n, args.micro)
   run = tt.train_and_time(cfg, args, devices, name)
   tc, ms = cfg.train, run["metrics"]
   tokens_per_step = tc.grad_accum * tc.micro_batch_size * tc.seq_len
   tps = tokens_per_step * args.steps / run["seconds"]
   n_exec = float(np.mean([m["n_exec_mean"] for m in ms]))
-  return {"variant": name, "model": f"parcae_{size}", "layout": layout, "n_devices": n,
+  return {"variant": name, "model": f"parcae_{size}", "layout": layout, "quant": args.quant, "n_devices": n,
           "mesh": cfg.mesh.to_dict(), "device": devices[0].device_kind, "micro_per_device": args.micro,
           "accum": tc.grad_accum, "seq": tc.seq_len, "tokens_per_step": tokens_per_step,
           "compile_s": run["compile_s"], "tokens_per_s": tps, "tokens_per_s_per_device": tps / n,
@@ -195,7 +196,7 @@ def probe(args):
 def launch(name, args, gpu=None):
   """Starts `--one name` with its output in temporary files (no pipe can fill while others run)."""
   cmd = [sys.executable, os.path.abspath(__file__), "--one", name] + [
-      f"--{k}={getattr(args, k)}" for k in ("micro", "accum", "seq", "warmup", "steps")] + ["--smoke"] * args.smoke
+      f"--{k}={getattr(args, k)}" for k in ("micro", "accum", "seq", "warmup", "steps", "quant")] + ["--smoke"] * args.smoke
   out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
   proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=child_env(args, gpu))
   return {"name": name, "proc": proc, "out": out, "err": err, "t0": time.time(), "gpu": gpu}
@@ -300,6 +301,7 @@ def main():
                  help=f"no variant starts that would end after this many seconds; one still running "
                       f"{KILL_AFTER} s later is killed")
   p.add_argument("--serial", action="store_true", help="run the 1-device baselines one after the other")
+  p.add_argument("--quant", default="bf16", help="quant.recipe of the scaling variants (e.g. quartet; impl auto)")
   p.add_argument("--smoke", action="store_true", help="tiny model and shapes on 2 fake CPU devices")
   args = p.parse_args()
   if args.smoke:
