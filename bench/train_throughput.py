@@ -195,23 +195,6 @@ def profile_steps(step, state, batch, name):
     return box[0]
   top_device_ops(two_steps, "prof_" + name, what="2 steps")
   return box[0]
-  with gzip.open(files[0]) as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-  totals, total = {}, 0.0
-  for e in events:
-    if e.get("ph") != "X" or "dur" not in e or "GPU" not in pids.get(e["pid"], "") and "/device" not in pids.get(e["pid"], ""):
-      continue
-    key = e["name"][:90]
-    totals[key] = totals.get(key, 0.0) + e["dur"]
-    total += e["dur"]
-  print(f"device time in 2 steps: {total / 1e3:.1f} ms", flush=True)
-  if not total:
-    print("process names in the trace:", sorted(set(pids.values()))[:20], flush=True)
-  for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:
-    print(f"  {v / 1e3:9.2f} ms {100 * v / total:5.1f}%  {k}", flush=True)
-  return state
 
 
 def main():
