@@ -219,19 +219,11 @@ def test_pallas_under_a_batch_sharded_mesh_runs_per_device_rows(recipe, monkeypa
 
 
 @pytest.mark.parametrize("recipe", ["quartet", "mxfp8", "nvidia_nvfp4"])
-def test_triton_lowering_under_a_mesh_gets_device_rows(recipe, monkeypatch):
+def test_triton_lowering_under_a_mesh_gets_device_rows(recipe, cuda_lowering):
   """Without a GPU, lower the layer for CUDA (the Triton kernels, not interpret mode) under a (2, 2, 2) mesh:
   every kernel lowers, token operands reach their kernel as one device's rows (M / 4), weights whole."""
-  import re
+  from conftest import triton_calls
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-  from parcae.quant.kernels import qdq, rotq
-  try:  # jax >= 0.11 asks the device for its compute capability; stand in an sm_90 (H100 / H200)
-    from jax._src.pallas.triton import gpu_info
-    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.GpuInfo(
-        gpu_version=None, arch_name="9.0", compute_capability=90))
-  except ImportError:  # jax 0.10 falls back to sm_90 by itself
-    pass
-  monkeypatch.setattr(rotq, "backend", lambda interpret, num_warps=4: qdq.backend(False, num_warps))
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
   m, k, n = 512, 128, 256
   rows = NamedSharding(mesh, P(("data", "fsdp"), None))
@@ -241,7 +233,7 @@ def test_triton_lowering_under_a_mesh_gets_device_rows(recipe, monkeypatch):
   with jax.set_mesh(mesh):
     text = jax.jit(functools.partial(_mesh_layer, recipe, "pallas")).trace(x, w, g).lower(
         lowering_platforms=("cuda",)).as_text()
-  calls = [ln for ln in text.splitlines() if "xla.gpu.triton" in ln]
-  first_operand_rows = {int(re.search(r"\(tensor<(\d+)x", ln).group(1)) for ln in calls}
+  calls = triton_calls(text)
+  first_operand_rows = {r for r, _ in calls}
   assert len(calls) == {"quartet": 6, "mxfp8": 6, "nvidia_nvfp4": 4}[recipe]
   assert m // 4 in first_operand_rows and m not in first_operand_rows

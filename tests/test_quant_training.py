@@ -250,3 +250,30 @@ def test_quartet_on_a_data_fsdp_tensor_mesh_trains(data, tmp_path):
   assert a[0] == pytest.approx(b[0], rel=1e-6) and a[1] != b[1], (a, b)
   evals = json.loads((tmp_path / "a" / "eval.json").read_text())
   assert [r["loops"] for r in evals] == [3] and np.isfinite(evals[0]["val_loss"])
+
+
+def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(cuda_lowering):
+  """The whole sharded train step (grad accumulation, the no-grad while loop, the remat grad scan, every
+  block's fwd / dgrad / wgrad) lowers for CUDA with the Triton kernels on a (2, 2, 2) mesh, and no kernel
+  sees a whole micro-batch of token rows: each gets its device's quarter."""
+  from conftest import triton_calls
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from parcae.train import mesh as pmesh
+  from parcae.train.loop import init_state
+  from parcae.train.step import make_train_step
+  cfg = tiny_config("unused", grad_accum=2)
+  cfg.model.compute_dtype, cfg.quant.recipe, cfg.quant.impl = "bfloat16", "quartet", "pallas"
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  mesh = pmesh.make_mesh(cfg.mesh, jax.devices())
+  graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
+  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+  tc = cfg.train
+  batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, tc.micro_batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
+           for k in ("inputs", "targets")}
+  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, None))
+  with jax.set_mesh(mesh):
+    text = step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
+  rows = {r for r, _ in triton_calls(text)}
+  tokens = tc.micro_batch_size * tc.seq_len
+  assert tokens // 4 in rows and tokens not in rows, rows
