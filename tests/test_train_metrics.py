@@ -86,6 +86,16 @@ def test_compact_line_every_n_steps_without_tty(tmp_path, capsys):
     assert "ETA" in lines[0]
 
 
+def test_bar_shows_a_nan_loss_but_not_an_unmeasured_rate(tmp_path, capsys):
+    log = metrics_lib.MetricsLogger(tmp_path, total_steps=2, progress=True, print_every=1)
+    log.log(1, {"loss": float("nan"), "tokens_per_s": 10.0})
+    log.log(2, {"loss": 2.0, "tokens_per_s": float("nan")})  # the final step: its rate is not measured
+    log.close()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("step")]
+    assert "loss nan" in lines[0] and "tok/s 10" in lines[0]
+    assert "loss 2.0000" in lines[1] and "tok/s" not in lines[1]
+
+
 def test_wandb_disabled_by_env(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # importing it would fail: it must not be imported
     log = metrics_lib.MetricsLogger(tmp_path, total_steps=3, progress=False,

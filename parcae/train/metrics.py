@@ -118,7 +118,9 @@ class MetricsLogger:
         self._file.flush()
 
     def _progress_text(self, step, metrics):
-        parts = [fmt.format(metrics[k]) for k, fmt in BAR_KEYS if isinstance(metrics.get(k), (int, float))]
+        # a non-finite loss is shown; an unmeasured rate (NaN: the last step's, flushed after the loop) is not
+        parts = [fmt.format(metrics[k]) for k, fmt in BAR_KEYS if isinstance(metrics.get(k), (int, float))
+                 and (k == "loss" or math.isfinite(metrics[k]))]
         done = step - self._start_step
         if done > 0 and self.total_steps:
             rate = done / (time.time() - self._start_time)
