@@ -161,6 +161,7 @@ def test_recipe_spec_selects_the_implementation():
   from parcae.quant import quant_spec
   x, w, _ = inputs(jnp.bfloat16)
   assert quant_spec("quartet", "jnp") == "quartet" and quant_spec("quartet", "pallas") == "quartet@pallas"
+  assert quant_spec("bf16", "auto") == "bf16"  # the default config: the plain model, no quantization keys
   a = jax.jit(lambda x, w: qdot(x, w, "mxfp4@pallas"))(x, w)
   b = jax.jit(lambda x, w: qdot(x, w, "mxfp4", impl="pallas"))(x, w)
   np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -92,8 +92,9 @@ def resolve_impl(impl: str) -> str:
 
 
 def quant_spec(recipe: str, impl: str = "jnp") -> str:
-  """The string a model's Linear layers carry: the recipe, with "@IMPL" when impl is not jnp."""
-  return recipe if impl == "jnp" else f"{recipe}@{impl}"
+  """The string a model's Linear layers carry: the recipe, with "@IMPL" when impl is not jnp ("bf16" stays
+  "bf16": no quantizer runs, and the model then takes its plain path and draws no quantization keys)."""
+  return recipe if impl == "jnp" or recipe == "bf16" else f"{recipe}@{impl}"
 
 
 def parse_spec(spec: str, impl: str = "jnp") -> tuple[str, str]:
