@@ -14,6 +14,10 @@ quantizer and times bench/quant_gemm.py's layer (fwd + bwd) for each named varia
            fwht:    butterflies (slices + concatenates) in place
   operand barrier: materialize each quantized GEMM operand (optimization_barrier before the dot), in
            case XLA folds the quantizer into a GEMM's operand loads and recomputes it per output tile
+  hash     2: the library's stochastic-rounding uniforms, triple32 twice (rng.uniform_from_index)
+           1: one triple32 round of (index + s0) ^ s1: half the integer work, other random numbers
+              (a candidate: Quartet's SR kernels are bound by the hash)
+  --impl auto runs the layer through the Triton kernels on a GPU (they read the patched hash too).
 The library keeps the winner; this script records why (bench/RESULTS.md). Writes
 $OUT/quant_layouts.json. XLA's own GEMM fusion can be switched off around it for comparison:
   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python bench/quant_layouts.py --variants library
@@ -34,8 +38,14 @@ import quant_gemm  # noqa: E402  pylint: disable=wrong-import-position
 from parcae.quant import hadamard as H  # noqa: E402
 from parcae.quant import quantize as Q  # noqa: E402
 from parcae.quant import dense as D  # noqa: E402
+from parcae.quant import rng as R  # noqa: E402
 
-ORIG = {"to_blocks": Q.to_blocks, "rotate": H.rotate}
+ORIG = {"to_blocks": Q.to_blocks, "rotate": H.rotate, "uniform_from_index": R.uniform_from_index}
+
+
+def uniform_one_round(idx, s0, s1):
+  h = R._triple32((idx + s0) ^ s1)  # pylint: disable=protected-access
+  return (h >> 8).astype(jnp.int32).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 def inplace_blocks(x, ax, block, block_2d):
@@ -115,24 +125,26 @@ DENSE_BARRIER = {"jnp": _Proxy(jnp, dot=_barrier_args(jnp.dot)),
                  "jax": _Proxy(jax, lax=_Proxy(jax.lax, dot_general=_barrier_args(jax.lax.dot_general)))}
 
 # name: (blocking, reduction barrier, rotation, operand barrier: materialize the quantized operands so
-# XLA cannot fold the quantizer into a GEMM's operand loads)
+# XLA cannot fold the quantizer into a GEMM's operand loads, SR hash rounds)
 VARIANTS = {
-    "library": ("moved", False, "dotbf16", False),
-    "operand_barrier": ("moved", False, "dotbf16", True),
-    "reduction_barrier": ("moved", True, "dotbf16", False),
-    "inplace": ("inplace", False, "dotbf16", False),
-    "inplace_reduction_barrier": ("inplace", True, "dotbf16", False),
-    "rot_dot32": ("moved", False, "dot32", False),
-    "rot_fwht": ("moved", False, "fwht", False),
+    "library": ("moved", False, "dotbf16", False, 2),
+    "operand_barrier": ("moved", False, "dotbf16", True, 2),
+    "reduction_barrier": ("moved", True, "dotbf16", False, 2),
+    "inplace": ("inplace", False, "dotbf16", False, 2),
+    "inplace_reduction_barrier": ("inplace", True, "dotbf16", False, 2),
+    "rot_dot32": ("moved", False, "dot32", False, 2),
+    "rot_fwht": ("moved", False, "fwht", False, 2),
+    "hash1": ("moved", False, "dotbf16", False, 1),
 }
 
 
-def apply(blocks, barrier, rot, operand_barrier):
+def apply(blocks, barrier, rot, operand_barrier, hash_rounds):
   Q.to_blocks = ORIG["to_blocks"] if blocks == "moved" else inplace_blocks
   Q.jnp = BarrierJnp() if barrier else jnp
   H.rotate = ROT[rot]
   D.jnp = DENSE_BARRIER["jnp"] if operand_barrier else jnp
   D.jax = DENSE_BARRIER["jax"] if operand_barrier else jax
+  R.uniform_from_index = ORIG["uniform_from_index"] if hash_rounds == 2 else uniform_one_round
 
 
 def main(argv=None):
@@ -141,11 +153,13 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--recipes", default="bf16,quartet,mxfp8,mxfp4")
+  p.add_argument("--impl", default="jnp", help="jnp | pallas | auto: the quantizers the layer runs")
   args = p.parse_args(argv)
   rows = []
   for label in args.variants.split(","):
     apply(*VARIANTS[label])
-    argv_ = ["--recipes", args.recipes, "--label", label, "--iters", str(args.iters), "--no-count"] + \
+    argv_ = ["--recipes", args.recipes, "--label", label, "--iters", str(args.iters), "--no-count",
+             "--impl", args.impl] + \
         (["--smoke"] if args.smoke else ["--shapes", "3072x768,768x3072"])
     quant_gemm.main(argv_)
     with open(os.path.join(os.environ.get("OUT", "."), f"quant_gemm_{label}.json")) as fh:
