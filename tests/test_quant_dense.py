@@ -238,3 +238,18 @@ def test_triton_lowering_under_a_mesh_gets_device_rows(recipe, cuda_lowering):
   first_operand_rows = {r for r, _ in calls}
   assert len(calls) == {"quartet": 6, "mxfp8": 6, "nvidia_nvfp4": 4}[recipe]
   assert m // 4 in first_operand_rows and m not in first_operand_rows
+
+
+def test_pallas_inside_a_callers_shard_map_stays_per_device():
+  """A caller that already maps over the batch axes (its own shard_map; check_vma=False, as Pallas kernels
+  need there) gets the kernel on its local rows, not a second shard_map over the same axes."""
+  from jax.sharding import AxisType, PartitionSpec as P
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  x = jax.random.normal(jax.random.key(0), (256, 64)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (64, 96)) / 8
+  local = lambda x, w: qdot(x, w, "mxfp8", impl="pallas")
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.shard_map(local, in_specs=(P(("data", "fsdp")), P()), out_specs=P(("data", "fsdp")),
+                                axis_names={"data", "fsdp"}, check_vma=False))(x, w)
+  want = jax.jit(lambda x, w: qdot(x, w, "mxfp8", impl="jnp"))(x, w)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -125,7 +125,8 @@ def _row_axes(rows):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return (), 1
-  axes = tuple(a for a in ROW_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  axes = tuple(a for a in ROW_AXES if a in mesh.axis_names and mesh.shape[a] > 1
+               and a not in mesh.manual_axes)  # a caller's shard_map: rows already local
   n = 1
   for a in axes:
     n *= mesh.shape[a]
