@@ -199,3 +199,22 @@ def test_inference_is_deterministic_and_key_dependent():
   ids = jax.random.randint(jax.random.key(8), (2, S), 0, V)
   np.testing.assert_array_equal(np.asarray(m(ids)), np.asarray(m(ids)))
   assert np.abs(np.asarray(m(ids, key=jax.random.key(1))) - np.asarray(m(ids))).max() > 0
+
+
+def test_rel_residual_telemetry_is_each_sequences_last_step():
+  """rel_residual = mean over tokens of |h_t - h_(t-1)| / |h_t| at each sequence's own depth t = n + k."""
+  cfg = tiny_cfg(state_init="zero")  # h0 = 0 whatever the batch shape, so loop_state can replay each row
+  m = perturbed_model(cfg, seed=3)
+  ids = jax.random.randint(jax.random.key(7), (4, S), 0, V)
+  n_B, k_B = jnp.array([2, 0, 3, 0]), jnp.array([2, 1, 0, 0])
+  _, tel = m.hidden(ids, n_B, k_B, key=jax.random.key(0), grad_steps=2)
+  want = []
+  for b, t in enumerate([4, 1, 3, 0]):
+    if t == 0:
+      want.append(np.zeros(S))
+      continue
+    h_t = np.asarray(m.loop_state(ids[b:b + 1], loops=t)[1][0], np.float64)
+    h_p = np.asarray(m.loop_state(ids[b:b + 1], loops=t - 1)[1][0], np.float64)
+    want.append(np.linalg.norm(h_t - h_p, axis=-1) / np.linalg.norm(h_t, axis=-1))
+  np.testing.assert_allclose(float(tel["rel_residual"]), np.mean(want), rtol=1e-5)
+  assert float(tel["rel_residual"]) > 0.01  # the loop moves the state, so the check has something to see

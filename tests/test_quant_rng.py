@@ -29,6 +29,17 @@ def test_neighbours_and_seeds_uncorrelated():
   assert not np.array_equal(a, b)
 
 
+def test_nearby_seeds_are_not_shifted_streams():
+  """Seed words (s0 + d, s1) must not replay (s0, s1)'s stream d elements later (an added seed would)."""
+  n, s0, s1 = 1 << 16, 12345, 0x9E3779B9
+  a = np.asarray(R.uniform_moved(jnp.array([s0, s1], jnp.uint32), (n,), 0))
+  for d in (1, 5, 32):
+    b = np.asarray(R.uniform_moved(jnp.array([s0 + d, s1], jnp.uint32), (n,), 0))
+    for j in range(-40, 41):  # b[i] against a[i + j]
+      x, y = (a[j:], b[:n - j]) if j >= 0 else (a[:n + j], b[-j:])
+      assert np.mean(x == y) < 1e-3, (d, j)  # equal only by chance (2^-24 grid)
+
+
 @pytest.mark.parametrize("ax", [0, 1, 2])
 def test_moved_layout_index(ax):
   """The number an element gets depends on its position in the axis-last layout only."""

@@ -92,10 +92,10 @@ class Parcae(nnx.Module):
     h0 = sampler.init_state(key, e.shape, cfg.state_init, cfg.d_model)
     ctx = self.injection.prepare(e)
     ves = [b.attn.lookup_ve(ids_BxS) for b in self.core]
-    h, h_prev = self._loop(h0, ctx, ves, rope, n_B, k_B, grad_steps, qk(1))
+    h, step_BxS = self._loop(h0, ctx, ves, rope, n_B, k_B, grad_steps, qk(1))
     y = self.C(h).astype(jnp.float32)
     y = layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], qk(2))
-    return self.final_norm(y), self._telemetry(h, h_prev, n_B, k_B)
+    return self.final_norm(y), self._telemetry(h, step_BxS, n_B, k_B)
 
   def _core_fn(self):
     """A pure step (core_state, h, ctx, ves, key) -> h' so the same code serves frozen and live weights."""
@@ -108,6 +108,8 @@ class Parcae(nnx.Module):
     return step
 
   def _loop(self, h0, ctx, ves, rope, n_B, k_B, grad_steps, quant_key):
+    """(h, |h - h_prev| per token): the final state and the norm of each sequence's last live update
+    (telemetry; a [B, S] carry instead of the whole previous state, so no iteration writes one)."""
     step = self._core_fn()
     state = nnx.state(self.core)
     sg = jax.lax.stop_gradient
@@ -115,37 +117,40 @@ class Parcae(nnx.Module):
     def keyed(phase, i):
       return None if quant_key is None else jax.random.fold_in(jax.random.fold_in(quant_key, phase), i)
 
+    def update(live_B, new, h, d_BxS):
+      live = live_B[:, None, None]
+      return jnp.where(live, new, h), jnp.where(live_B[:, None], _norm(sg(new) - sg(h)), d_BxS)
+
     def no_grad_body(carry):
-      i, h, h_prev = carry
+      i, h, d_BxS = carry
       new = step(frozen[0], h, frozen[1], frozen[2], rope, keyed(0, i))
-      live = (i < n_B)[:, None, None]
-      return i + 1, jnp.where(live, new, h), jnp.where(live, h, h_prev)
+      return (i + 1,) + update(i < n_B, new, h, d_BxS)
 
     n_max = jnp.max(n_B) if n_B.shape[0] else 0
-    _, h, h_prev = jax.lax.while_loop(lambda c: c[0] < n_max, no_grad_body, (jnp.int32(0), sg(h0), sg(h0)))
+    d0 = jnp.zeros(h0.shape[:2], jnp.float32)
+    _, h, d_BxS = jax.lax.while_loop(lambda c: c[0] < n_max, no_grad_body, (jnp.int32(0), sg(h0), d0))
     if grad_steps == 0:
-      return h, h_prev
+      return h, d_BxS
     policy = self.cfg.remat
     live_step = step if policy == "none" else jax.checkpoint(step, policy=REMAT_POLICIES[policy],
                                                             prevent_cse=False)
 
     def grad_body(carry, i):
-      h, h_prev = carry
+      h, d_BxS = carry
       new = live_step(state, h, ctx, ves, rope, keyed(1, i))
-      live = (i < k_B)[:, None, None]
-      return (jnp.where(live, new, h), jnp.where(live, h, h_prev)), None
+      return update(i < k_B, new, h, d_BxS), None
 
-    (h, h_prev), _ = jax.lax.scan(grad_body, (h, h_prev), jnp.arange(grad_steps))
-    return h, h_prev
+    (h, d_BxS), _ = jax.lax.scan(grad_body, (h, d_BxS), jnp.arange(grad_steps))
+    return h, d_BxS
 
-  def _telemetry(self, h, h_prev, n_B, k_B):
+  def _telemetry(self, h, step_BxS, n_B, k_B):
     """Loop statistics the reference never logs (all float32 scalars, cheap)."""
     sg = jax.lax.stop_gradient
-    h, h_prev = sg(h), sg(h_prev)
+    h = sg(h)
     h_norm = _norm(h)
     out = {
         "state_norm": jnp.mean(h_norm),
-        "rel_residual": jnp.mean(_norm(h - h_prev) / (h_norm + 1e-12)),
+        "rel_residual": jnp.mean(sg(step_BxS) / (h_norm + 1e-12)),
         "n_mean": jnp.mean(n_B.astype(jnp.float32)),
         "k_mean": jnp.mean(k_B.astype(jnp.float32)),
         "n_max": jnp.max(n_B).astype(jnp.float32),

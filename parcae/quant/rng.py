@@ -6,9 +6,13 @@ reads a [.., K] float32 array of randoms. The index is the element's row-major p
 "moved" layout (quantization axis last), so every path (jnp, whatever its blocking; the Pallas
 kernels, whatever their tiling) draws the same number for the same element, bit for bit.
 
-Hash: Wellons' `triple32` (a full-avalanche bijection of uint32) applied twice with the two seed
-words mixed in; the top 24 bits give u on the grid k / 2^24 in [0, 1), so P(u < f) = f to within
-2^-24 for every f32 fraction f.
+Hash: an affine map of the index by the two seed words, idx * (s1 | 1) + s0 (a bijection of uint32:
+one multiply-add), then Wellons' `triple32` (a full-avalanche bijection, three multiplies); the top 24
+bits give u on the grid k / 2^24 in [0, 1), so P(u < f) = f to within 2^-24 for every f32 fraction f.
+The odd multiplier scatters each tensor's index window over the whole uint32 range differently per
+key, so two keys' streams are not shifts of each other (an added seed alone would make them so). One
+`triple32` round instead of two halves the integer work, which bounds the stochastic-rounding kernels
+(bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def _triple32(x):
 
 def uniform_from_index(idx, s0, s1):
   """f32 uniforms in [0, 1) from uint32 indices and two uint32 seed words."""
-  h = _triple32(_triple32(idx + s0) ^ s1)
+  h = _triple32(idx * (s1 | jnp.uint32(1)) + s0)
   return (h >> 8).astype(jnp.int32).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
