@@ -7,6 +7,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from parcae.quant import formats as F
+from parcae.quant import quantize as Q
 from parcae.quant import quantize_dequantize
 
 MX = {  # fmt -> (ml_dtypes type or None for int8, emax_elem, mantissa bits)
@@ -246,3 +248,19 @@ def test_errors_name_the_fix():
     quantize_dequantize(jnp.ones((2, 30)), "mxfp4")
   with pytest.raises(ValueError, match="scale_mode"):
     quantize_dequantize(x, "mxfp4", scale_mode="round")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3", "mxfp8_e4m3"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_headroom_multiply_equals_the_division(fmt, rounding, monkeypatch):
+  """The headroom rule undoes its 3/4 with a multiply by f32(4/3) only where that gives q / 0.75's bits."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((64, 256)) * 2.0 ** rng.integers(-6, 6, (64, 1)), jnp.float32)
+  kw = dict(scale_mode="headroom", rounding=rounding, key=jax.random.key(5) if rounding == "stochastic" else None)
+  fast = np.asarray(Q.quantize_dequantize(x, fmt, **kw))
+  monkeypatch.setattr(Q, "_headroom_mul_exact", lambda elem: False)
+  slow = np.asarray(Q.quantize_dequantize(x, fmt, **kw))
+  np.testing.assert_array_equal(fast.view(np.uint32), slow.view(np.uint32))
+  monkeypatch.undo()
+  # E2M1 takes the multiply; formats with 3-bit mantissas would not get the same bits, so keep the division
+  assert Q._headroom_mul_exact(F.get_format(fmt).elem) == (fmt == "mxfp4")  # pylint: disable=protected-access

@@ -7,6 +7,8 @@ division is approximate; everything else is exact power-of-two scaling and adds/
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +39,16 @@ def _mx_exponent(amax, elem: F.Element, mode: str, div):
   return jnp.clip(e, -127, 128)
 
 
+@functools.lru_cache(maxsize=None)
+def _headroom_mul_exact(elem: F.Element) -> bool:
+  """Whether f32(q * f32(4/3)) == f32(q / 0.75) for every value q of elem's grid (both IEEE round to
+  nearest). Then the per-element division (a long div.rn sequence in the Triton kernels) is a multiply
+  with the same bits. Holds for E2M1: q = 2^j gives an exact power-of-two scaling of f32(4/3), and
+  q = 1.5 * 2^j lands within half an ulp of the exact 2^(j+1)."""
+  g = np.asarray(F.grid_values(elem), np.float32)
+  return bool(np.array_equal(g * np.float32(4.0 / 3.0), g / np.float32(0.75)))
+
+
 def _mx_blocks(xb, elem, mode, u, div, baxis):
   amax = jnp.max(jnp.abs(xb), axis=baxis, keepdims=True)
   if mode == "rms":
@@ -54,7 +66,7 @@ def _mx_blocks(xb, elem, mode, u, div, baxis):
     t = t * jnp.float32(0.75)
   q = F.round_to_grid(t, elem, u)
   if mode == "headroom":
-    q = div(q, jnp.float32(0.75))
+    q = q * jnp.float32(4.0 / 3.0) if _headroom_mul_exact(elem) else div(q, jnp.float32(0.75))
   deq = F.mul_pow2(q, de)
   bad = (amax != amax) | (e == 128)
   return jnp.where(bad, jnp.float32(jnp.nan), deq), t
