@@ -25,6 +25,7 @@ unless --serial; everything else runs alone. NCCL_NVLS_ENABLE=0 (NVLink multicas
   python bench/multi_gpu.py --only parcae_medium_dp,parcae_medium_fsdp,parcae_large_dp,parcae_large_fsdp
   python bench/multi_gpu.py --smoke               # tiny model on 2 fake CPU devices (~1.5 min on 2 CPU cores)
   python bench/multi_gpu.py --only parcae_medium_1gpu,parcae_medium_dp --quant quartet   # quantized scaling
+  python bench/multi_gpu.py --only parcae_small_1gpu,parcae_small_dp --quant quartet     # the same, quicker
 Order: the two 1-device baselines side by side, ckpt_portability, then the N-device variants of medium and of
 large. Measured wall time per variant on 2 H200 (2026-11-29, bench/RESULTS.md): parcae-medium 1 GPU 91 s, dp2
 94 s, fsdp2 121 s; parcae-large 1 GPU 201 s (next to medium); ckpt_portability 172 s (float32, mostly compile).
@@ -49,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # noqa: E402  (build_config, train_and_time, random_batch, DEFAULTS)
 
 SIZES = ("medium", "large")
+EXTRA_SIZES = ("small",)  # run only when --only names them (a quick check, e.g. of a quant recipe's scaling)
 LAYOUTS = ("1gpu", "dp", "fsdp")
 SMOKE_MODEL = {"model.prelude_layers": 1, "model.core_layers": 1, "model.coda_layers": 1,
                "model.mean_recurrence": 2, "model.mean_backprop_depth": 1}
@@ -59,8 +61,8 @@ CKPT = "ckpt_portability"
 KILL_AFTER = 45  # seconds past --budget at which a still running variant is killed
 
 
-def variant_names(n):
-  return [f"parcae_{s}_{l if l == '1gpu' else l + str(n)}" for s in SIZES for l in LAYOUTS] + [CKPT]
+def variant_names(n, sizes=SIZES):
+  return [f"parcae_{s}_{l if l == '1gpu' else l + str(n)}" for s in sizes for l in LAYOUTS] + [CKPT]
 
 
 def parse_variant(name):
@@ -314,7 +316,8 @@ def main():
   meta = {**probe(args), "args": vars(args)}
   n = meta["n_devices"]
   only = [o for o in args.only.split(",") if o]
-  names = [v for v in variant_names(n) if not only or any(v.startswith(o) for o in only)]
+  names = [v for v in variant_names(n, SIZES + EXTRA_SIZES if only else SIZES)
+           if not only or any(v.startswith(o) for o in only)]
   if n == 1:  # nothing to scale to: the N-device variants would repeat the baseline
     names = [v for v in names if v.endswith("_1gpu") or v == CKPT]
   out_path = os.path.join(os.environ.get("OUT", "."), "multi_gpu.json")
