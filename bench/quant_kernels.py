@@ -90,7 +90,7 @@ def run_rotq_case(shape, case, iters, ceiling, tile, warps, time_jnp=True):
   from parcae.quant import dense, hadamard
   from parcae.quant.kernels import rotq
   fmt, mode, rounding, axis, rotated = case
-  tile_def, warps_def = rotq.TUNING[(rotated, rounding == "stochastic")]
+  tile_def, warps_def = rotq.TUNING[(axis, rotated, rounding == "stochastic")]
   tile, warps = tile or tile_def, warps or warps_def
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(jnp.bfloat16)
   op = dense.Operand(fmt, scale_mode=mode, rounding=rounding)

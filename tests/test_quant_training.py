@@ -252,12 +252,13 @@ def test_quartet_on_a_data_fsdp_tensor_mesh_trains(data, tmp_path):
   assert [r["loops"] for r in evals] == [3] and np.isfinite(evals[0]["val_loss"])
 
 
-def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(cuda_lowering):
+def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(cuda_lowering, monkeypatch):
   """The whole sharded train step (grad accumulation, the no-grad while loop, the remat grad scan, every
   block's fwd / dgrad / wgrad) lowers for CUDA with the Triton kernels on a (2, 2, 2) mesh, and no kernel
   sees a whole micro-batch of token rows: each gets its device's quarter."""
   from conftest import triton_calls
   from jax.sharding import NamedSharding, PartitionSpec as P
+  from parcae.quant.kernels import rotq
   from parcae.train import mesh as pmesh
   from parcae.train.loop import init_state
   from parcae.train.step import make_train_step
@@ -272,8 +273,11 @@ def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(cuda_lowerin
            for k in ("inputs", "targets")}
   step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, None))
+  rows = set()  # the rows of every operand handed to the kernels (the token operands' are one device's)
+  real = rotq.rotate_quantize
+  monkeypatch.setattr(rotq, "rotate_quantize", lambda x, *a, **kw: rows.add(x.shape[0]) or real(x, *a, **kw))
   with jax.set_mesh(mesh):
     text = step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
-  rows = {r for r, _ in triton_calls(text)}
+  assert triton_calls(text)
   tokens = tc.micro_batch_size * tc.seq_len
   assert tokens // 4 in rows and tokens not in rows, rows

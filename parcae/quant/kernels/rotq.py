@@ -5,7 +5,9 @@ dgrad operands and along the tokens (rows, axis 0) for the wgrad operands. The j
 last (a transpose), rotates with a small matmul (an f32 array written and read) and then quantizes;
 this kernel reads x once and writes the result once, with no transpose:
 
-  axis 1: tiles [rows, block] on a (R / rows, C / block) grid; rotation = tile @ M
+  axis 1: x viewed as [R * C / block, block] (a free reshape: each row of the view is one block, so
+          a tile of consecutive view rows is one contiguous stretch of memory); tiles [tile, block]
+          on a (R * C / block / tile, 1) grid; rotation = tile @ M
   axis 0: tiles [block, cols] on a (R / block, C / cols) grid; rotation = M^T @ tile
 
 The arithmetic is the jnp path's, step for step (bf16(x) times the +-1 matrix with f32 accumulation,
@@ -30,10 +32,12 @@ from parcae.quant import rng as R
 from parcae.quant.kernels.qdq import N_CONSTS, backend, kernel_inputs
 
 TILE = 256  # elements along the non-block axis per program (the largest tile; `_tile` may pick less)
-# GPU launch shape per kernel flavour (rotate, stochastic) -> (tile, num_warps); the values computed do
-# not depend on it. Measured on the H200 with `bench/quant_kernels.py --rotq-tiles 32,64,128,256
-# --rotq-warps 4,8` (bench/RESULTS.md): rotated + stochastic 0.60 ms at (64, 4) against 0.92 ms at (256, 4).
-TUNING = {(False, False): (128, 4), (True, False): (128, 4), (False, True): (64, 4), (True, True): (64, 4)}
+# GPU launch shape per kernel flavour (axis, rotate, stochastic) -> (tile, num_warps); the values computed
+# do not depend on it. Measured on the H200 with `bench/quant_kernels.py --rotq-tiles ... --rotq-warps ...`
+# (bench/RESULTS.md).
+TUNING = {(1, False, False): (256, 4), (1, True, False): (256, 4), (1, False, True): (256, 4),
+          (1, True, True): (256, 4), (0, False, False): (128, 4), (0, True, False): (128, 4),
+          (0, False, True): (64, 4), (0, True, True): (64, 4)}
 
 
 def _tile(d, tile=TILE):
@@ -104,8 +108,21 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
   if not supported(x, fmt, ax, rotation):
     raise ValueError(f"rotate_quantize does not handle x {x.shape} along axis {axis} with rotation "
                      f"{rotation and rotation[0]} for {fmt}; use the jnp path")
+  if inputs is None:
+    inputs = operand_inputs(x, fmt, rounding, key, rotation, two_level, ax)
+  if ax == 0:
+    return _launch(x, f, 0, scale_mode, rounding, rotation, two_level, want_mask, interpret, tile,
+                   num_warps, inputs, first_row, total_rows or x.shape[0])
+  per = x.shape[1] // f.block  # the contiguous view (module doc): the same blocks and SR indices
+  y, mask = _launch(x.reshape(-1, f.block), f, 1, scale_mode, rounding, rotation, two_level, want_mask,
+                    interpret, tile, num_warps, inputs, first_row * per, (total_rows or x.shape[0]) * per)
+  return y.reshape(x.shape), (mask.reshape(x.shape) if want_mask else None)
+
+
+def _launch(x, f, ax, scale_mode, rounding, rotation, two_level, want_mask, interpret, tile, num_warps,
+            inputs, first_row, total_rows):
   stochastic = rounding == "stochastic"
-  t_def, w_def = TUNING[(rotation is not None, stochastic)]
+  t_def, w_def = TUNING[(ax, rotation is not None, stochastic)]
   interpret, div, params = backend(interpret, num_warps or w_def)
   rows, cols = x.shape
   t = _tile(rows if ax == 1 else cols, tile or t_def)
@@ -117,9 +134,9 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
   if rotation is not None:  # axis 0 applies the +-1 matrix as M^T @ tile
     pm = H.sign_matrix(f.block, rotation[1])
     m = (pm if ax == 1 else pm.T).astype(jnp.bfloat16)
-  consts, sd = inputs if inputs is not None else operand_inputs(x, fmt, rounding, key, rotation, two_level, ax)
+  consts, sd = inputs
   sd = sd.at[2].set(jnp.asarray(first_row, jnp.uint32))
-  shape = (total_rows or rows, cols)
+  shape = (total_rows, cols)
   if stochastic:
     R.check_size(shape)
   spec = pl.BlockSpec(bshape, lambda i, j: (i, j))
