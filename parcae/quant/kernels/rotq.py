@@ -33,11 +33,11 @@ from parcae.quant.kernels.qdq import N_CONSTS, backend, kernel_inputs
 
 TILE = 256  # elements along the non-block axis per program (the largest tile; `_tile` may pick less)
 # GPU launch shape per kernel flavour (axis, rotate, stochastic) -> (tile, num_warps); the values computed
-# do not depend on it. Measured on the H200 with `bench/quant_kernels.py --rotq-tiles ... --rotq-warps ...`
-# (bench/RESULTS.md).
-TUNING = {(1, False, False): (256, 4), (1, True, False): (256, 4), (1, False, True): (256, 4),
-          (1, True, True): (256, 4), (0, False, False): (128, 4), (0, True, False): (128, 4),
-          (0, False, True): (64, 4), (0, True, True): (64, 4)}
+# do not depend on it. Swept on the H200 (16384 x 8192 bf16, bench/RESULTS.md 2026-12-01):
+#   python3 bench/quant_kernels.py --quick --iters 20 --rounding R --rotq-cases C --rotq-tiles T --rotq-warps 4,8
+TUNING = {(1, False, False): (256, 8), (1, True, False): (128, 4), (1, False, True): (128, 4),
+          (1, True, True): (128, 4), (0, False, False): (256, 4), (0, True, False): (128, 4),
+          (0, False, True): (128, 4), (0, True, True): (128, 4)}
 
 
 def _tile(d, tile=TILE):
