@@ -264,25 +264,3 @@ def test_headroom_multiply_equals_the_division(fmt, rounding, monkeypatch):
   monkeypatch.undo()
   # E2M1 takes the multiply; formats with 3-bit mantissas would not get the same bits, so keep the division
   assert Q._headroom_mul_exact(F.get_format(fmt).elem) == (fmt == "mxfp4")  # pylint: disable=protected-access
-
-
-@pytest.mark.parametrize("stochastic", [False, True])
-def test_e2m1_comparison_rounding_equals_the_exponent_arithmetic(stochastic):
-  """FP4's comparison-based rounding (`formats._round_e2m1`) against the generic exponent-field rounding:
-  every bf16 magnitude (all 2^15 non-negative bit patterns), every midpoint and grid value and their f32
-  neighbours, random f32; stochastic with u on the 2^-24 grid including 0, exact fractions and 1 - 2^-24."""
-  bf = np.arange(1 << 15, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
-  pts = np.array([m for m, _, _ in F._E2M1_STEPS] + F.grid_values(F.E2M1), np.float32)  # pylint: disable=protected-access
-  near = np.concatenate([pts, np.nextafter(pts, np.float32(0)), np.nextafter(pts, np.float32(8))])
-  rng = np.random.default_rng(7)
-  a = np.concatenate([bf, near, rng.uniform(0, 7, 1 << 16).astype(np.float32)])
-  a = np.minimum(np.nan_to_num(a, nan=0.0, posinf=6.0), np.float32(6.0))  # round_to_grid's clipped |t|
-  u = None
-  if stochastic:
-    u = np.floor(rng.uniform(0, 1, a.size) * 2**24).astype(np.float32) * np.float32(2**-24)
-    u[:64] = np.array([0.0, 0.5, 0.25, 0.75, 1 - 2**-24] * 13)[:64]
-    u = jnp.asarray(u)
-  got = np.asarray(F._round_e2m1(jnp.asarray(a), u))  # pylint: disable=protected-access
-  want = np.asarray(F._round_magnitude(jnp.asarray(a), F.E2M1, u))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-  assert len(np.unique(got)) == 8  # every grid value reached

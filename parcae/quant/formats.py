@@ -111,39 +111,6 @@ def round_to_grid(t, elem: Element, u=None):
   """
   t = t.astype(jnp.float32)
   a = jnp.minimum(jnp.abs(t), jnp.float32(elem.max_val))
-  q = _round_e2m1(a, u) if elem == E2M1 else _round_magnitude(a, elem, u)
-  q = jnp.where(t < 0, -q, q)
-  return jnp.where(t != t, t, q)
-
-
-# E2M1's grid {0, .5, 1, 1.5, 2, 3, 4, 6}: (threshold, value above it, whether the midpoint itself rounds up
-# (ties to the even neighbour: 0, 1, 2, 4 have even mantissas))
-_E2M1_STEPS = ((0.25, 0.5, False), (0.75, 1.0, True), (1.25, 1.5, False), (1.75, 2.0, True),
-               (2.5, 3.0, False), (3.5, 4.0, True), (5.0, 6.0, False))
-
-
-def _round_e2m1(a, u=None):
-  """`_round_magnitude(a, E2M1, u)` by comparisons, bit for bit (tests/test_quant_quantize.py): FP4 is
-  the hot format (Quartet, NVFP4) and this is about half the instructions of the exponent arithmetic.
-  Nearest: select the grid value above each midpoint. Stochastic: the grid point below, the spacing
-  there (0.5 below 2, 1 below 4, else 2) and the exact fraction (a - lo) / spacing (a - lo is exact,
-  lo <= a < 2 lo; the division is by a power of two)."""
-  if u is None:
-    q = jnp.zeros_like(a)
-    for mid, val, tie_up in _E2M1_STEPS:
-      q = jnp.where((a >= mid) if tie_up else (a > mid), jnp.float32(val), q)
-    return q
-  lo = jnp.zeros_like(a)
-  for _, val, _ in _E2M1_STEPS:
-    lo = jnp.where(a >= val, jnp.float32(val), lo)
-  big, mid = a >= 4.0, a >= 2.0
-  inv = jnp.where(big, jnp.float32(0.5), jnp.where(mid, jnp.float32(1.0), jnp.float32(2.0)))
-  step = jnp.where(big, jnp.float32(2.0), jnp.where(mid, jnp.float32(1.0), jnp.float32(0.5)))
-  return jnp.where(u.astype(jnp.float32) < (a - lo) * inv, lo + step, lo)
-
-
-def _round_magnitude(a, elem: Element, u=None):
-  """Round a in [0, max_val] onto elem's grid from its exponent field (RNE, or up iff u < fraction)."""
   e = jnp.maximum(exp_field(a) - 127, elem.emin)
   ulp_exp = e - elem.mbits  # |t| / ulp < 2^(mbits + 1): exact in f32
   s = mul_pow2(a, -ulp_exp)
@@ -152,7 +119,9 @@ def _round_magnitude(a, elem: Element, u=None):
   else:
     lo = floor_int(s)
     n = jnp.where(u.astype(jnp.float32) < s - lo, lo + 1.0, lo)
-  return mul_pow2(n, ulp_exp)
+  q = mul_pow2(n, ulp_exp)
+  q = jnp.where(t < 0, -q, q)
+  return jnp.where(t != t, t, q)
 
 
 def grid_values(elem: Element):
