@@ -43,6 +43,10 @@ VARIANTS = {
     "gpt_medium_chunk2k": ("gpt", "medium", {"train.loss_chunk": 2048}),
     "parcae_small_chunk2k": ("parcae", "small", {"train.loss_chunk": 2048}),
     "gpt_small_chunk1k": ("gpt", "small", {"train.loss_chunk": 1024}),
+    # per-block remat of the non-looped blocks (GPT memory over the reference's: 2026-11-24)
+    "gpt_small_block_dots": ("gpt", "small", {"train.loss_chunk": 2048, "model.block_remat": "dots"}),
+    "gpt_medium_block_dots": ("gpt", "medium", {"train.loss_chunk": 2048, "model.block_remat": "dots"}),
+    "gpt_medium_block_full": ("gpt", "medium", {"train.loss_chunk": 2048, "model.block_remat": "full"}),
     "gpt_medium_chunk1k": ("gpt", "medium", {"train.loss_chunk": 1024}),
     "parcae_medium": ("parcae", "medium", {}),
     "gpt_medium": ("gpt", "medium", {}),

@@ -218,3 +218,50 @@ def test_rel_residual_telemetry_is_each_sequences_last_step():
     want.append(np.linalg.norm(h_t - h_p, axis=-1) / np.linalg.norm(h_t, axis=-1))
   np.testing.assert_allclose(float(tel["rel_residual"]), np.mean(want), rtol=1e-5)
   assert float(tel["rel_residual"]) > 0.01  # the loop moves the state, so the check has something to see
+
+
+def _saved_activation_bytes(fn, *args, lead=(2, S)):
+  """Bytes of the [B, S, ...] arrays autodiff keeps for the backward pass of fn (the activations, not the
+  weights; parsed from jax's public residual report)."""
+  import contextlib
+  import io
+  import re
+  from jax.ad_checkpoint import print_saved_residuals
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    print_saved_residuals(fn, *args)
+  total = 0
+  for dt, dims in re.findall(r"^(\w+)\[([\d,]*)\]", buf.getvalue(), re.M):
+    shape = tuple(int(d) for d in dims.split(",") if d)
+    if shape[:2] != lead:
+      continue
+    total += int(np.prod(shape)) * jnp.dtype(
+        {"f32": "float32", "bf16": "bfloat16", "i32": "int32", "s32": "int32", "u32": "uint32",
+         "bool": "bool", "f16": "float16", "key<fry>": "uint32"}.get(dt, "float32")).itemsize
+  return total
+
+
+@pytest.mark.parametrize("kind", ["gpt", "parcae"])
+def test_block_remat_keeps_less_and_changes_nothing(kind):
+  """model.block_remat: GPT's blocks (Parcae's prelude and coda) recompute in the backward pass: the
+  gradients are those without remat, and autodiff keeps a fraction of the activations ("dots": the
+  matmul outputs, "full": the block inputs)."""
+  ids = jax.random.randint(jax.random.key(8), (2, S), 0, V)
+  targets = jax.random.randint(jax.random.key(9), (2, S), 0, V)
+  grads, kept = {}, {}
+  for policy in ("none", "dots", "full"):
+    gd, st = nnx.split(perturbed_model(tiny_cfg(kind=kind, n_layers=4, block_remat=policy), seed=4), nnx.Param)
+
+    def loss(s, gd=gd):
+      return model_loss(s, gd, ids, targets, jax.random.key(0), jnp.array([1, 2]), jnp.array([1, 2]))
+    grads[policy] = jax.tree.map(np.asarray, nnx.to_pure_dict(jax.grad(loss)(st)))
+    kept[policy] = _saved_activation_bytes(loss, st)
+  for policy in ("dots", "full"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), grads[policy], grads["none"])
+  assert kept["full"] < kept["dots"] < kept["none"], kept
+  assert kept["full"] < 0.5 * kept["none"], kept
+
+
+def test_block_remat_is_validated():
+  with pytest.raises(ValueError, match="model.block_remat='some'"):
+    M.validate_model_config(tiny_cfg(block_remat="some"))

@@ -250,3 +250,22 @@ def test_partial_runs_resume(micro_sweep, tmp_path):
   # A's re-evaluated final rows equal the original ones (deterministic evaluation of the same checkpoint)
   sel = lambda t: t.select((t["run"] == a) & (t["step"] == plans[a]["steps"]))
   np.testing.assert_allclose(sel(new)["val_loss"], sel(old)["val_loss"], rtol=1e-6)
+
+
+def test_run_configs_written_before_a_new_field_still_match(tmp_path):
+  """A run directory whose config.json predates a config field (here model.block_remat) is the same run
+  when the plan holds that field's default, and a different run when it does not."""
+  from parcae.model import size_config
+  from parcae.scaling import sweep as sw
+  from parcae.train.config import default_config
+  cfg = default_config(size_config("parcae", "small"))
+  old = json.loads(cfg.to_json_best_effort())
+  del old["model"]["block_remat"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  sw._check_same_config({"cfg": cfg, "run": "r0"}, str(tmp_path))  # pylint: disable=protected-access
+  cfg.model.block_remat = "full"
+  with pytest.raises(ValueError, match="model.block_remat"):
+    sw._check_same_config({"cfg": cfg, "run": "r0"}, str(tmp_path))  # pylint: disable=protected-access
+  from parcae.eval.loss import load_run_config
+  assert load_run_config(str(tmp_path)).model.block_remat == "none"
+  assert load_run_config(str(tmp_path)).model.d_model == 768

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from parcae import data as pdata
 from parcae.train import checkpoint as ckpt
 from parcae.train import mesh as pmesh
+from parcae.train.config import with_defaults
 from parcae.train.loop import evaluate, init_state
 from parcae.train.step import make_eval_step
 
@@ -20,7 +21,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by `parcae train`")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return with_defaults(json.load(f))
 
 
 def load_params(cfg, workdir: str, step=None):

@@ -51,6 +51,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.max_backprop_depth = 0  # poisson-full only: static cap on k (0 = 3 * mean_recurrence)
   c.compute_dtype = "bfloat16"  # matmul dtype; "float32" for exact checks (params stay float32)
   c.remat = "full"  # recompute policy per grad loop iteration: full | dots | none
+  c.block_remat = "none"  # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots
   c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"
   return c
 
@@ -80,6 +81,7 @@ def validate_model_config(cfg) -> None:
   _choice(cfg, "sampling_scheme", SAMPLING_SCHEMES)
   _choice(cfg, "sampling_granularity", SAMPLING_GRANULARITIES)
   _choice(cfg, "remat", REMAT_POLICIES)
+  _choice(cfg, "block_remat", REMAT_POLICIES)
   _choice(cfg, "attention_impl", ATTENTION_IMPLS)
   _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
   positive = ["vocab_size", "d_model", "n_heads", "ffn_mult", "max_seq_len"]

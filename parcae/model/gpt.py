@@ -35,5 +35,6 @@ class GPT(nnx.Module):
     cfg = self.cfg
     rope = layers.rope_tables(ids_BxS.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_base)
     x = self.embed(ids_BxS)
-    x = layers.run_stage(self.blocks, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.blocks], quant_key)
+    x = layers.run_stage(self.blocks, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.blocks], quant_key,
+                         cfg.block_remat)
     return self.final_norm(x), {}

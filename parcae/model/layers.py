@@ -14,6 +14,19 @@ from jax.sharding import PartitionSpec as P
 from parcae.model import init
 
 VE_GATE_WIDTH = 32  # gate reads the first 32 channels of the normed block input
+# Named recompute policies (model.remat for each grad loop iteration, model.block_remat for each block of
+# the non-looped stages): what the backward pass keeps from the forward; the rest is recomputed.
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def remat(fn, policy: str, in_scan: bool = False):
+  """fn under jax.checkpoint with the named policy ("none": fn itself). Outside a scan the recomputation
+  must be shielded from common-subexpression elimination (else XLA merges it with the forward and keeps
+  the activations after all); inside one the loop already separates them and the shield only costs."""
+  return fn if policy == "none" else jax.checkpoint(fn, policy=REMAT[policy], prevent_cse=not in_scan)
 
 
 def rms_norm(x, eps):
@@ -174,9 +187,16 @@ def make_stage(cfg, key, ve_flags, cd, quant):
   return nnx.List([Block(cfg, keys[i], with_ve=f, cd=cd, quant=quant) for i, f in enumerate(ve_flags)])
 
 
-def run_stage(blocks, x, rope, ves, key=None):
+def run_stage(blocks, x, rope, ves, key=None, policy: str = "none"):
+  """The blocks in order; each rematerialized with the named policy (`REMAT`) unless "none"."""
   for i, blk in enumerate(blocks):
-    x = blk(x, rope, ves[i], None if key is None else jax.random.fold_in(key, i))
+    k = None if key is None else jax.random.fold_in(key, i)
+    if policy == "none":
+      x = blk(x, rope, ves[i], k)
+      continue
+    graphdef, state = nnx.split(blk)
+    x = remat(lambda st, x, rope, ve, k: nnx.merge(graphdef, st)(x, rope, ve, k), policy)(
+        state, x, rope, ves[i], k)
   return x
 
 

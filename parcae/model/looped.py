@@ -18,12 +18,6 @@ from parcae.model import init, layers, sampler
 from parcae.model.config import grad_depth, ve_layout
 from parcae.model.injection import make_injection
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 def _norm(x):
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
 
@@ -66,7 +60,8 @@ class Parcae(nnx.Module):
 
   def _prelude(self, ids_BxS, rope, quant_key):
     x = self.embed(ids_BxS)
-    x = layers.run_stage(self.prelude, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.prelude], quant_key)
+    x = layers.run_stage(self.prelude, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.prelude], quant_key,
+                         self.cfg.block_remat)
     return self.prelude_norm(x) if self.prelude_norm is not None else x
 
   def logits(self, y_BxSxD):
@@ -94,7 +89,8 @@ class Parcae(nnx.Module):
     ves = [b.attn.lookup_ve(ids_BxS) for b in self.core]
     h, step_BxS = self._loop(h0, ctx, ves, rope, n_B, k_B, grad_steps, qk(1))
     y = self.C(h).astype(jnp.float32)
-    y = layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], qk(2))
+    y = layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], qk(2),
+                         cfg.block_remat)
     return self.final_norm(y), self._telemetry(h, step_BxS, n_B, k_B)
 
   def _core_fn(self):
@@ -131,9 +127,7 @@ class Parcae(nnx.Module):
     _, h, d_BxS = jax.lax.while_loop(lambda c: c[0] < n_max, no_grad_body, (jnp.int32(0), sg(h0), d0))
     if grad_steps == 0:
       return h, d_BxS
-    policy = self.cfg.remat
-    live_step = step if policy == "none" else jax.checkpoint(step, policy=REMAT_POLICIES[policy],
-                                                            prevent_cse=False)
+    live_step = layers.remat(step, self.cfg.remat, in_scan=True)
 
     def grad_body(carry, i):
       h, d_BxS = carry

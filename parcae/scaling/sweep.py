@@ -39,6 +39,7 @@ import ml_collections
 
 from parcae import config as config_lib
 from parcae.scaling import flops as flops_lib
+from parcae.train.config import with_defaults
 
 CONVENTIONS = ("reference", "executed")
 LAUNCH_MODES = ("local", "slurm", "print")
@@ -291,7 +292,7 @@ def _check_same_config(plan: dict, workdir: str) -> None:
   if not os.path.isfile(path):
     return
   with open(path) as f:
-    old = json.load(f)
+    old = json.loads(with_defaults(json.load(f)).to_json_best_effort())  # fields added since: defaults
   new = json.loads(plan["cfg"].to_json_best_effort())
   if old != new:
     keys = sorted(k for k in set(_flatten(old)) | set(_flatten(new)) if _flatten(old).get(k) != _flatten(new).get(k))
@@ -436,12 +437,12 @@ _RUN_CONFIG_PY = '''"""Run {run} of a `parcae sweep` (generated; edit the sweep 
 import json
 import os
 
-import ml_collections
+from parcae.train.config import with_defaults
 
 
 def get_config():
   with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "{run}.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return with_defaults(json.load(f))  # fields added to the framework since: their defaults
 '''
 
 

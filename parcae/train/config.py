@@ -67,6 +67,19 @@ def default_config(model_cfg) -> ml_collections.ConfigDict:
   return c
 
 
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config (its config.json) with every field added to the defaults since it was written
+  set to its default, so runs written by an older version still evaluate, resume and compare."""
+  from parcae.model.config import default_model_config
+
+  def merge(base, new):
+    out = dict(base)
+    for k, v in new.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return ml_collections.ConfigDict(merge(default_config(default_model_config()).to_dict(), saved))
+
+
 # The reference's training recipes (spec 5.1-5.2): 256 x 2048 tokens per optimizer step, MuonAdamW,
 # trapezoid schedule with a 50% linear cooldown, 80 tokens per nominal parameter.
 # size: (micro_batch_size, grad_accum, steps, adamw lr)
