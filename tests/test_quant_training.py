@@ -252,10 +252,12 @@ def test_quartet_on_a_data_fsdp_tensor_mesh_trains(data, tmp_path):
   assert [r["loops"] for r in evals] == [3] and np.isfinite(evals[0]["val_loss"])
 
 
-def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(cuda_lowering, monkeypatch):
+@pytest.mark.parametrize("block_remat", ["none", "full"])
+def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(block_remat, cuda_lowering, monkeypatch):
   """The whole sharded train step (grad accumulation, the no-grad while loop, the remat grad scan, every
-  block's fwd / dgrad / wgrad) lowers for CUDA with the Triton kernels on a (2, 2, 2) mesh, and no kernel
-  sees a whole micro-batch of token rows: each gets its device's quarter."""
+  block's fwd / dgrad / wgrad, with and without per-block remat of the prelude and coda) lowers for CUDA with
+  the Triton kernels on a (2, 2, 2) mesh, and no kernel sees a whole micro-batch of token rows: each gets its
+  device's quarter."""
   from conftest import triton_calls
   from jax.sharding import NamedSharding, PartitionSpec as P
   from parcae.quant.kernels import rotq
@@ -264,6 +266,7 @@ def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(cuda_lowerin
   from parcae.train.step import make_train_step
   cfg = tiny_config("unused", grad_accum=2)
   cfg.model.compute_dtype, cfg.quant.recipe, cfg.quant.impl = "bfloat16", "quartet", "pallas"
+  cfg.model.block_remat = block_remat
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   mesh = pmesh.make_mesh(cfg.mesh, jax.devices())
   graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
