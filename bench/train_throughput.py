@@ -34,6 +34,13 @@ VARIANTS = {
     "parcae_small_nvfp4": ("parcae", "small", {"quant.recipe": "nvfp4"}),
     "parcae_small_nvidia_nvfp4": ("parcae", "small", {"quant.recipe": "nvidia_nvfp4"}),
     "parcae_small_remat_none": ("parcae", "small", {"model.remat": "none"}),
+    # the grad phase as straight-line code (model.grad_unroll) under each per-iteration remat policy
+    "parcae_small_unroll": ("parcae", "small", {"model.grad_unroll": True}),
+    "parcae_small_unroll_dots": ("parcae", "small", {"model.grad_unroll": True, "model.remat": "dots"}),
+    "parcae_small_unroll_none": ("parcae", "small", {"model.grad_unroll": True, "model.remat": "none"}),
+    "parcae_small_quartet_unroll_dots": ("parcae", "small", {"quant.recipe": "quartet", "model.grad_unroll": True,
+                                                             "model.remat": "dots"}),
+    "parcae_medium_unroll_dots": ("parcae", "medium", {"model.grad_unroll": True, "model.remat": "dots"}),
     "parcae_small_accum16": ("parcae", "small", {"_accum": 16}),
     "parcae_small_xlaflags": ("parcae", "small", {"_accum": 16, "_xla_flags": XLA_FLAGS}),
     "parcae_small_accum16_quartet": ("parcae", "small", {"_accum": 16, "quant.recipe": "quartet"}),

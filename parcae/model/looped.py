@@ -4,7 +4,8 @@ The loop of `hidden`:
   phase 1: n no-grad iterations, a `while_loop` whose count max(n_B) is traced (one compilation for any n);
            the core's parameters and every loop input pass through stop_gradient, so nothing flows back.
   phase 2: `grad_depth` iterations (static) with gradient, a `scan` of a rematerialized step
-           (`jax.checkpoint` per iteration).
+           (`jax.checkpoint` per iteration); `model.grad_unroll` unrolls it into straight-line code, so the
+           residuals the backward pass keeps are not stacked into [grad_depth, ...] loop buffers.
 Per-sequence depths mask the update: sequence b changes only while i < n_b (phase 1) and i < k_b (phase 2),
 as the reference does. A test-time forward at T loops is phase 1 with n_b = T and no phase 2.
 """
@@ -127,14 +128,18 @@ class Parcae(nnx.Module):
     _, h, d_BxS = jax.lax.while_loop(lambda c: c[0] < n_max, no_grad_body, (jnp.int32(0), sg(h0), d0))
     if grad_steps == 0:
       return h, d_BxS
-    live_step = layers.remat(step, self.cfg.remat, in_scan=True)
+    unroll = self.cfg.grad_unroll
+    live_step = layers.remat(step, self.cfg.remat, in_scan=not unroll)
 
     def grad_body(carry, i):
       h, d_BxS = carry
       new = live_step(state, h, ctx, ves, rope, keyed(1, i))
       return update(i < k_B, new, h, d_BxS), None
 
-    (h, d_BxS), _ = jax.lax.scan(grad_body, (h, d_BxS), jnp.arange(grad_steps))
+    if not unroll:
+      return jax.lax.scan(grad_body, (h, d_BxS), jnp.arange(grad_steps))[0]
+    for i in range(grad_steps):  # a Python loop: jax's unrolled scan would still stack the residuals
+      (h, d_BxS), _ = grad_body((h, d_BxS), jnp.int32(i))
     return h, d_BxS
 
   def _telemetry(self, h, step_BxS, n_B, k_B):
