@@ -12,9 +12,10 @@ import jax
 def top_device_ops(run, name, n=25, what="the traced calls"):
   """Trace run() (which returns arrays to wait for), print the n ops with the most summed device time.
 
-  The trace goes to $OUT/<name> (or /tmp/<name>). Returns {op name: microseconds}.
+  The trace goes to /tmp/<name>; the per-op totals (microseconds, calls) and a summary by kind of kernel to
+  $OUT/<name>.json (or /tmp). Returns {op name: microseconds}.
   """
-  logdir = os.path.join(os.environ.get("OUT", "/tmp"), name)
+  logdir = os.path.join("/tmp", name)
   with jax.profiler.trace(logdir, create_perfetto_trace=True):
     jax.block_until_ready(run())
   files = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)
@@ -25,17 +26,44 @@ def top_device_ops(run, name, n=25, what="the traced calls"):
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-  totals, total = {}, 0.0
+  totals, calls, total = {}, {}, 0.0
   for e in events:
     proc = pids.get(e.get("pid"), "")
     if e.get("ph") != "X" or "dur" not in e or ("GPU" not in proc and "/device" not in proc):
       continue
     key = e["name"][:90]
     totals[key] = totals.get(key, 0.0) + e["dur"]
+    calls[key] = calls.get(key, 0) + 1
     total += e["dur"]
   print(f"device time in {what}: {total / 1e3:.2f} ms", flush=True)
   if not total:
     print("process names in the trace:", sorted(set(pids.values()))[:20], flush=True)
   for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:n]:
     print(f"  {v / 1e3:9.3f} ms {100 * v / total:5.1f}%  {k}", flush=True)
+  kinds = {}
+  for k, v in totals.items():
+    kinds[op_kind(k)] = kinds.get(op_kind(k), 0.0) + v
+  print("by kind: " + ", ".join(f"{k} {100 * v / max(total, 1e-9):.1f}%" for k, v in
+                                sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)
+  with open(os.path.join(os.environ.get("OUT", "/tmp"), name + ".json"), "w") as f:
+    json.dump({"total_us": total, "by_kind_us": kinds,
+               "ops": {k: [totals[k], calls[k]] for k in sorted(totals, key=lambda k: -totals[k])}}, f, indent=0)
   return totals
+
+
+def op_kind(name: str) -> str:
+  """Coarse class of a device op by its kernel name: GEMM, attention, reduction fusion, elementwise, other."""
+  n = name.lower()
+  if any(t in n for t in ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas", "dot")):
+    return "gemm"
+  if any(t in n for t in ("cudnn", "flash", "fmha", "sdpa")):
+    return "attention"
+  if "reduce" in n:
+    return "reduction fusion"
+  if "fusion" in n or "loop_" in n:
+    return "elementwise fusion"
+  if any(t in n for t in ("copy", "memcpy", "memset", "transpose")):
+    return "copy / transpose"
+  if any(t in n for t in ("triton", "pallas")):
+    return "custom kernel"
+  return "other"

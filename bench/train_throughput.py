@@ -41,6 +41,9 @@ VARIANTS = {
     "parcae_small_quartet_unroll_dots": ("parcae", "small", {"quant.recipe": "quartet", "model.grad_unroll": True,
                                                              "model.remat": "dots"}),
     "parcae_medium_unroll_dots": ("parcae", "medium", {"model.grad_unroll": True, "model.remat": "dots"}),
+    "parcae_medium_unroll_none": ("parcae", "medium", {"model.grad_unroll": True, "model.remat": "none"}),
+    "parcae_small_quartet_unroll_none": ("parcae", "small", {"quant.recipe": "quartet", "model.grad_unroll": True,
+                                                             "model.remat": "none"}),
     "parcae_small_accum16": ("parcae", "small", {"_accum": 16}),
     "parcae_small_xlaflags": ("parcae", "small", {"_accum": 16, "_xla_flags": XLA_FLAGS}),
     "parcae_small_accum16_quartet": ("parcae", "small", {"_accum": 16, "quant.recipe": "quartet"}),
@@ -136,6 +139,9 @@ def train_and_time(cfg, args, devices, name=""):
   dt = time.time() - t0
   ms = jax.device_get(ms)
   if getattr(args, "profile", False):
+    import gzip
+    with gzip.open(os.path.join(os.environ.get("OUT", "/tmp"), f"hlo_{name}.txt.gz"), "wt") as f:
+      f.write(compiled.as_text())  # the optimized program, to read what each profiled fusion computes
     state = profile_steps(step, state, batch, name)
   losses += [float(m["loss"]) for m in ms]
   assert all(np.isfinite(losses)), f"non-finite loss {losses}"

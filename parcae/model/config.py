@@ -50,7 +50,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.sampling_granularity = "per-sequence"  # one depth per sequence, or one per batch
   c.max_backprop_depth = 0  # poisson-full only: static cap on k (0 = 3 * mean_recurrence)
   c.compute_dtype = "bfloat16"  # matmul dtype; "float32" for exact checks (params stay float32)
-  c.remat = "full"  # recompute policy per grad loop iteration: full | dots | none
+  c.remat = "full"  # recompute policy per grad loop iteration: full | dots | none (layers.REMAT)
   c.grad_unroll = False  # unroll the grad phase (straight-line code, no stacked residuals; longer compile)
   c.block_remat = "none"  # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots
   c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"

@@ -1,32 +1,74 @@
-"""Cross-entropy of the tied head, optionally chunked so that float32 logits [B, S, V] never exist at once.
+"""Cross-entropy of the tied head, `chunk` tokens at a time, with a hand-written backward pass.
 
-With `chunk` > 0 the tokens are processed `chunk` at a time in a rematerialized scan: the backward pass
-recomputes each chunk's logits instead of storing all of them (for a 32k vocabulary the logits dominate the
-activation memory of small models).
+The logits are the compute-dtype GEMM's output (bf16, as the reference's autocast head) read as float32. The
+forward pass keeps only each token's log-sum-exp; the backward pass recomputes a chunk's logits and turns them
+into the compute-dtype logit gradient in one elementwise pass, (softmax - onehot) * g, the operand of the two
+backward GEMMs. So no [tokens, V] float32 array is ever written, in either pass (autodiff of the same formula
+writes the float32 gradient, subtracts the one-hot in a scatter and casts it in two more passes).
+The backward GEMMs return float32 (the reference's autocast rounds them to bf16 first); the weight gradient
+is summed over chunks in float32. `chunk` <= 0 means one chunk of all tokens.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-
-
-def _nll_block(y_NxD, table_VxD, targets_N, cd):
-  logits = jnp.dot(y_NxD.astype(cd), table_VxD.astype(cd).T).astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets_N[:, None], axis=-1)[:, 0]
-  return lse - target_logit
 
 
 def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0):
   """Negative log-likelihood per token [B, S] (float32)."""
   b, s, d = y_BxSxD.shape
   n = b * s
-  y, t = y_BxSxD.reshape(n, d), targets_BxS.reshape(n)
-  if chunk <= 0 or chunk >= n:
-    return _nll_block(y, table_VxD, t, cd).reshape(b, s)
+  chunk = n if chunk <= 0 or chunk >= n else chunk
   if n % chunk:
     raise ValueError(f"train.loss_chunk={chunk} must divide the tokens per micro-batch ({n}); pick a divisor")
-  block = jax.checkpoint(lambda yc, tc: _nll_block(yc, table_VxD, tc, cd))
-  _, nll = jax.lax.scan(lambda c, xs: (c, block(*xs)), None,
-                        (y.reshape(n // chunk, chunk, d), t.reshape(n // chunk, chunk)))
+  nll = _chunked_nll(y_BxSxD.reshape(n // chunk, chunk, d), table_VxD, targets_BxS.reshape(n // chunk, chunk),
+                     jnp.dtype(cd))
   return nll.reshape(b, s)
+
+
+def _logits(y_NxD, table_cd_VxD, cd):
+  """Float32 logits rounded to the compute dtype: explicitly, since XLA may otherwise keep the GEMM's float32
+  accumulator when a float32 cast follows (it did inside this scan on the CPU)."""
+  logits = jnp.dot(y_NxD.astype(cd), table_cd_VxD.T, preferred_element_type=jnp.float32)
+  fi = jnp.finfo(cd)
+  return jax.lax.reduce_precision(logits, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_nll(y_CxNxD, table_VxD, t_CxN, cd):
+  return _nll_fwd(y_CxNxD, table_VxD, t_CxN, cd)[0]
+
+
+def _nll_fwd(y_CxNxD, table_VxD, t_CxN, cd):
+  table = table_VxD.astype(cd)
+
+  def one(_, xs):
+    y_NxD, t_N = xs
+    logits = _logits(y_NxD, table, cd)
+    m_N = jnp.max(logits, axis=-1)
+    lse_N = m_N + jnp.log(jnp.sum(jnp.exp(logits - m_N[:, None]), axis=-1))
+    return None, (lse_N - jnp.take_along_axis(logits, t_N[:, None], axis=-1)[:, 0], lse_N)
+
+  _, (nll, lse) = jax.lax.scan(one, None, (y_CxNxD, t_CxN))
+  return nll, (y_CxNxD, table_VxD, t_CxN, lse)
+
+
+def _nll_bwd(cd, res, g_CxN):
+  y_CxNxD, table_VxD, t_CxN, lse_CxN = res
+  table = table_VxD.astype(cd)
+
+  def one(dtable, xs):
+    y_NxD, t_N, lse_N, g_N = xs
+    logits = _logits(y_NxD, table, cd)
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_N[:, None]
+    dlogits = ((jnp.exp(logits - lse_N[:, None]) - onehot) * g_N[:, None]).astype(cd)
+    dy_NxD = jnp.dot(dlogits, table, preferred_element_type=jnp.float32)
+    return dtable + jnp.dot(dlogits.T, y_NxD.astype(cd), preferred_element_type=jnp.float32), dy_NxD
+
+  dtable, dy = jax.lax.scan(one, jnp.zeros(table_VxD.shape, jnp.float32), (y_CxNxD, t_CxN, lse_CxN, g_CxN))
+  return dy.astype(y_CxNxD.dtype), dtable.astype(table_VxD.dtype), None
+
+
+_chunked_nll.defvjp(_nll_fwd, _nll_bwd)

@@ -1,0 +1,90 @@
+"""The tied-head cross-entropy: values and gradients against float64 and against autodiff of the same formula,
+chunk-independence, and what the backward pass keeps."""
+import contextlib
+import io
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parcae.model.loss import token_nll
+
+B, S, D, V = 2, 16, 32, 96
+
+
+def inputs(seed=0):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  y = jax.random.normal(k1, (B, S, D), jnp.float32)
+  table = 0.3 * jax.random.normal(k2, (V, D), jnp.float32)
+  targets = jax.random.randint(k3, (B, S), 0, V)
+  weights = jax.random.uniform(k4, (B, S), jnp.float32)  # a cotangent that is not constant per token
+  return y, table, targets, weights
+
+
+def autodiff_nll(y, table, targets, cd):
+  """The formula written plainly, differentiated by jax (the loss before the hand-written backward)."""
+  logits = jnp.dot(y.astype(cd), table.astype(cd).T).astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize("chunk", [0, 8, 16])
+def test_float32_matches_float64(chunk):
+  y, table, targets, w = inputs()
+  loss = lambda y, t: jnp.sum(w * token_nll(y, t, targets, jnp.float32, chunk))
+  val, (gy, gt) = jax.value_and_grad(loss, argnums=(0, 1))(y, table)
+  with jax.enable_x64(True):
+    y64, t64, w64 = (jnp.asarray(np.asarray(a), jnp.float64) for a in (y, table, w))
+    loss64 = lambda y, t: jnp.sum(w64 * autodiff_nll(y, t, targets, jnp.float64))
+    val64, (gy64, gt64) = jax.value_and_grad(loss64, argnums=(0, 1))(y64, t64)
+    val64, gy64, gt64 = float(val64), np.asarray(gy64), np.asarray(gt64)
+  assert abs(float(val) - val64) < 1e-5 * abs(val64)
+  np.testing.assert_allclose(np.asarray(gy), gy64, rtol=0, atol=2e-6 * np.abs(gy64).max())
+  np.testing.assert_allclose(np.asarray(gt), gt64, rtol=0, atol=2e-6 * np.abs(gt64).max())
+
+
+def test_bf16_matches_autodiff_of_the_same_formula():
+  """The logits rounded to bf16 as the reference's autocast head (exactly the same values as jax's plain
+  formula); the gradients agree with autodiff's to the bf16 rounding of its GEMM outputs, which ours keep
+  in float32."""
+  y, table, targets, w = inputs(1)
+  ours = lambda y, t: jnp.sum(w * token_nll(y, t, targets, jnp.bfloat16))
+  plain = lambda y, t: jnp.sum(w * autodiff_nll(y, t, targets, jnp.bfloat16))
+  np.testing.assert_array_equal(np.asarray(token_nll(y, table, targets, jnp.bfloat16)),
+                                np.asarray(autodiff_nll(y, table, targets, jnp.bfloat16)))
+  g1 = jax.grad(ours, argnums=(0, 1))(y, table)
+  g2 = jax.grad(plain, argnums=(0, 1))(y, table)
+  for a, b in zip(g1, g2):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=2 ** -8, atol=2 ** -9 * np.abs(b).max())
+
+
+def test_chunks_do_not_change_the_values():
+  y, table, targets, w = inputs(2)
+  vals = [np.asarray(token_nll(y, table, targets, jnp.float32, c)) for c in (0, 4, 32)]
+  grads = [jax.grad(lambda y: jnp.sum(w * token_nll(y, table, targets, jnp.float32, c)))(y) for c in (0, 4, 32)]
+  for v, g in zip(vals[1:], grads[1:]):
+    np.testing.assert_allclose(v, vals[0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(grads[0]), rtol=1e-5, atol=1e-7)
+
+
+def test_backward_keeps_no_logits():
+  """The forward pass saves one log-sum-exp per token, never a [tokens, V] array (autodiff keeps one)."""
+  from jax.ad_checkpoint import print_saved_residuals
+  y, table, targets, w = inputs(3)
+
+  def saved(fn):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      print_saved_residuals(lambda y, t: jnp.sum(w * fn(y, t, targets, jnp.bfloat16)), y, table)
+    return [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"^\w+\[([\d,]*)\]", buf.getvalue(), re.M)]
+  assert not [s for s in saved(token_nll) if V in s and D not in s], saved(token_nll)
+  assert [s for s in saved(autodiff_nll) if V in s and D not in s]  # the check can fail
+
+
+def test_chunk_must_divide_the_tokens():
+  y, table, targets, _ = inputs()
+  with pytest.raises(ValueError, match="train.loss_chunk=5 must divide the tokens per micro-batch"):
+    token_nll(y, table, targets, jnp.float32, 5)
