@@ -29,11 +29,10 @@ def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0):
 
 
 def _logits(y_NxD, table_cd_VxD, cd):
-  """Float32 logits rounded to the compute dtype: explicitly, since XLA may otherwise keep the GEMM's float32
-  accumulator when a float32 cast follows (it did inside this scan on the CPU)."""
-  logits = jnp.dot(y_NxD.astype(cd), table_cd_VxD.T, preferred_element_type=jnp.float32)
-  fi = jnp.finfo(cd)
-  return jax.lax.reduce_precision(logits, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+  """The GEMM's compute-dtype logits, read as float32. The barrier keeps XLA from folding the float32 cast
+  into the GEMM, which would skip the rounding (it did inside this scan on the CPU) and write the logits in
+  float32, twice the bytes (measured: eval 4.5% slower on the H200)."""
+  return jax.lax.optimization_barrier(jnp.dot(y_NxD.astype(cd), table_cd_VxD.T)).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
