@@ -250,17 +250,28 @@ def test_block_remat_keeps_less_and_changes_nothing(kind):
   ids = jax.random.randint(jax.random.key(8), (2, S), 0, V)
   targets = jax.random.randint(jax.random.key(9), (2, S), 0, V)
   grads, kept = {}, {}
+  stages = {"prelude_layers": 2, "coda_layers": 2}  # two blocks per non-looped stage (GPT: n_layers)
   for policy in ("none", "dots", "full"):
-    gd, st = nnx.split(perturbed_model(tiny_cfg(kind=kind, n_layers=4, block_remat=policy), seed=4), nnx.Param)
+    gd, st = nnx.split(perturbed_model(tiny_cfg(kind=kind, n_layers=4, block_remat=policy, **stages), seed=4),
+                       nnx.Param)
 
     def loss(s, gd=gd):
       return model_loss(s, gd, ids, targets, jax.random.key(0), jnp.array([1, 2]), jnp.array([1, 2]))
     grads[policy] = jax.tree.map(np.asarray, nnx.to_pure_dict(jax.grad(loss)(st)))
     kept[policy] = _saved_activation_bytes(loss, st)
-  for policy in ("dots", "full"):
+  # block_remat_first: only the first block of each stage recomputes; the kept bytes fall in between
+  gd, st = nnx.split(perturbed_model(tiny_cfg(kind=kind, n_layers=4, block_remat="full", block_remat_first=1,
+                                              **stages), seed=4), nnx.Param)
+
+  def loss1(s, gd=gd):
+    return model_loss(s, gd, ids, targets, jax.random.key(0), jnp.array([1, 2]), jnp.array([1, 2]))
+  grads["first1"] = jax.tree.map(np.asarray, nnx.to_pure_dict(jax.grad(loss1)(st)))
+  kept["first1"] = _saved_activation_bytes(loss1, st)
+  for policy in ("dots", "full", "first1"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), grads[policy], grads["none"])
   assert kept["full"] < kept["dots"] < kept["none"], kept
   assert kept["full"] < 0.5 * kept["none"], kept
+  assert kept["full"] < kept["first1"] < kept["none"], kept
 
 
 def test_grad_unroll_is_straight_line_and_remat_still_recomputes():

@@ -103,6 +103,28 @@ def test_every_loop_iteration_quantizes_with_its_own_key(monkeypatch):
   assert len(executed) >= expected
 
 
+def test_quantized_layers_read_and_keep_the_compute_dtype_operand():
+  """A quantized Linear hands its GEMM the compute-dtype (bf16) operand, as a hardware quantize kernel reads
+  it, not the float32 norm output: half the bytes for the kernels, and the backward keeps no float32 copy."""
+  import contextlib
+  import io
+  from jax.ad_checkpoint import print_saved_residuals
+  from parcae.model.layers import Linear
+  lin = Linear(0.05 * jax.random.normal(jax.random.key(0), (64, 96)), jnp.bfloat16, "quartet")
+  gd, st = nnx.split(lin)
+  x = jax.random.normal(jax.random.key(1), (32, 64), jnp.float32)  # float32, as the residual stream's norms give
+
+  def loss(st, x):
+    return jnp.sum(nnx.merge(gd, st)(x, jax.random.key(2)).astype(jnp.float32))
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    print_saved_residuals(loss, st, x)
+  kept = [line.split(" ")[0] for line in buf.getvalue().splitlines()]
+  assert "bf16[32,64]" in kept and "f32[32,64]" not in kept, kept
+  g = jax.grad(loss, argnums=1)(st, x)
+  assert g.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g))
+
+
 def test_bf16_recipe_is_the_plain_model(monkeypatch):
   """Routing every Linear through qdot(..., "bf16") changes nothing, bit for bit, in the forward (at the
   training depth split) and in the gradients; the quant key is ignored."""

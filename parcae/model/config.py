@@ -53,6 +53,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.remat = "full"  # recompute policy per grad loop iteration: full | dots | none (layers.REMAT)
   c.grad_unroll = False  # unroll the grad phase (straight-line code, no stacked residuals; longer compile)
   c.block_remat = "none"  # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots
+  c.block_remat_first = 0  # block_remat only for the first N blocks of each of those stages (0 = every block)
   c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"
   return c
 
@@ -90,7 +91,7 @@ def validate_model_config(cfg) -> None:
   for f in positive:
     if cfg[f] < 1:
       raise ValueError(f"model.{f}={cfg[f]} must be >= 1")
-  for f in ("prelude_layers", "coda_layers", "max_backprop_depth"):
+  for f in ("prelude_layers", "coda_layers", "max_backprop_depth", "block_remat_first"):
     if cfg[f] < 0:
       raise ValueError(f"model.{f}={cfg[f]} must be >= 0")
   if cfg.d_model % cfg.n_heads:

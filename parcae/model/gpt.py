@@ -36,5 +36,5 @@ class GPT(nnx.Module):
     rope = layers.rope_tables(ids_BxS.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_base)
     x = self.embed(ids_BxS)
     x = layers.run_stage(self.blocks, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.blocks], quant_key,
-                         cfg.block_remat)
+                         cfg.block_remat, cfg.block_remat_first)
     return self.final_norm(x), {}

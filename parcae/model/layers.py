@@ -53,8 +53,11 @@ class Linear(nnx.Module):
     self.cd, self.quant = cd, quant
 
   def __call__(self, x, key=None):
+    # The operand in the compute dtype, as a low-precision GEMM's quantize kernel would read it (the kernels
+    # read half the bytes of a float32 norm output, and autodiff keeps the bf16 copy, shared by q, k, v).
+    x = x.astype(self.cd)
     if self.quant == "bf16":
-      return jnp.dot(x.astype(self.cd), self.kernel[...].astype(self.cd))
+      return jnp.dot(x, self.kernel[...].astype(self.cd))
     from parcae.quant import qdot  # quant/ is optional at import time and usable on its own
     return qdot(x, self.kernel[...], self.quant, key=key, compute_dtype=self.cd)
 
@@ -196,11 +199,12 @@ def make_stage(cfg, key, ve_flags, cd, quant):
   return nnx.List([Block(cfg, keys[i], with_ve=f, cd=cd, quant=quant) for i, f in enumerate(ve_flags)])
 
 
-def run_stage(blocks, x, rope, ves, key=None, policy: str = "none"):
-  """The blocks in order; each rematerialized with the named policy (`REMAT`) unless "none"."""
+def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int = 0):
+  """The blocks in order; each rematerialized with the named policy (`REMAT`) unless "none"; with first > 0
+  only the first `first` blocks are (a memory / speed trade finer than all or nothing)."""
   for i, blk in enumerate(blocks):
     k = None if key is None else jax.random.fold_in(key, i)
-    if policy == "none":
+    if policy == "none" or 0 < first <= i:
       x = blk(x, rope, ves[i], k)
       continue
     graphdef, state = nnx.split(blk)

@@ -62,7 +62,7 @@ class Parcae(nnx.Module):
   def _prelude(self, ids_BxS, rope, quant_key):
     x = self.embed(ids_BxS)
     x = layers.run_stage(self.prelude, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.prelude], quant_key,
-                         self.cfg.block_remat)
+                         self.cfg.block_remat, self.cfg.block_remat_first)
     return self.prelude_norm(x) if self.prelude_norm is not None else x
 
   def logits(self, y_BxSxD):
@@ -91,7 +91,7 @@ class Parcae(nnx.Module):
     h, step_BxS = self._loop(h0, ctx, ves, rope, n_B, k_B, grad_steps, qk(1))
     y = self.C(h).astype(jnp.float32)
     y = layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], qk(2),
-                         cfg.block_remat)
+                         cfg.block_remat, cfg.block_remat_first)
     return self.final_norm(y), self._telemetry(h, step_BxS, n_B, k_B)
 
   def _core_fn(self):
