@@ -96,9 +96,7 @@ def _block(blk, x_BxSxD, rope, ve_BxSxD, k_cache, v_cache, pos):
   b, s, d = x_BxSxD.shape
   h = a.n_heads
   xn = blk.norm1(x_BxSxD)
-  q = a.q(xn).reshape(b, s, h, d // h)
-  k = a.k(xn).reshape(b, s, h, d // h)
-  v = a.v(xn).reshape(b, s, h, d // h)
+  q, k, v = a.qkv(xn)
   if ve_BxSxD is not None:
     gate_BxSxH = 2.0 * jax.nn.sigmoid(a.ve_gate(xn[..., :layers.VE_GATE_WIDTH]).astype(jnp.float32))
     v = (v.astype(jnp.float32) + gate_BxSxH[..., None] * ve_BxSxD.reshape(b, s, h, d // h)).astype(a.cd)

@@ -128,13 +128,25 @@ class Attention(nnx.Module):
     """Value embeddings of the token ids (float32), or None for blocks without them."""
     return None if self.ve_table is None else self.ve_table(ids_BxS)
 
+  def qkv(self, x_BxSxD, key=None):
+    """q, k, v [B, S, H, K] from one GEMM of the three kernels side by side: one read of x and, for a
+    low-precision recipe, one quantization of it (as a fused-QKV kernel runs them; NVFP4's tensor scale then
+    spans the three weights). The parameters stay three matrices (Muon, checkpoints, the reference's names)."""
+    b, s, d = x_BxSxD.shape
+    w_Dx3xD = jnp.stack([lin.kernel[...] for lin in (self.q, self.k, self.v)], axis=1)
+    x = x_BxSxD.astype(self.cd)
+    if self.q.quant == "bf16":  # an einsum keeps a "tensor"-sharded output dimension sharded
+      y = jnp.einsum("bsd,dtn->bstn", x, w_Dx3xD.astype(self.cd))
+    else:
+      from parcae.quant import qdot
+      y = qdot(x, w_Dx3xD.reshape(d, 3 * d), self.q.quant, key=key, compute_dtype=self.cd).reshape(b, s, 3, d)
+    return tuple(y[:, :, i].reshape(b, s, self.n_heads, d // self.n_heads) for i in range(3))
+
   def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
     b, s, d = x_BxSxD.shape
     h = self.n_heads
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
-    q = self.q(x_BxSxD, keys[0]).reshape(b, s, h, d // h)
-    k = self.k(x_BxSxD, keys[1]).reshape(b, s, h, d // h)
-    v = self.v(x_BxSxD, keys[2]).reshape(b, s, h, d // h)
+    q, k, v = self.qkv(x_BxSxD, keys[0])
     if ve_BxSxD is not None:
       gate_BxSxH = 2.0 * jax.nn.sigmoid(self.ve_gate(x_BxSxD[..., :VE_GATE_WIDTH]).astype(jnp.float32))
       v = (v.astype(jnp.float32) + gate_BxSxH[..., None] * ve_BxSxD.reshape(b, s, h, d // h)).astype(self.cd)
