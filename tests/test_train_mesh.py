@@ -222,3 +222,33 @@ def test_attention_inputs_get_one_sharding_under_the_mesh():
     assert f.lower(x).compile().output_shardings.is_equivalent_to(want, x.ndim)
     np.testing.assert_array_equal(np.asarray(jax.jit(layers.shard_heads)(x)), np.asarray(x))
     assert jax.jit(layers.shard_heads)(x).sharding.is_fully_replicated
+
+
+def test_fused_qkv_gemm_needs_no_resharding_under_tensor_parallelism(monkeypatch):
+    """Attention.qkv orders the fused kernel's columns [q | k | v] per "tensor" shard: under a data x tensor
+    mesh the fused GEMM runs on each device's own heads with no collective, and gives the unsharded values.
+    With the plain [Wq | Wk | Wv] order (forced below) XLA has to gather, so the check can fail."""
+    from parcae.model import default_model_config, layers
+
+    class Holder(nnx.Module):
+        def __init__(self):
+            cfg = default_model_config()
+            cfg.d_model, cfg.n_heads = 64, 4
+            self.attn = layers.Attention(cfg, jax.random.key(0), with_ve=False, cd=jnp.float32, quant="bf16")
+
+    gd, params = nnx.split(Holder())
+    mesh = mesh_lib.make_mesh(_cfg(2, 1, 4), jax.devices()[:8])
+    placed = jax.device_put(params, mesh_lib.param_shardings(params, mesh))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 64))
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+    want = jax.jit(lambda p, x: nnx.merge(gd, p).attn.qkv(x))(params, x)
+
+    def collectives():
+        f = mesh_lib.MeshBound(jax.jit(lambda p, x: nnx.merge(gd, p).attn.qkv(x)), mesh)  # a fresh trace
+        for a, b in zip(f(placed, xs), want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        hlo = f.lower(placed, xs).compile().as_text()
+        return [op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce") if op + "(" in hlo]
+    assert collectives() == []
+    monkeypatch.setattr(layers, "tensor_shards", lambda n_heads: 1)
+    assert collectives() != []

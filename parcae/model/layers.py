@@ -53,13 +53,17 @@ class Linear(nnx.Module):
     self.cd, self.quant = cd, quant
 
   def __call__(self, x, key=None):
+    return self.matmul(x, self.kernel[...], key)
+
+  def matmul(self, x, kernel, key=None):
+    """x @ kernel with this layer's compute dtype and recipe (also for a kernel made of several layers')."""
     # The operand in the compute dtype, as a low-precision GEMM's quantize kernel would read it (the kernels
-    # read half the bytes of a float32 norm output, and autodiff keeps the bf16 copy, shared by q, k, v).
+    # read half the bytes of a float32 norm output, and autodiff keeps the bf16 copy).
     x = x.astype(self.cd)
     if self.quant == "bf16":
-      return jnp.dot(x, self.kernel[...].astype(self.cd))
+      return jnp.dot(x, kernel.astype(self.cd))
     from parcae.quant import qdot  # quant/ is optional at import time and usable on its own
-    return qdot(x, self.kernel[...], self.quant, key=key, compute_dtype=self.cd)
+    return qdot(x, kernel, self.quant, key=key, compute_dtype=self.cd)
 
 
 class Embed(nnx.Module):
@@ -131,16 +135,14 @@ class Attention(nnx.Module):
   def qkv(self, x_BxSxD, key=None):
     """q, k, v [B, S, H, K] from one GEMM of the three kernels side by side: one read of x and, for a
     low-precision recipe, one quantization of it (as a fused-QKV kernel runs them; NVFP4's tensor scale then
-    spans the three weights). The parameters stay three matrices (Muon, checkpoints, the reference's names)."""
+    spans the three weights). The parameters stay three matrices (Muon, checkpoints, the reference's names).
+    Columns are ordered [q | k | v] per "tensor" shard, so each device's columns are its own heads' and a
+    tensor-parallel GEMM needs no collective (plain [Wq | Wk | Wv] makes XLA gather; tests/test_train_mesh.py)."""
     b, s, d = x_BxSxD.shape
-    w_Dx3xD = jnp.stack([lin.kernel[...] for lin in (self.q, self.k, self.v)], axis=1)
-    x = x_BxSxD.astype(self.cd)
-    if self.q.quant == "bf16":  # an einsum keeps a "tensor"-sharded output dimension sharded
-      y = jnp.einsum("bsd,dtn->bstn", x, w_Dx3xD.astype(self.cd))
-    else:
-      from parcae.quant import qdot
-      y = qdot(x, w_Dx3xD.reshape(d, 3 * d), self.q.quant, key=key, compute_dtype=self.cd).reshape(b, s, 3, d)
-    return tuple(y[:, :, i].reshape(b, s, self.n_heads, d // self.n_heads) for i in range(3))
+    h, tp = self.n_heads, tensor_shards(self.n_heads)
+    w_DxTx3xG = jnp.stack([lin.kernel[...].reshape(d, tp, d // tp) for lin in (self.q, self.k, self.v)], axis=2)
+    y = self.q.matmul(x_BxSxD, w_DxTx3xG.reshape(d, 3 * d), key).reshape(b, s, tp, 3, d // tp)
+    return tuple(y[:, :, :, i].reshape(b, s, h, d // h) for i in range(3))
 
   def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
     b, s, d = x_BxSxD.shape
@@ -169,6 +171,14 @@ class Attention(nnx.Module):
 # parcae.train.mesh). cuDNN attention's partitioner needs q, k and v sharded alike; without this,
 # FSDP-sharded q/k/v kernels let propagation give them different shardings (seen on 2 H200s).
 HEADS_SPEC = P(("data", "fsdp"), None, "tensor", None)
+
+
+def tensor_shards(n_heads: int) -> int:
+  """Size of the trainer's "tensor" axis when traced under its mesh and it divides the heads, else 1."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "tensor" not in mesh.axis_names or n_heads % mesh.shape["tensor"]:
+    return 1
+  return mesh.shape["tensor"]
 
 
 def shard_heads(x_BxSxHxK):
