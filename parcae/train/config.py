@@ -98,11 +98,11 @@ def reference_config(kind: str, size: str) -> ml_collections.ConfigDict:
   micro, accum, steps, lr = REFERENCE_RECIPES[size]
   c.train.micro_batch_size, c.train.grad_accum, c.train.steps = micro, accum, steps
   c.train.seq_len = 2048
-  c.train.loss_chunk = 2048  # chunked head: float32 logits of 2048 tokens at a time (memory; see bench/)
+  c.train.loss_chunk = 2048  # chunked head: the logits of 2048 tokens at a time (memory; see bench/)
   if kind == "parcae" and size != "xlarge":
     # The reference keeps every activation of the grad iterations (it checkpoints only xlarge); so do we, as
     # straight-line code: 14-15% faster than a rematerialized scan at the reference's peak memory
-    # (bench/RESULTS.md, 2026-12-01, session 5).
+    # (bench/RESULTS.md, "2026-12-01, later").
     c.model.grad_unroll, c.model.remat = True, "none"
   c.train.eval_every = 500
   c.train.log_every = 10
