@@ -51,7 +51,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.max_backprop_depth = 0  # poisson-full only: static cap on k (0 = 3 * mean_recurrence)
   c.compute_dtype = "bfloat16"  # matmul dtype; "float32" for exact checks (params stay float32)
   c.remat = "full"  # recompute policy per grad loop iteration: full | dots | none (layers.REMAT)
-  c.grad_unroll = False  # unroll the grad phase (straight-line code, no stacked residuals; longer compile)
+  c.grad_unroll = False  # unroll the grad phase: grad_depth copies of the core (no stacked residuals; compile grows)
   c.block_remat = "none"  # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots
   c.block_remat_first = 0  # block_remat only for the first N blocks of each of those stages (0 = every block)
   c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"
