@@ -11,8 +11,8 @@ N = all visible devices. Variants, each in its own process (clean peak-memory co
                                  relative). float32 compute at "highest" matmul precision, so that only the
                                  checkpoint, not bf16 rounding in a different GEMM tiling, could make it differ.
 
-Training is bench/train_throughput.py's measurement (its train_and_time and DEFAULTS: cuDNN attention, loss
-chunk 8192, depth grouping; random tokens; warm-up steps, then timed steps; loss finite and falling) with a
+Training is bench/train_throughput.py's measurement (its train_and_time and DEFAULTS: cuDNN attention, the recipe's loss
+chunk (2048), depth grouping; random tokens; warm-up steps, then timed steps; loss finite and falling) with a
 per-device micro-batch of 16 x 2048 tokens, so the global batch grows with N (weak scaling), and grad
 accumulation 4. Efficiency = tok/s on N / (N x tok/s on 1), same model and per-device batch. The N-device
 step groups N times more sequences by sampled depth and each micro-batch loops to the deepest of its 16 N

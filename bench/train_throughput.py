@@ -2,7 +2,8 @@
 
 Each variant runs in its own process (clean peak-memory counter), builds the reference size, checks the loss is
 finite and falls, then times train steps (depth sampling per sequence, depth grouping across micro-batches)
-and an eval forward + loss at T = 8. Random tokens, as the reference's measurement.
+and an eval forward + loss at T = 8. The recipe of parcae.train.config.reference_config (loss chunk 2048, ...)
+with cuDNN attention; a variant overrides fields. Random tokens, as the reference's measurement.
 
   python bench/train_throughput.py                      # all default variants, table at the end
   python bench/train_throughput.py --only parcae_small  # variants whose name starts with this
@@ -59,10 +60,14 @@ VARIANTS = {
     "gpt_medium_block_dots_first1": ("gpt", "medium", {"train.loss_chunk": 2048, "model.block_remat": "dots",
                                                        "model.block_remat_first": 1}),
     "gpt_medium_chunk1k": ("gpt", "medium", {"train.loss_chunk": 1024}),
+    "parcae_small_chunk8k": ("parcae", "small", {"train.loss_chunk": 8192}),
+    "gpt_small_chunk8k": ("gpt", "small", {"train.loss_chunk": 8192}),
+    "gpt_medium_no_block_remat": ("gpt", "medium", {"model.block_remat": "none"}),
+    "parcae_small_triton_gemm_any": ("parcae", "small", {"_xla_flags": "--xla_gpu_triton_gemm_any=true"}),
     "parcae_medium": ("parcae", "medium", {}),
     "gpt_medium": ("gpt", "medium", {}),
 }
-DEFAULTS = {"model.attention_impl": "cudnn", "train.loss_chunk": 8192, "train.depth_grouping": True}
+DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB
     "parcae_small": (284_635, 544_430, 16.3), "gpt_small": (504_992, 749_423, 8.6),
     "parcae_medium": (84_848, 206_531, 39.1), "gpt_medium": (254_743, 479_737, 21.5),

@@ -92,10 +92,38 @@ def test_rope_relu2_rmsnorm_points():
   x = jnp.array([[3.0, 4.0]])
   np.testing.assert_allclose(np.asarray(layers.rms_norm(x, 1e-5)), np.array([[3, 4]]) / np.sqrt(12.5 + 1e-5),
                              rtol=1e-6)
-  # RoPE rotates adjacent pairs (2i, 2i+1): position 1, pair 0 rotates by angle 1 rad.
+  # apply_rope rotates the split halves (i, i + K/2): position 1, pair 0 (channels 0 and 2) by angle 1 rad.
   q = jnp.zeros((1, 2, 1, 4)).at[0, 1, 0, 0].set(1.0)
   out = np.asarray(layers.apply_rope(q, *layers.rope_tables(2, 4, 50000.0)))
-  np.testing.assert_allclose(out[0, 1, 0, :2], [math.cos(1.0), math.sin(1.0)], atol=1e-6)
+  np.testing.assert_allclose(out[0, 1, 0, [0, 2]], [math.cos(1.0), math.sin(1.0)], atol=1e-6)
+
+
+def test_split_pairs_rope_is_the_reference_adjacent_pair_rope_permuted():
+  """Attention.qkv permutes q's and k's columns per head to split halves (layers.split_pairs) so RoPE works
+  on contiguous halves. Against the reference's adjacent-pair RoPE of the unpermuted q, k: the same values
+  bit for bit at permuted channels, hence the same QK-normed scores (QK-norm sums in another order)."""
+  d, h, s = 256, 2, 16
+  blk = M.build(tiny(d_model=d, n_heads=h), jax.random.key(7)).core[0].attn
+  x = jax.random.normal(jax.random.key(8), (2, s, d))
+  cos, sin = layers.rope_tables(s, d // h, 50000.0)
+
+  def adjacent_rope(t):  # the reference layout, written out: pairs (2i, 2i+1)
+    t0, t1 = t[..., 0::2], t[..., 1::2]
+    c, sn = cos[None, :, None], sin[None, :, None]
+    return jnp.stack([t0 * c - t1 * sn, t0 * sn + t1 * c], -1).reshape(t.shape)
+
+  perm = np.concatenate([np.arange(0, d // h, 2), np.arange(1, d // h, 2)])
+  q, k, v = blk.qkv(x)
+  for got, lin in ((q, blk.q), (k, blk.k)):
+    plain = (x @ lin.kernel[...]).reshape(2, s, h, d // h)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(plain)[..., perm])
+    np.testing.assert_array_equal(np.asarray(layers.apply_rope(got, cos, sin)), np.asarray(adjacent_rope(plain))[..., perm])
+  np.testing.assert_array_equal(np.asarray(v), np.asarray((x @ blk.v.kernel[...]).reshape(2, s, h, d // h)))
+  score = lambda a, b: jnp.einsum("bqhk,bshk->bhqs", layers.qk_norm(a), layers.qk_norm(b))
+  ref = score(adjacent_rope((x @ blk.q.kernel[...]).reshape(2, s, h, -1)),
+              adjacent_rope((x @ blk.k.kernel[...]).reshape(2, s, h, -1)))
+  np.testing.assert_allclose(np.asarray(score(layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin))),
+                             np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

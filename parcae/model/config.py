@@ -37,7 +37,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.coda_layers = 2  # Parcae: blocks after the loop
   c.ffn_mult = 4  # MLP hidden width = ffn_mult * d_model
   c.max_seq_len = 2048  # longest sequence (RoPE positions)
-  c.rope_base = 50000.0  # RoPE base, adjacent channel pairs
+  c.rope_base = 50000.0  # RoPE base; pairs (2i, 2i+1) of the parameters (computed as split halves: layers.split_pairs)
   c.norm_eps = 1e-5  # RMSNorm epsilon (computed in float32)
   c.qk_norm = True  # parameter-free RMS norm of q and k after RoPE (eps = dtype epsilon)
   c.value_embeds = True  # value embeddings with 2*sigmoid gates on alternate layers

@@ -75,20 +75,29 @@ class Embed(nnx.Module):
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float):
-  """cos, sin [S, K/2] for adjacent-pair RoPE; inv_freq_i = base^(-2i/K), angles in float32."""
+  """cos, sin [S, K/2] for RoPE pair i; inv_freq_i = base^(-2i/K), angles in float32."""
   inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
   return jnp.cos(angles), jnp.sin(angles)
 
 
+def split_pairs(kernel_DxD, n_heads: int):
+  """Reorder a q or k kernel's columns within each head from adjacent RoPE pairs (2i, 2i+1) -- the reference
+  layout, kept in the parameters -- to split halves (i, i + K/2). A score q . k is a sum over the head's
+  channels, so the same permutation of q and k leaves attention unchanged, and RoPE then rotates two
+  contiguous halves instead of interleaved pairs (a strided shuffle that XLA wrote at a third of the bandwidth)."""
+  d = kernel_DxD.shape[0]
+  return kernel_DxD.reshape(d, n_heads, -1, 2).swapaxes(-1, -2).reshape(d, -1)
+
+
 def apply_rope(x_BxSxHxK, cos_SxK2, sin_SxK2):
-  """Rotate channel pairs (2i, 2i+1) in float32; result in x's dtype."""
-  b, s, h, k = x_BxSxHxK.shape
-  x = x_BxSxHxK.astype(jnp.float32).reshape(b, s, h, k // 2, 2)
-  x0, x1 = x[..., 0], x[..., 1]
+  """Rotate channel pairs (i, i + K/2) -- the split-halves layout of `split_pairs` -- in float32; result in
+  x's dtype. Each pair gets the same products as the reference's adjacent pair (2i, 2i+1), bit for bit."""
+  s, k2 = x_BxSxHxK.shape[1], x_BxSxHxK.shape[-1] // 2
+  x = x_BxSxHxK.astype(jnp.float32)
+  x0, x1 = x[..., :k2], x[..., k2:]
   c, sn = cos_SxK2[None, :s, None, :], sin_SxK2[None, :s, None, :]
-  out = jnp.stack([x0 * c - x1 * sn, x0 * sn + x1 * c], axis=-1)
-  return out.reshape(b, s, h, k).astype(x_BxSxHxK.dtype)
+  return jnp.concatenate([x0 * c - x1 * sn, x0 * sn + x1 * c], axis=-1).astype(x_BxSxHxK.dtype)
 
 
 def qk_norm(x):
@@ -133,14 +142,15 @@ class Attention(nnx.Module):
     return None if self.ve_table is None else self.ve_table(ids_BxS)
 
   def qkv(self, x_BxSxD, key=None):
-    """q, k, v [B, S, H, K] from one GEMM of the three kernels side by side: one read of x and, for a
+    """q, k, v [B, S, H, K] (q and k in the split-halves channel order of `split_pairs`) from one GEMM of the three kernels side by side: one read of x and, for a
     low-precision recipe, one quantization of it (as a fused-QKV kernel runs them; NVFP4's tensor scale then
     spans the three weights). The parameters stay three matrices (Muon, checkpoints, the reference's names).
     Columns are ordered [q | k | v] per "tensor" shard, so each device's columns are its own heads' and a
     tensor-parallel GEMM needs no collective (plain [Wq | Wk | Wv] makes XLA gather; tests/test_train_mesh.py)."""
     b, s, d = x_BxSxD.shape
     h, tp = self.n_heads, tensor_shards(self.n_heads)
-    w_DxTx3xG = jnp.stack([lin.kernel[...].reshape(d, tp, d // tp) for lin in (self.q, self.k, self.v)], axis=2)
+    wq, wk = (split_pairs(lin.kernel[...], h) for lin in (self.q, self.k))
+    w_DxTx3xG = jnp.stack([w.reshape(d, tp, d // tp) for w in (wq, wk, self.v.kernel[...])], axis=2)
     y = self.q.matmul(x_BxSxD, w_DxTx3xG.reshape(d, 3 * d), key).reshape(b, s, tp, 3, d // tp)
     return tuple(y[:, :, :, i].reshape(b, s, h, d // h) for i in range(3))
 
