@@ -63,6 +63,7 @@ VARIANTS = {
     "parcae_small_chunk8k": ("parcae", "small", {"train.loss_chunk": 8192}),
     "gpt_small_chunk8k": ("gpt", "small", {"train.loss_chunk": 8192}),
     "gpt_medium_no_block_remat": ("gpt", "medium", {"model.block_remat": "none"}),
+    "parcae_small_rope_xla": ("parcae", "small", {"model.rope_impl": "xla"}),
     "parcae_small_triton_gemm_any": ("parcae", "small", {"_xla_flags": "--xla_gpu_triton_gemm_any=true"}),
     "parcae_medium": ("parcae", "medium", {}),
     "gpt_medium": ("gpt", "medium", {}),

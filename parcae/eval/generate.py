@@ -94,15 +94,7 @@ def _block(blk, x_BxSxD, rope, ve_BxSxD, k_cache, v_cache, pos):
   """One pre-norm block on new positions, reading and extending its cache slot (the model's Block math)."""
   a = blk.attn
   b, s, d = x_BxSxD.shape
-  h = a.n_heads
-  xn = blk.norm1(x_BxSxD)
-  q, k, v = a.qkv(xn)
-  if ve_BxSxD is not None:
-    gate_BxSxH = 2.0 * jax.nn.sigmoid(a.ve_gate(xn[..., :layers.VE_GATE_WIDTH]).astype(jnp.float32))
-    v = (v.astype(jnp.float32) + gate_BxSxH[..., None] * ve_BxSxD.reshape(b, s, h, d // h)).astype(a.cd)
-  q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
-  if a.use_qk_norm:
-    q, k = layers.qk_norm(q), layers.qk_norm(k)
+  q, k, v = a.project(blk.norm1(x_BxSxD), rope, ve_BxSxD)
   k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, pos, 0))
   v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, pos, 0))
   out = _attend(q, k_cache, v_cache, pos)

@@ -14,6 +14,7 @@ SAMPLING_SCHEMES = ("poisson-truncated-full", "poisson-full", "fixed")
 SAMPLING_GRANULARITIES = ("per-sequence", "per-batch")
 REMAT_POLICIES = ("full", "dots", "none")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ROPE_IMPLS = ("auto", "xla", "pallas")
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
 # name: (d_model, n_heads, prelude, core, coda); GPT uses n_layers = prelude + core + coda.
@@ -55,6 +56,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.block_remat = "none"  # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots
   c.block_remat_first = 0  # block_remat only for the first N blocks of each of those stages (0 = every block)
   c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"
+  c.rope_impl = "auto"  # RoPE + QK-norm: "auto" = one Pallas kernel each way on a GPU (else "xla"); "pallas" forces it
   return c
 
 
@@ -85,6 +87,7 @@ def validate_model_config(cfg) -> None:
   _choice(cfg, "remat", REMAT_POLICIES)
   _choice(cfg, "block_remat", REMAT_POLICIES)
   _choice(cfg, "attention_impl", ATTENTION_IMPLS)
+  _choice(cfg, "rope_impl", ROPE_IMPLS)
   _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
   positive = ["vocab_size", "d_model", "n_heads", "ffn_mult", "max_seq_len"]
   positive += ["n_layers"] if cfg.kind == "gpt" else ["core_layers", "mean_recurrence"]

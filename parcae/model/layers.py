@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from parcae.model import init
+from parcae.model import init, rope_norm
 
 VE_GATE_WIDTH = 32  # gate reads the first 32 channels of the normed block input
 # Named recompute policies (model.remat for each grad loop iteration, model.block_remat for each block of
@@ -129,7 +129,7 @@ class Attention(nnx.Module):
     self.k = Linear(init.kernel(ks[1], d, d, std), cd, quant)
     self.v = Linear(init.kernel(ks[2], d, d, std), cd, quant)
     self.o = Linear(init.zeros(d, d), cd, quant)
-    self.n_heads, self.cd, self.impl = h, cd, cfg.attention_impl
+    self.n_heads, self.cd, self.impl, self.rope_impl = h, cd, cfg.attention_impl, cfg.rope_impl
     self.use_qk_norm = cfg.qk_norm
     if with_ve:
       self.ve_gate = Linear(init.ve_gate(ks[3], h, VE_GATE_WIDTH), cd)
@@ -141,34 +141,61 @@ class Attention(nnx.Module):
     """Value embeddings of the token ids (float32), or None for blocks without them."""
     return None if self.ve_table is None else self.ve_table(ids_BxS)
 
-  def qkv(self, x_BxSxD, key=None):
-    """q, k, v [B, S, H, K] (q and k in the split-halves channel order of `split_pairs`) from one GEMM of the three kernels side by side: one read of x and, for a
+  def _qkv_gemm(self, x_BxSxD, key=None):
+    """y [B, S, T, 3, G]: q, k, v from one GEMM of the three kernels side by side: one read of x and, for a
     low-precision recipe, one quantization of it (as a fused-QKV kernel runs them; NVFP4's tensor scale then
     spans the three weights). The parameters stay three matrices (Muon, checkpoints, the reference's names).
-    Columns are ordered [q | k | v] per "tensor" shard, so each device's columns are its own heads' and a
-    tensor-parallel GEMM needs no collective (plain [Wq | Wk | Wv] makes XLA gather; tests/test_train_mesh.py)."""
+    Columns are ordered [q | k | v] per "tensor" shard (T shards of G = D / T columns), so each device's
+    columns are its own heads' and a tensor-parallel GEMM needs no collective (plain [Wq | Wk | Wv] makes
+    XLA gather; tests/test_train_mesh.py); q and k in the split-halves order of `split_pairs`."""
     b, s, d = x_BxSxD.shape
     h, tp = self.n_heads, tensor_shards(self.n_heads)
     wq, wk = (split_pairs(lin.kernel[...], h) for lin in (self.q, self.k))
     w_DxTx3xG = jnp.stack([w.reshape(d, tp, d // tp) for w in (wq, wk, self.v.kernel[...])], axis=2)
-    y = self.q.matmul(x_BxSxD, w_DxTx3xG.reshape(d, 3 * d), key).reshape(b, s, tp, 3, d // tp)
-    return tuple(y[:, :, :, i].reshape(b, s, h, d // h) for i in range(3))
+    return self.q.matmul(x_BxSxD, w_DxTx3xG.reshape(d, 3 * d), key).reshape(b, s, tp, 3, d // tp)
 
-  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
+  def qkv(self, x_BxSxD, key=None):
+    """q, k, v [B, S, H, K] straight from the GEMM (no RoPE, no norm)."""
+    b, s, d = x_BxSxD.shape
+    y = self._qkv_gemm(x_BxSxD, key)
+    return tuple(y[:, :, :, i].reshape(b, s, self.n_heads, d // self.n_heads) for i in range(3))
+
+  def project(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
+    """q, k, v [B, S, H, K] as attention reads them: RoPE and QK-norm on q and k, value embeddings added to v.
+    RoPE + QK-norm run as one Pallas kernel each way (parcae.model.rope_norm) where rope_impl picks it."""
     b, s, d = x_BxSxD.shape
     h = self.n_heads
-    keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
-    q, k, v = self.qkv(x_BxSxD, keys[0])
+    y = self._qkv_gemm(x_BxSxD, key)
+    cos, sin = rope
+    if self._fused_rope(y.shape, cos.shape[0] >= s):
+      q, k, v = rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=self.use_qk_norm)
+    else:
+      q, k, v = (y[:, :, :, i].reshape(b, s, h, d // h) for i in range(3))
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      if self.use_qk_norm:
+        q, k = qk_norm(q), qk_norm(k)
     if ve_BxSxD is not None:
       gate_BxSxH = 2.0 * jax.nn.sigmoid(self.ve_gate(x_BxSxD[..., :VE_GATE_WIDTH]).astype(jnp.float32))
       v = (v.astype(jnp.float32) + gate_BxSxH[..., None] * ve_BxSxD.reshape(b, s, h, d // h)).astype(self.cd)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    if self.use_qk_norm:
-      q, k = qk_norm(q), qk_norm(k)
-    q, k, v = (shard_heads(t) for t in (q, k, v))
+    return q, k, v
+
+  def _fused_rope(self, y_shape, tables_cover):
+    if self.rope_impl == "xla" or not tables_cover:
+      return False
+    ok = rope_norm.supported(y_shape, y_shape[2] * y_shape[4] // self.n_heads)
+    if self.rope_impl == "pallas":
+      if not ok:
+        raise ValueError(f"model.rope_impl='pallas' needs a power-of-two head_dim >= 32 and a sequence length "
+                         f"divisible by {rope_norm.ROWS} (q/k/v {y_shape}); use rope_impl='auto' or 'xla'")
+      return True
+    return ok and jax.default_backend() == "gpu"
+
+  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
+    b, s, d = x_BxSxD.shape
+    keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+    q, k, v = (shard_heads(t) for t in self.project(x_BxSxD, rope, ve_BxSxD, keys[0]))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._impl())
     return self.o(out.reshape(b, s, d), keys[3])
-
 
   def _impl(self):
     if self.impl == "auto":

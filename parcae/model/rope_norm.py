@@ -1,0 +1,191 @@
+"""RoPE and QK-norm of the fused q/k/v GEMM's output: one Pallas kernel forward, one backward.
+
+XLA runs this step as 4-6 memory passes per attention call (the norm's reduction, the rotation, casts, a copy
+of v) and writes the backward's q / k / v gradient in one fusion that evaluates the rotation and the norm's
+transpose at both halves of every pair (bench/RESULTS.md, "2026-12-01, session 6"). The kernels read every
+element once and write it once.
+
+  y [B, S, T, 3, G]: the GEMM output (T "tensor" shards, G = D / T = heads per shard x K; q and k columns in
+  the split-halves order of layers.split_pairs); cos, sin [S, K/2]  ->  q, k, v [B, S, H, K].
+Math: layers.apply_rope, its result rounded to the compute dtype, then layers.qk_norm (float32) -- in
+interpret mode equal to that jnp path up to the norm's summation order. Backward: the closed forms
+d_r = inv * (d_n - n * mean(d_n * n)) and the rotation's transpose, with the cotangent rounded to the compute
+dtype where autodiff of the jnp path rounds it. The backward recomputes the rotation and the norm from y.
+Programs: (row block, head, q | k | v), each reading and writing one [rows, K] block; the backward writes the
+whole [tokens, T x 3 x G] gradient in place. Under the trainer's mesh it runs per device (shard_map): XLA cannot
+partition a kernel call.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+ROWS, WARPS = 64, 4  # GPU launch shape: token rows per program, Triton warps
+BATCH_AXES = ("data", "fsdp")  # the trainer's mesh axes that split the batch (parcae.train.mesh)
+
+
+def supported(y_shape, k: int) -> bool:
+  """The kernels need a power-of-two head_dim >= 32 and sequences that are whole row blocks."""
+  return k >= 32 and k & (k - 1) == 0 and y_shape[1] % ROWS == 0
+
+
+def _col(t, hpt, role, h):
+  """Column block (units of K) of head h's q (role 0), k (1) or v (2) in the [tokens, T x 3 x G] view."""
+  return (h // hpt) * 3 * hpt + role * hpt + h % hpt
+
+
+def _rotate(x_ref, c, s, cd):
+  """RoPE of one [rows, K] block (split halves), rounded to the compute dtype, in float32."""
+  half = c.shape[1]
+  x0 = x_ref[:, :half].astype(jnp.float32)
+  x1 = x_ref[:, half:].astype(jnp.float32)
+  r0 = (x0 * c - x1 * s).astype(cd).astype(jnp.float32)
+  r1 = (x0 * s + x1 * c).astype(cd).astype(jnp.float32)
+  return r0, r1
+
+
+def _inv_rms(r0, r1, eps):
+  k = 2 * r0.shape[1]
+  ms = (jnp.sum(r0 * r0, axis=1, keepdims=True) + jnp.sum(r1 * r1, axis=1, keepdims=True)) / k
+  return jax.lax.rsqrt(ms + eps)
+
+
+def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *, eps, norm, cd):
+  role = pl.program_id(2)
+  c, s = cos_ref[...], sin_ref[...]
+  half = c.shape[1]
+
+  def qk(o_ref):
+    r0, r1 = _rotate(x_ref, c, s, cd)
+    if norm:
+      inv = _inv_rms(r0, r1, eps)
+      r0, r1 = r0 * inv, r1 * inv
+    o_ref[:, :half] = r0.astype(o_ref.dtype)
+    o_ref[:, half:] = r1.astype(o_ref.dtype)
+
+  @pl.when(role == 0)
+  def _():
+    qk(qo_ref)
+
+  @pl.when(role == 1)
+  def _():
+    qk(ko_ref)
+
+  @pl.when(role == 2)
+  def _():
+    vo_ref[...] = x_ref[...]
+
+
+def _bwd_kernel(cos_ref, sin_ref, x_ref, dq_ref, dk_ref, dv_ref, g_ref, *, eps, norm, cd):
+  role = pl.program_id(2)
+  c, s = cos_ref[...], sin_ref[...]
+  half = c.shape[1]
+
+  def qk(d_ref):
+    r0, r1 = _rotate(x_ref, c, s, cd)
+    d0 = d_ref[:, :half].astype(jnp.float32)
+    d1 = d_ref[:, half:].astype(jnp.float32)
+    if norm:
+      inv = _inv_rms(r0, r1, eps)
+      n0, n1 = r0 * inv, r1 * inv
+      m = (jnp.sum(d0 * n0, axis=1, keepdims=True) + jnp.sum(d1 * n1, axis=1, keepdims=True)) / (2 * half)
+      d0 = (inv * (d0 - n0 * m)).astype(cd).astype(jnp.float32)
+      d1 = (inv * (d1 - n1 * m)).astype(cd).astype(jnp.float32)
+    g_ref[:, :half] = (d0 * c + d1 * s).astype(g_ref.dtype)
+    g_ref[:, half:] = (d1 * c - d0 * s).astype(g_ref.dtype)
+
+  @pl.when(role == 0)
+  def _():
+    qk(dq_ref)
+
+  @pl.when(role == 1)
+  def _():
+    qk(dk_ref)
+
+  @pl.when(role == 2)
+  def _():
+    g_ref[...] = dv_ref[...]
+
+
+def _backend(interpret):
+  from parcae.quant.kernels import qdq  # the kernels' shared backend choice (interpret on CPU)
+  interpret, _, params = qdq.backend(interpret, WARPS)
+  return interpret, params
+
+
+def _specs(s, k, h, hpt, rows):
+  tables = pl.BlockSpec((rows, k // 2), lambda i, j, *_: (i % (s // rows), 0))
+  head = pl.BlockSpec((rows, k), lambda i, j, *_: (i, j))
+  return tables, head
+
+
+def _forward(y2, cos, sin, *, s, k, t, eps, norm, cd, interpret):
+  n, h, hpt = y2.shape[0], y2.shape[1] // (3 * k), y2.shape[1] // (3 * k * t)
+  interpret, params = _backend(interpret)
+  tables, head = _specs(s, k, h, hpt, ROWS)
+  own = pl.BlockSpec((ROWS, k), lambda i, j, r: (i, _col(t, hpt, r, j)))
+  out = jax.ShapeDtypeStruct((n, h * k), y2.dtype)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, eps=eps, norm=norm, cd=cd),
+      out_shape=(out, out, out), grid=(n // ROWS, h, 3),
+      in_specs=[tables, tables, own], out_specs=(head, head, head),
+      interpret=interpret, **params)(cos, sin, y2)
+
+
+def _backward(y2, cos, sin, dq, dk, dv, *, s, k, t, eps, norm, cd, interpret):
+  n, h, hpt = y2.shape[0], y2.shape[1] // (3 * k), y2.shape[1] // (3 * k * t)
+  interpret, params = _backend(interpret)
+  tables, head = _specs(s, k, h, hpt, ROWS)
+  own = pl.BlockSpec((ROWS, k), lambda i, j, r: (i, _col(t, hpt, r, j)))
+  return pl.pallas_call(
+      functools.partial(_bwd_kernel, eps=eps, norm=norm, cd=cd),
+      out_shape=jax.ShapeDtypeStruct(y2.shape, y2.dtype), grid=(n // ROWS, h, 3),
+      in_specs=[tables, tables, own, head, head, head], out_specs=own,
+      interpret=interpret, **params)(cos, sin, y2, dq, dk, dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _local(y2, cos, sin, s, k, t, norm, cd, interpret):
+  eps = float(jnp.finfo(cd).eps)
+  return _forward(y2, cos, sin, s=s, k=k, t=t, eps=eps, norm=norm, cd=cd, interpret=interpret)
+
+
+def _local_fwd(y2, cos, sin, s, k, t, norm, cd, interpret):
+  return _local(y2, cos, sin, s, k, t, norm, cd, interpret), (y2, cos, sin)
+
+
+def _local_bwd(s, k, t, norm, cd, interpret, res, g):
+  y2, cos, sin = res
+  eps = float(jnp.finfo(cd).eps)
+  dy = _backward(y2, cos, sin, *g, s=s, k=k, t=t, eps=eps, norm=norm, cd=cd, interpret=interpret)
+  return dy, jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_local.defvjp(_local_fwd, _local_bwd)
+
+
+def rope_qk_norm(y_BxSxTx3xG, cos_SxK2, sin_SxK2, *, n_heads: int, norm: bool, interpret=None):
+  """q, k, v [B, S, H, K] (see the module docstring); the kernels' compute dtype is y's."""
+  b, s, t, _, g = y_BxSxTx3xG.shape
+  k = y_BxSxTx3xG.shape[2] * g // n_heads
+  cos, sin = cos_SxK2[:s], sin_SxK2[:s]
+
+  def per_device(y, cos, sin):
+    bl, _, tl = y.shape[:3]
+    outs = _local(y.reshape(bl * s, -1), cos, sin, s, k, tl, norm, y.dtype, interpret)
+    return tuple(o.reshape(bl, s, -1, k) for o in outs)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else tuple(
+      a for a in BATCH_AXES + ("tensor",) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+  if not axes:
+    return per_device(y_BxSxTx3xG, cos, sin)
+  batch = tuple(a for a in axes if a != "tensor") or None
+  tensor = "tensor" if "tensor" in axes else None
+  out = P(batch, None, tensor, None)
+  return jax.shard_map(per_device, in_specs=(P(batch, None, tensor, None, None), P(), P()),
+                       out_specs=(out, out, out), axis_names=set(axes), check_vma=False)(y_BxSxTx3xG, cos, sin)

@@ -1,0 +1,151 @@
+"""The RoPE + QK-norm kernels (parcae.model.rope_norm; interpret mode here) against the jnp path and float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from parcae import model as M
+from parcae.model import layers, rope_norm
+
+# (batch, seq, tensor shards, heads, head_dim): one shard; heads split over two shards (tensor parallel layout)
+SHAPES = [(2, 128, 1, 2, 128), (1, 64, 2, 4, 64)]
+
+
+def jnp_path(y, cos, sin, h, norm=True):
+  """Attention.project's unfused path on the GEMM output y [B, S, T, 3, G]."""
+  b, s, t, _, g = y.shape
+  q, k, v = (y[:, :, :, i].reshape(b, s, h, t * g // h) for i in range(3))
+  q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+  return (layers.qk_norm(q), layers.qk_norm(k), v) if norm else (q, k, v)
+
+
+def f64_path(y, cos, sin, h, eps):
+  """The same math in float64 with no intermediate rounding."""
+  b, s, t, _, g = y.shape
+  y = y.astype(jnp.float64)
+  c, sn = cos.astype(jnp.float64)[None, :s, None], sin.astype(jnp.float64)[None, :s, None]
+
+  def rot_norm(x):
+    x0, x1 = jnp.split(x, 2, axis=-1)
+    r = jnp.concatenate([x0 * c - x1 * sn, x0 * sn + x1 * c], -1)
+    return r / jnp.sqrt(jnp.mean(r * r, -1, keepdims=True) + eps)
+  q, k, v = (y[:, :, :, i].reshape(b, s, h, t * g // h) for i in range(3))
+  return rot_norm(q), rot_norm(k), v
+
+
+def _case(shape, seed=0):
+  b, s, t, h, k = shape
+  y = (3 * jax.random.normal(jax.random.key(seed), (b, s, t, 3, h * k // t))).astype(jnp.bfloat16)
+  cos, sin = layers.rope_tables(s, k, 50000.0)
+  cts = tuple(jax.random.normal(jax.random.key(seed + 1 + i), (b, s, h, k)).astype(jnp.bfloat16) for i in range(3))
+  return y, cos, sin, h, cts
+
+
+def _grad(fn, y, cts):
+  return np.asarray(jax.vjp(fn, y)[1](cts)[0], np.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_equal_the_jnp_path_up_to_the_norms_summation_order(shape):
+  """Values and the y gradient of the kernels against autodiff of the jnp path: equal except at a few
+  elements, by at most one bf16 rounding of the RoPE output (2^-7 relative; the compilers may contract the
+  rotation's products differently, the RMS sums run in another order, the backward is a closed form)."""
+  y, cos, sin, h, cts = _case(shape)
+  fused = lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True)
+  plain = lambda y: jnp_path(y, cos, sin, h)
+  unnormed = rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=False)
+  for got, want in ((fused(y), plain(y)), (unnormed, jnp_path(y, cos, sin, h, norm=False))):
+    for a, b in zip(got, want):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert a.shape == b.shape
+      assert np.all(np.abs(a - b) <= 2.0 ** -6 * np.abs(b)) and (a != b).mean() < 1e-3
+  ga, gb = _grad(fused, y, cts), _grad(plain, y, cts)
+  assert np.abs(ga - gb).max() <= 2.0 ** -7 * np.abs(gb).max() and (ga != gb).mean() < 1e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_match_float64_within_bf16_rounding(shape):
+  """Against the float64 formulas (values and gradient): within bf16 rounding, as the jnp path is."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    y, cos, sin, h, cts = _case(shape, seed=3)
+    eps = float(jnp.finfo(jnp.bfloat16).eps)
+    exact = lambda y: f64_path(y, cos, sin, h, eps)
+    fused = lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True)
+    for a, b in zip(fused(y), exact(y)):
+      a, b = np.asarray(a, np.float64), np.asarray(b)
+      assert np.all(np.abs(a - b) <= 2.0 ** -7 * np.abs(b) + 2.0 ** -8 * 2.0 ** -7), np.abs(a - b).max()
+    g64 = np.asarray(jax.vjp(exact, y.astype(jnp.float64))[1](tuple(c.astype(jnp.float64) for c in cts))[0])
+    err = np.abs(_grad(fused, y, cts) - g64).max() / np.abs(g64).max()
+    err_jnp = np.abs(_grad(lambda y: jnp_path(y, cos, sin, h), y, cts) - g64).max() / np.abs(g64).max()
+    assert err < 2.0 ** -6 and err <= 1.5 * err_jnp, (err, err_jnp)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def _tiny_attention(rope_impl, d=256, h=2):
+  cfg = M.default_model_config()
+  cfg.d_model, cfg.n_heads, cfg.rope_impl = d, h, rope_impl
+
+  class Holder(nnx.Module):
+    def __init__(self):
+      self.attn = layers.Attention(cfg, jax.random.key(0), with_ve=True, cd=jnp.float32, quant="bf16")
+  return Holder()
+
+
+def test_attention_with_the_kernels_equals_the_xla_path_with_its_gradients():
+  """A whole attention layer (value embeddings too, float32 compute) with rope_impl "pallas" and "xla": same
+  output and parameter gradients; "auto" keeps the jnp path on this CPU."""
+  m_k, m_x = _tiny_attention("pallas"), _tiny_attention("xla")
+  for lin in ("o",):  # the output projection is zero at init: give it values so gradients reach q, k, v
+    for m in (m_k, m_x):
+      getattr(m.attn, lin).kernel[...] = 0.02 * jax.random.normal(jax.random.key(9), (256, 256))
+  x = jax.random.normal(jax.random.key(1), (2, 64, 256))
+  ve = jax.random.normal(jax.random.key(2), (2, 64, 256))
+  rope = layers.rope_tables(64, 128, 50000.0)
+
+  def loss(m):
+    return jnp.sum(jnp.sin(m.attn(x, rope, ve)))
+  (lk, gk), (lx, gx) = (nnx.value_and_grad(loss)(m) for m in (m_k, m_x))
+  assert float(lk) == pytest.approx(float(lx), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gx)):  # float32: summation-order error of each leaf
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+  assert not _tiny_attention("auto").attn._fused_rope((2, 64, 1, 3, 256), True)
+  assert _tiny_attention("pallas").attn._fused_rope((2, 64, 1, 3, 256), True)
+
+
+def test_pallas_rope_impl_refuses_shapes_it_cannot_run():
+  with pytest.raises(ValueError, match="rope_impl='pallas'.*divisible by 64"):
+    _tiny_attention("pallas").attn._fused_rope((2, 48, 1, 3, 256), True)
+  cfg = M.default_model_config()
+  cfg.rope_impl = "triton"
+  with pytest.raises(ValueError, match="model.rope_impl='triton'"):
+    M.validate_model_config(cfg)
+
+
+def test_kernels_run_per_device_under_a_mesh_and_lower_for_cuda(cuda_lowering, monkeypatch):
+  """Under a (data 2, tensor 2) mesh the kernels get each device's rows and heads (shard_map), give the
+  unsharded values, and both lower through Triton for CUDA."""
+  from conftest import triton_calls
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)  # as parcae.train.mesh builds it
+  y, cos, sin, h, cts = _case((4, 64, 2, 4, 64), seed=5)
+  f = lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True)
+  want = f(y)
+  ys = jax.device_put(y, NamedSharding(mesh, P("data", None, "tensor", None, None)))
+  with jax.set_mesh(mesh):
+    got = jax.jit(f)(ys)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    shapes = []
+    real = rope_norm._local
+    monkeypatch.setattr(rope_norm, "_local", lambda y2, *a: shapes.append(y2.shape) or real(y2, *a))
+    monkeypatch.setattr(rope_norm, "_backend", lambda interpret: (False, __import__(
+        "parcae.quant.kernels.qdq", fromlist=["x"]).backend(False, rope_norm.WARPS)[2]))
+    loss = lambda y: sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(f(y), cts))
+    text = jax.jit(jax.value_and_grad(loss)).trace(ys).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(triton_calls(text)) == 2  # forward and backward
+  assert shapes and set(shapes) == {(2 * 64, 3 * 2 * 64)}, shapes  # a device's 2 sequences and its 2 heads (of 4)
