@@ -6,7 +6,7 @@
 Checks the kernels against the jnp path (fraction of elements that differ and the largest difference
 relative to the tensor's largest value, for q / k / v and the y gradient), then times the forward and the
 forward + backward (the vjp with all three cotangents: forward and backward kernels) of both, for each launch shape in --rows x --warps
-(the median of --iters runs after a warm-up). Bandwidth: bf16 bytes the kernels must move (forward: read and
+(--iters calls back to back after a warm-up, median of 5). Bandwidth: bf16 bytes the kernels must move (forward: read and
 write q, k, v; backward: read q, k and the three cotangents, write the gradient; fwd+bwd: both) per second.
 Writes $OUT/rope_norm.json.
 """
@@ -26,12 +26,15 @@ from parcae.model import layers, rope_norm
 
 
 def timed(fn, *args, iters):
+  """Seconds per call: `iters` calls dispatched back to back (launch latency hidden behind the previous
+  call), median of 5 such runs."""
   jax.block_until_ready(fn(*args))
   ts = []
-  for _ in range(iters):
+  for _ in range(5):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
+    outs = [fn(*args) for _ in range(iters)]
+    jax.block_until_ready(outs)
+    ts.append((time.perf_counter() - t0) / iters)
   return statistics.median(ts)
 
 

@@ -149,3 +149,31 @@ def test_kernels_run_per_device_under_a_mesh_and_lower_for_cuda(cuda_lowering, m
     text = jax.jit(jax.value_and_grad(loss)).trace(ys).lower(lowering_platforms=("cuda",)).as_text()
   assert len(triton_calls(text)) == 2  # forward and backward
   assert shapes and set(shapes) == {(2 * 64, 3 * 2 * 64)}, shapes  # a device's 2 sequences and its 2 heads (of 4)
+
+
+def test_backward_keeps_the_rounded_rope_output_not_the_gemm_output():
+  """The forward hands the backward the rounded RoPE output of q and k (as autodiff of the jnp path keeps),
+  not the GEMM output y, whose v columns attention keeps already: no more residual bytes than the jnp path."""
+  import contextlib
+  import io
+  import re
+  from jax.ad_checkpoint import print_saved_residuals
+  y, cos, sin, h, cts = _case(SHAPES[0])
+
+  def kept(fn):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      print_saved_residuals(lambda y: sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(fn(y), cts)), y)
+    out = []
+    for line in buf.getvalue().splitlines():
+      m = re.match(r"(\w+)\[([\d,]*)\]", line)
+      if m and "parcae/model/" in line:  # the loss's own products aside
+        shape = tuple(int(d) for d in m.group(2).split(",") if d)
+        size = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i32": 4}[m.group(1)]
+        out.append((shape, int(np.prod(shape)) * size, line))
+    return out
+  fused = kept(lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True))
+  plain = kept(lambda y: jnp_path(y, cos, sin, h))
+  big = [r for r in fused if r[1] >= y.size // 3 * 2]
+  assert [r[0] for r in big] == [(y.shape[0] * y.shape[1], 2 * y.shape[-1])], fused  # q and k RoPE outputs
+  assert sum(r[1] for r in fused) <= sum(r[1] for r in plain), (fused, plain)

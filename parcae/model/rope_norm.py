@@ -10,7 +10,8 @@ element once and write it once.
 Math: layers.apply_rope, its result rounded to the compute dtype, then layers.qk_norm (float32) -- in
 interpret mode equal to that jnp path up to the norm's summation order. Backward: the closed forms
 d_r = inv * (d_n - n * mean(d_n * n)) and the rotation's transpose, with the cotangent rounded to the compute
-dtype where autodiff of the jnp path rounds it. The backward recomputes the rotation and the norm from y.
+dtype where autodiff of the jnp path rounds it. The forward also writes the rounded RoPE output of q and k, the
+backward's residual (what autodiff of the jnp path keeps; keeping y instead would hold v's columns twice).
 Programs: (row block, head, q | k | v), each reading and writing one [rows, K] block; the backward writes the
 whole [tokens, T x 3 x G] gradient in place. Under the trainer's mesh it runs per device (shard_map): XLA cannot
 partition a kernel call.
@@ -54,18 +55,24 @@ def _inv_rms(r0, r1, eps):
   return jax.lax.rsqrt(ms + eps)
 
 
-def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *, eps, norm, cd):
+def _store(o_ref, a0, a1):
+  half = a0.shape[1]
+  o_ref[:, :half] = a0.astype(o_ref.dtype)
+  o_ref[:, half:] = a1.astype(o_ref.dtype)
+
+
+def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *r_ref, eps, norm, cd):
   role = pl.program_id(2)
   c, s = cos_ref[...], sin_ref[...]
-  half = c.shape[1]
 
   def qk(o_ref):
     r0, r1 = _rotate(x_ref, c, s, cd)
+    if r_ref:  # the backward's residual (what autodiff of the jnp path keeps); none without autodiff
+      _store(r_ref[0], r0, r1)
     if norm:
       inv = _inv_rms(r0, r1, eps)
       r0, r1 = r0 * inv, r1 * inv
-    o_ref[:, :half] = r0.astype(o_ref.dtype)
-    o_ref[:, half:] = r1.astype(o_ref.dtype)
+    _store(o_ref, r0, r1)
 
   @pl.when(role == 0)
   def _():
@@ -80,23 +87,22 @@ def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *, eps, norm, c
     vo_ref[...] = x_ref[...]
 
 
-def _bwd_kernel(cos_ref, sin_ref, x_ref, dq_ref, dk_ref, dv_ref, g_ref, *, eps, norm, cd):
+def _bwd_kernel(cos_ref, sin_ref, r_ref, dq_ref, dk_ref, dv_ref, g_ref, *, eps, norm, cd):
   role = pl.program_id(2)
   c, s = cos_ref[...], sin_ref[...]
   half = c.shape[1]
 
   def qk(d_ref):
-    r0, r1 = _rotate(x_ref, c, s, cd)
     d0 = d_ref[:, :half].astype(jnp.float32)
     d1 = d_ref[:, half:].astype(jnp.float32)
     if norm:
+      r0, r1 = r_ref[:, :half].astype(jnp.float32), r_ref[:, half:].astype(jnp.float32)
       inv = _inv_rms(r0, r1, eps)
       n0, n1 = r0 * inv, r1 * inv
       m = (jnp.sum(d0 * n0, axis=1, keepdims=True) + jnp.sum(d1 * n1, axis=1, keepdims=True)) / (2 * half)
       d0 = (inv * (d0 - n0 * m)).astype(cd).astype(jnp.float32)
       d1 = (inv * (d1 - n1 * m)).astype(cd).astype(jnp.float32)
-    g_ref[:, :half] = (d0 * c + d1 * s).astype(g_ref.dtype)
-    g_ref[:, half:] = (d1 * c - d0 * s).astype(g_ref.dtype)
+    _store(g_ref, d0 * c + d1 * s, d1 * c - d0 * s)
 
   @pl.when(role == 0)
   def _():
@@ -117,51 +123,60 @@ def _backend(interpret):
   return interpret, params
 
 
-def _specs(s, k, h, hpt, rows):
-  tables = pl.BlockSpec((rows, k // 2), lambda i, j, *_: (i % (s // rows), 0))
-  head = pl.BlockSpec((rows, k), lambda i, j, *_: (i, j))
-  return tables, head
+def _specs(s, k, h, t, rows):
+  """BlockSpecs on the (row block, head, role) grid: cos / sin rows, a [tokens, H x K] output's head block,
+  the head's own q / k / v block of the [tokens, T x 3 x G] view, its q / k block of the [tokens, 2 x H x K]
+  RoPE output (role 2, v, points at k's and writes none)."""
+  hpt = h // t
+  tables = pl.BlockSpec((rows, k // 2), lambda i, j, r: (i % (s // rows), 0))
+  head = pl.BlockSpec((rows, k), lambda i, j, r: (i, j))
+  own = pl.BlockSpec((rows, k), lambda i, j, r: (i, _col(t, hpt, r, j)))
+  rope = pl.BlockSpec((rows, k), lambda i, j, r: (i, jnp.minimum(r, 1) * h + j))
+  return tables, head, own, rope
 
 
-def _forward(y2, cos, sin, *, s, k, t, eps, norm, cd, interpret):
-  n, h, hpt = y2.shape[0], y2.shape[1] // (3 * k), y2.shape[1] // (3 * k * t)
+def _forward(y2, cos, sin, *, s, k, t, eps, norm, cd, interpret, residual):
+  """q, k, v [tokens, H x K], and with `residual` the rounded RoPE output of q and k [tokens, 2 x H x K]."""
+  n, h = y2.shape[0], y2.shape[1] // (3 * k)
   interpret, params = _backend(interpret)
-  tables, head = _specs(s, k, h, hpt, ROWS)
-  own = pl.BlockSpec((ROWS, k), lambda i, j, r: (i, _col(t, hpt, r, j)))
+  tables, head, own, rope = _specs(s, k, h, t, ROWS)
   out = jax.ShapeDtypeStruct((n, h * k), y2.dtype)
+  extra = [jax.ShapeDtypeStruct((n, 2 * h * k), y2.dtype)] if residual else []
   return pl.pallas_call(
       functools.partial(_fwd_kernel, eps=eps, norm=norm, cd=cd),
-      out_shape=(out, out, out), grid=(n // ROWS, h, 3),
-      in_specs=[tables, tables, own], out_specs=(head, head, head),
+      out_shape=(out, out, out, *extra), grid=(n // ROWS, h, 3),
+      in_specs=[tables, tables, own], out_specs=(head, head, head, *[rope] * len(extra)),
       interpret=interpret, **params)(cos, sin, y2)
 
 
-def _backward(y2, cos, sin, dq, dk, dv, *, s, k, t, eps, norm, cd, interpret):
-  n, h, hpt = y2.shape[0], y2.shape[1] // (3 * k), y2.shape[1] // (3 * k * t)
+def _backward(r2, cos, sin, dq, dk, dv, *, s, k, t, eps, norm, cd, interpret):
+  n, h = r2.shape[0], r2.shape[1] // (2 * k)
   interpret, params = _backend(interpret)
-  tables, head = _specs(s, k, h, hpt, ROWS)
-  own = pl.BlockSpec((ROWS, k), lambda i, j, r: (i, _col(t, hpt, r, j)))
+  tables, head, own, rope = _specs(s, k, h, t, ROWS)
   return pl.pallas_call(
       functools.partial(_bwd_kernel, eps=eps, norm=norm, cd=cd),
-      out_shape=jax.ShapeDtypeStruct(y2.shape, y2.dtype), grid=(n // ROWS, h, 3),
-      in_specs=[tables, tables, own, head, head, head], out_specs=own,
-      interpret=interpret, **params)(cos, sin, y2, dq, dk, dv)
+      out_shape=jax.ShapeDtypeStruct((n, 3 * h * k), r2.dtype), grid=(n // ROWS, h, 3),
+      in_specs=[tables, tables, rope, head, head, head], out_specs=own,
+      interpret=interpret, **params)(cos, sin, r2, dq, dk, dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
 def _local(y2, cos, sin, s, k, t, norm, cd, interpret):
   eps = float(jnp.finfo(cd).eps)
-  return _forward(y2, cos, sin, s=s, k=k, t=t, eps=eps, norm=norm, cd=cd, interpret=interpret)
+  return _forward(y2, cos, sin, s=s, k=k, t=t, eps=eps, norm=norm, cd=cd, interpret=interpret, residual=False)
 
 
 def _local_fwd(y2, cos, sin, s, k, t, norm, cd, interpret):
-  return _local(y2, cos, sin, s, k, t, norm, cd, interpret), (y2, cos, sin)
+  eps = float(jnp.finfo(cd).eps)
+  q, k_, v, r2 = _forward(y2, cos, sin, s=s, k=k, t=t, eps=eps, norm=norm, cd=cd, interpret=interpret,
+                          residual=True)
+  return (q, k_, v), (r2, cos, sin)
 
 
 def _local_bwd(s, k, t, norm, cd, interpret, res, g):
-  y2, cos, sin = res
+  r2, cos, sin = res
   eps = float(jnp.finfo(cd).eps)
-  dy = _backward(y2, cos, sin, *g, s=s, k=k, t=t, eps=eps, norm=norm, cd=cd, interpret=interpret)
+  dy = _backward(r2, cos, sin, *g, s=s, k=k, t=t, eps=eps, norm=norm, cd=cd, interpret=interpret)
   return dy, jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
