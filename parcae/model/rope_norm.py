@@ -61,8 +61,14 @@ def _store(o_ref, a0, a1):
   o_ref[:, half:] = a1.astype(o_ref.dtype)
 
 
-def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *r_ref, eps, norm, cd):
+def _by_role(q, k, v):
+  """Run the program's part: q, k or v by the grid's last index."""
   role = pl.program_id(2)
+  for r, fn in enumerate((q, k, v)):
+    pl.when(role == r)(fn)
+
+
+def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *r_ref, eps, norm, cd):
   c, s = cos_ref[...], sin_ref[...]
 
   def qk(o_ref):
@@ -74,21 +80,12 @@ def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *r_ref, eps, no
       r0, r1 = r0 * inv, r1 * inv
     _store(o_ref, r0, r1)
 
-  @pl.when(role == 0)
-  def _():
-    qk(qo_ref)
-
-  @pl.when(role == 1)
-  def _():
-    qk(ko_ref)
-
-  @pl.when(role == 2)
-  def _():
+  def v():
     vo_ref[...] = x_ref[...]
+  _by_role(lambda: qk(qo_ref), lambda: qk(ko_ref), v)
 
 
 def _bwd_kernel(cos_ref, sin_ref, r_ref, dq_ref, dk_ref, dv_ref, g_ref, *, eps, norm, cd):
-  role = pl.program_id(2)
   c, s = cos_ref[...], sin_ref[...]
   half = c.shape[1]
 
@@ -104,17 +101,9 @@ def _bwd_kernel(cos_ref, sin_ref, r_ref, dq_ref, dk_ref, dv_ref, g_ref, *, eps, 
       d1 = (inv * (d1 - n1 * m)).astype(cd).astype(jnp.float32)
     _store(g_ref, d0 * c + d1 * s, d1 * c - d0 * s)
 
-  @pl.when(role == 0)
-  def _():
-    qk(dq_ref)
-
-  @pl.when(role == 1)
-  def _():
-    qk(dk_ref)
-
-  @pl.when(role == 2)
-  def _():
+  def v():
     g_ref[...] = dv_ref[...]
+  _by_role(lambda: qk(dq_ref), lambda: qk(dk_ref), v)
 
 
 def _backend(interpret):
