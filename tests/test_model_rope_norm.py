@@ -127,7 +127,7 @@ def test_pallas_rope_impl_refuses_shapes_it_cannot_run():
 
 def test_kernels_run_per_device_under_a_mesh_and_lower_for_cuda(cuda_lowering, monkeypatch):
   """Under a (data 2, tensor 2) mesh the kernels get each device's rows and heads (shard_map), give the
-  unsharded values, and both lower through Triton for CUDA."""
+  unsharded values (also for heads that do not divide the tensor axis), and both lower through Triton."""
   from conftest import triton_calls
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
@@ -135,10 +135,17 @@ def test_kernels_run_per_device_under_a_mesh_and_lower_for_cuda(cuda_lowering, m
   y, cos, sin, h, cts = _case((4, 64, 2, 4, 64), seed=5)
   f = lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True)
   want = f(y)
+  y3, cos3, sin3, _, _ = _case((4, 64, 1, 3, 64), seed=6)
+  f3 = lambda y: rope_norm.rope_qk_norm(y, cos3, sin3, n_heads=3, norm=True)
+  want3 = f3(y3)
   ys = jax.device_put(y, NamedSharding(mesh, P("data", None, "tensor", None, None)))
   with jax.set_mesh(mesh):
     got = jax.jit(f)(ys)
     for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # 3 heads do not divide the tensor axis: Attention then gives y one shard (T = 1), whole on every device
+    got3 = jax.jit(f3)(jax.device_put(y3, NamedSharding(mesh, P("data", None, None, None, None))))
+    for a, b in zip(got3, want3):
       np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     shapes = []
     real = rope_norm._local

@@ -19,6 +19,7 @@ partition a kernel call.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +190,11 @@ def rope_qk_norm(y_BxSxTx3xG, cos_SxK2, sin_SxK2, *, n_heads: int, norm: bool, i
   if not axes:
     return per_device(y_BxSxTx3xG, cos, sin)
   batch = tuple(a for a in axes if a != "tensor") or None
-  tensor = "tensor" if "tensor" in axes else None
+  if batch and b % math.prod(mesh.shape[a] for a in batch):
+    batch = None  # a batch the data-parallel axes do not split: whole on every device
+  # The tensor axis splits the T shards of y (Attention orders them per device); with T = 1 (heads that do not
+  # divide the axis) y is whole on every device and so is the result.
+  tensor = "tensor" if "tensor" in axes and t % mesh.shape["tensor"] == 0 else None
   out = P(batch, None, tensor, None)
   return jax.shard_map(per_device, in_specs=(P(batch, None, tensor, None, None), P(), P()),
                        out_specs=(out, out, out), axis_names=set(axes), check_vma=False)(y_BxSxTx3xG, cos, sin)
