@@ -70,10 +70,8 @@ def _by_role(q, k, v):
 
 
 def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *r_ref, eps, norm, cd):
-  c, s = cos_ref[...], sin_ref[...]
-
-  def qk(o_ref):
-    r0, r1 = _rotate(x_ref, c, s, cd)
+  def qk(o_ref):  # the tables are read here, not by v's programs
+    r0, r1 = _rotate(x_ref, cos_ref[...], sin_ref[...], cd)
     if r_ref:  # the backward's residual (what autodiff of the jnp path keeps); none without autodiff
       _store(r_ref[0], r0, r1)
     if norm:
@@ -87,10 +85,10 @@ def _fwd_kernel(cos_ref, sin_ref, x_ref, qo_ref, ko_ref, vo_ref, *r_ref, eps, no
 
 
 def _bwd_kernel(cos_ref, sin_ref, r_ref, dq_ref, dk_ref, dv_ref, g_ref, *, eps, norm, cd):
-  c, s = cos_ref[...], sin_ref[...]
-  half = c.shape[1]
+  half = cos_ref.shape[1]
 
   def qk(d_ref):
+    c, s = cos_ref[...], sin_ref[...]
     d0 = d_ref[:, :half].astype(jnp.float32)
     d1 = d_ref[:, half:].astype(jnp.float32)
     if norm:
