@@ -5,9 +5,10 @@
 
 Checks the kernels against the jnp path (fraction of elements that differ and the largest difference
 relative to the tensor's largest value, for q / k / v and the y gradient), then times the forward and the
-forward + backward (the vjp with all three cotangents: forward and backward kernels) of both, for each launch shape in --rows x --warps
-(--iters calls back to back after a warm-up, median of 5). Bandwidth: bf16 bytes the kernels must move (forward: read and
-write q, k, v; backward: read q, k and the three cotangents, write the gradient; fwd+bwd: both) per second.
+forward + backward (the vjp with all three cotangents) of both, for each launch shape in --rows x --warps
+(--iters calls back to back after a warm-up, median of 5). Bandwidth: bf16 bytes the kernels must move per
+second (forward: read and write q, k, v; under the vjp the forward also writes q's and k's RoPE output, which
+the backward reads with the three cotangents before writing the gradient).
 Writes $OUT/rope_norm.json.
 """
 from __future__ import annotations
@@ -63,8 +64,8 @@ def main():
   fused = lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True)
   plain = lambda y: jnp_path(y, cos, sin, h)
   grad = lambda f: jax.jit(lambda y, cts: jax.vjp(f, y)[1](cts)[0])
-  mib = b * s * h * k * 2
-  fwd_bytes, bwd_bytes = 6 * mib, 8 * mib
+  mib = b * s * h * k * 2  # bytes of one of q, k, v
+  fwd_bytes, bwd_bytes = 6 * mib, 2 * mib + 8 * mib  # bwd: the residual's write and the backward kernel
   rows = [{"variant": "xla", "fwd_ms": 1e3 * timed(jax.jit(plain), y, iters=args.iters),
            "fwd_bwd_ms": 1e3 * timed(grad(plain), y, cts, iters=args.iters)}]
   want, want_g = jax.jit(plain)(y), grad(plain)(y, cts)

@@ -56,7 +56,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.block_remat = "none"  # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots
   c.block_remat_first = 0  # block_remat only for the first N blocks of each of those stages (0 = every block)
   c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"
-  c.rope_impl = "auto"  # RoPE + QK-norm: "auto" = one Pallas kernel each way on a GPU (else "xla"); "pallas" forces it
+  # RoPE + QK-norm: "auto" = one Pallas kernel each way on a GPU where the shape allows (else the jnp path,
+  # "xla"); "pallas" forces the kernels (interpreted on a CPU; an error where they cannot run, e.g. decode steps)
+  c.rope_impl = "auto"
   return c
 
 
