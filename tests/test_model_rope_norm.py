@@ -184,3 +184,36 @@ def test_backward_keeps_the_rounded_rope_output_not_the_gemm_output():
   big = [r for r in fused if r[1] >= y.size // 3 * 2]
   assert [r[0] for r in big] == [(y.shape[0] * y.shape[1], 2 * y.shape[-1])], fused  # q and k RoPE outputs
   assert sum(r[1] for r in fused) <= sum(r[1] for r in plain), (fused, plain)
+
+
+def test_sharded_train_step_with_the_kernels_lowers_for_cuda_per_device(cuda_lowering, monkeypatch):
+  """The whole train step (grad accumulation, the no-grad while loop, the remat grad scan, prelude and coda)
+  with rope_impl "pallas" lowers for CUDA on a (2, 2, 2) mesh with the Triton kernels, each call on one
+  device's rows (a quarter of the micro-batch) and heads (one of two)."""
+  from conftest import triton_calls
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from parcae.quant.kernels import qdq
+  from parcae.train import mesh as pmesh
+  from parcae.train.loop import init_state
+  from parcae.train.step import make_train_step
+  from train_helpers import tiny_config
+  cfg = tiny_config("unused", grad_accum=2, seq_len=64)
+  cfg.model.compute_dtype, cfg.model.rope_impl, cfg.model.max_seq_len = "bfloat16", "pallas", 64
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  mesh = pmesh.make_mesh(cfg.mesh, jax.devices())
+  graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
+  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+  tc = cfg.train
+  batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, tc.micro_batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
+           for k in ("inputs", "targets")}
+  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, None))
+  shapes = set()
+  real = rope_norm._local
+  monkeypatch.setattr(rope_norm, "_local", lambda y2, *a: shapes.add(y2.shape) or real(y2, *a))
+  monkeypatch.setattr(rope_norm, "_backend", lambda interpret: (False, qdq.backend(False, rope_norm.WARPS)[2]))
+  with jax.set_mesh(mesh):
+    text = step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(triton_calls(text)) >= 2
+  d = cfg.model.d_model
+  assert shapes == {(tc.micro_batch_size // 4 * tc.seq_len, 3 * d // 2)}, shapes
