@@ -5,14 +5,29 @@ import glob
 import gzip
 import json
 import os
+import re
 
 import jax
 
 
-def top_device_ops(run, name, n=25, what="the traced calls"):
+def describe_fusions(hlo_text: str) -> dict:
+  """{fusion name: "output shape  fwd | bwd  last jax op"} from an optimized HLO module's text: what a profiled
+  kernel computes, and whether autodiff's backward pass made it (a transpose in its op_name). The profiler names a fusion `loop_add_fusion_62` where the HLO has
+  `loop_add_fusion.62`; both spellings are keys."""
+  out = {}
+  for m in re.finditer(r'^\s*%(\S+) = (.*?) fusion\(.*?kind=\w+, calls=%\S+, metadata=\{op_name="([^"]*)"',
+                       hlo_text, re.M):
+    shape = re.sub(r"\{[\d,]*\}", "", m.group(2))[:60]
+    desc = f"{shape}  {'bwd' if 'transpose(' in m.group(3) else 'fwd'} {m.group(3).split('/')[-1]}"
+    out[m.group(1)] = out[m.group(1).replace(".", "_")] = desc
+  return out
+
+
+def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
   """Trace run() (which returns arrays to wait for), print the n ops with the most summed device time.
 
-  The trace goes to /tmp/<name>; the per-op totals (microseconds, calls) and a summary by kind of kernel to
+  The trace goes to /tmp/<name>; the per-op totals (microseconds, calls, and with `hlo_text`, the optimized
+  program, what each fusion computes: `describe_fusions`) and a summary by kind of kernel to
   $OUT/<name>.json (or /tmp). Returns {op name: microseconds}.
   """
   logdir = os.path.join("/tmp", name)
@@ -38,8 +53,9 @@ def top_device_ops(run, name, n=25, what="the traced calls"):
   print(f"device time in {what}: {total / 1e3:.2f} ms", flush=True)
   if not total:
     print("process names in the trace:", sorted(set(pids.values()))[:20], flush=True)
+  desc = describe_fusions(hlo_text) if hlo_text else {}
   for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:n]:
-    print(f"  {v / 1e3:9.3f} ms {100 * v / total:5.1f}%  {k}", flush=True)
+    print(f"  {v / 1e3:9.3f} ms {100 * v / total:5.1f}% {calls[k]:5d}x  {k[:48]:48s} {desc.get(k, '')}", flush=True)
   kinds = {}
   for k, v in totals.items():
     kinds[op_kind(k)] = kinds.get(op_kind(k), 0.0) + v
@@ -47,7 +63,8 @@ def top_device_ops(run, name, n=25, what="the traced calls"):
                                 sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)
   with open(os.path.join(os.environ.get("OUT", "/tmp"), name + ".json"), "w") as f:
     json.dump({"total_us": total, "by_kind_us": kinds,
-               "ops": {k: [totals[k], calls[k]] for k in sorted(totals, key=lambda k: -totals[k])}}, f, indent=0)
+               "ops": {k: [totals[k], calls[k]] + ([desc[k]] if k in desc else [])
+                       for k in sorted(totals, key=lambda k: -totals[k])}}, f, indent=0)
   return totals
 
 
@@ -64,6 +81,6 @@ def op_kind(name: str) -> str:
     return "elementwise fusion"
   if any(t in n for t in ("copy", "memcpy", "memset", "transpose")):
     return "copy / transpose"
-  if any(t in n for t in ("triton", "pallas")):
+  if any(t in n for t in ("triton", "pallas", "kernel")):  # Pallas kernels carry their function's name
     return "custom kernel"
   return "other"

@@ -147,9 +147,10 @@ def train_and_time(cfg, args, devices, name=""):
   ms = jax.device_get(ms)
   if getattr(args, "profile", False):
     import gzip
+    hlo = compiled.as_text()  # the optimized program: what each profiled fusion computes
     with gzip.open(os.path.join(os.environ.get("OUT", "/tmp"), f"hlo_{name}.txt.gz"), "wt") as f:
-      f.write(compiled.as_text())  # the optimized program, to read what each profiled fusion computes
-    state = profile_steps(step, state, batch, name)
+      f.write(hlo)
+    state = profile_steps(step, state, batch, name, hlo)
   losses += [float(m["loss"]) for m in ms]
   assert all(np.isfinite(losses)), f"non-finite loss {losses}"
   assert losses[-1] < losses[0], f"loss did not fall: {losses}"
@@ -208,8 +209,8 @@ def run_one(name, args):
   }
 
 
-def profile_steps(step, state, batch, name):
-  """Trace two steps and print the 25 most expensive device ops (bench/profiling.py)."""
+def profile_steps(step, state, batch, name, hlo_text=None):
+  """Trace two steps and print the 25 most expensive device ops (bench/profiling.py), with what each computes."""
   from profiling import top_device_ops
   box = [state]
 
@@ -217,7 +218,7 @@ def profile_steps(step, state, batch, name):
     for _ in range(2):
       box[0], _ = step(box[0], batch)
     return box[0]
-  top_device_ops(two_steps, "prof_" + name, what="2 steps")
+  top_device_ops(two_steps, "prof_" + name, what="2 steps", hlo_text=hlo_text)
   return box[0]
 
 
