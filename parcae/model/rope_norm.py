@@ -2,8 +2,9 @@
 
 XLA runs this step as 4-6 memory passes per attention call (the norm's reduction, the rotation, casts, a copy
 of v) and writes the backward's q / k / v gradient in one fusion that evaluates the rotation and the norm's
-transpose at both halves of every pair (bench/RESULTS.md, "2026-12-01, session 6"). The kernels read every
-element once and write it once.
+transpose at both halves of every pair (bench/RESULTS.md, "2026-12-01, session 6"). Here the forward reads the
+GEMM output once and writes q, k, v once (under autodiff also q's and k's RoPE output); the backward reads that
+and the three cotangents once and writes the gradient once.
 
   y [B, S, T, 3, G]: the GEMM output (T "tensor" shards, G = D / T = heads per shard x K; q and k columns in
   the split-halves order of layers.split_pairs); cos, sin [S, K/2]  ->  q, k, v [B, S, H, K].
