@@ -191,29 +191,16 @@ def test_sharded_train_step_with_the_kernels_lowers_for_cuda_per_device(cuda_low
   with rope_impl "pallas" lowers for CUDA on a (2, 2, 2) mesh with the Triton kernels, each call on one
   device's rows (a quarter of the micro-batch) and heads (one of two)."""
   from conftest import triton_calls
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from parcae.quant.kernels import qdq
-  from parcae.train import mesh as pmesh
-  from parcae.train.loop import init_state
-  from parcae.train.step import make_train_step
-  from train_helpers import tiny_config
+  from train_helpers import lower_sharded_step_for_cuda, tiny_config
   cfg = tiny_config("unused", grad_accum=2, seq_len=64)
   cfg.model.compute_dtype, cfg.model.rope_impl, cfg.model.max_seq_len = "bfloat16", "pallas", 64
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-  mesh = pmesh.make_mesh(cfg.mesh, jax.devices())
-  graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
-  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
   tc = cfg.train
-  batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, tc.micro_batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
-           for k in ("inputs", "targets")}
-  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
-                 out_shardings=(shardings, None))
   shapes = set()
   real = rope_norm._local
   monkeypatch.setattr(rope_norm, "_local", lambda y2, *a: shapes.add(y2.shape) or real(y2, *a))
   monkeypatch.setattr(rope_norm, "_backend", lambda interpret: (False, qdq.backend(False, rope_norm.WARPS)[2]))
-  with jax.set_mesh(mesh):
-    text = step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
+  text = lower_sharded_step_for_cuda(cfg)
   assert len(triton_calls(text)) >= 2
   d = cfg.model.d_model
   assert shapes == {(tc.micro_batch_size // 4 * tc.seq_len, 3 * d // 2)}, shapes

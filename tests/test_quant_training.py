@@ -281,28 +281,16 @@ def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(block_remat,
   the Triton kernels on a (2, 2, 2) mesh, and no kernel sees a whole micro-batch of token rows: each gets its
   device's quarter."""
   from conftest import triton_calls
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from parcae.quant.kernels import rotq
-  from parcae.train import mesh as pmesh
-  from parcae.train.loop import init_state
-  from parcae.train.step import make_train_step
+  from train_helpers import lower_sharded_step_for_cuda
   cfg = tiny_config("unused", grad_accum=2)
   cfg.model.compute_dtype, cfg.quant.recipe, cfg.quant.impl = "bfloat16", "quartet", "pallas"
   cfg.model.block_remat = block_remat
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-  mesh = pmesh.make_mesh(cfg.mesh, jax.devices())
-  graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
-  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
   tc = cfg.train
-  batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, tc.micro_batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
-           for k in ("inputs", "targets")}
-  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
-                 out_shardings=(shardings, None))
   rows = set()  # the rows of every operand handed to the kernels (the token operands' are one device's)
   real = rotq.rotate_quantize
   monkeypatch.setattr(rotq, "rotate_quantize", lambda x, *a, **kw: rows.add(x.shape[0]) or real(x, *a, **kw))
-  with jax.set_mesh(mesh):
-    text = step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
+  text = lower_sharded_step_for_cuda(cfg)
   assert triton_calls(text)
   tokens = tc.micro_batch_size * tc.seq_len
   assert tokens // 4 in rows and tokens not in rows, rows

@@ -45,3 +45,25 @@ def tiny_config(data_path, **train):
 def train_rows(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   return {r["step"]: r for r in rows if r.get("kind") is None}
+
+
+def lower_sharded_step_for_cuda(cfg):
+  """StableHLO text of cfg's whole train step on a (2, 2, 2) data x fsdp x tensor mesh of the 8 CPU devices,
+  lowered for CUDA (with the `cuda_lowering` fixture, the kernels lower through Triton)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from parcae.train import mesh as pmesh
+  from parcae.train.loop import init_state
+  from parcae.train.step import make_train_step
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  mesh = pmesh.make_mesh(cfg.mesh, jax.devices())
+  graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
+  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+  tc = cfg.train
+  batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, tc.micro_batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
+           for k in ("inputs", "targets")}
+  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, None))
+  with jax.set_mesh(mesh):
+    return step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
