@@ -85,7 +85,8 @@ def split_pairs(kernel_DxD, n_heads: int):
   """Reorder a q or k kernel's columns within each head from adjacent RoPE pairs (2i, 2i+1) -- the reference
   layout, kept in the parameters -- to split halves (i, i + K/2). A score q . k is a sum over the head's
   channels, so the same permutation of q and k leaves attention unchanged, and RoPE then rotates two
-  contiguous halves instead of interleaved pairs (a strided shuffle that XLA wrote at a third of the bandwidth)."""
+  contiguous halves instead of interleaved pairs: halves the RoPE kernels (rope_norm) can load as blocks, where
+  XLA wrote the interleave as a strided shuffle at about a third of the bandwidth."""
   d = kernel_DxD.shape[0]
   return kernel_DxD.reshape(d, n_heads, -1, 2).swapaxes(-1, -2).reshape(d, -1)
 
