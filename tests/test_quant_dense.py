@@ -255,3 +255,64 @@ def test_pallas_inside_a_callers_shard_map_stays_per_device():
                                 axis_names={"data", "fsdp"}, check_vma=False))(x, w)
   want = jax.jit(lambda x, w: qdot(x, w, "mxfp8", impl="jnp"))(x, w)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("impl", ["jnp", "pallas"])
+@pytest.mark.parametrize("recipe", ["bf16", "mxfp8", "nvfp4", "quartet", "nvidia_nvfp4"])
+def test_act_is_the_same_as_applying_it_first(recipe, impl):
+  """qdot(h, w, act=relu2) == qdot(relu2(h), w): outputs and both gradients bit for bit (the model's ReLU^2
+  with its custom derivative; Pallas in interpret mode), while relu2(h) is never an operand of its own."""
+  from parcae.model.layers import relu2
+  h, w, g = inputs(jnp.bfloat16)
+  key = jax.random.key(3)
+  run = lambda f, act: jax.jit(lambda h, w, g: (lambda y, pull: (y, *pull(g.astype(jnp.bfloat16))))(
+      *jax.vjp(lambda h, w: qdot(f(h), w, recipe, key=key, impl=impl, act=act), h, w)))(h, w, g)
+  fused, first = run(lambda h: h, relu2), run(relu2, None)
+  for name, a, b in zip(("y", "dh", "dw"), fused, first):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+  plain = run(lambda h: h, None)  # control: the activation matters
+  assert not np.array_equal(np.asarray(plain[0], np.float32), np.asarray(fused[0], np.float32))
+  with pytest.raises(ValueError, match="elementwise"):
+    qdot(h, w, recipe if recipe != "bf16" else "mxfp8", act=lambda h: h[..., :8])
+
+
+def _pallas_outputs(jaxpr):
+  """Output dtypes of every pallas_call in a (closed) jaxpr, sub-jaxprs included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      out.append(tuple(str(v.aval.dtype) for v in eqn.outvars))
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      out += _pallas_outputs(sub)
+  return out
+
+
+def test_clip_masks_only_under_differentiation():
+  """Quartet's forward kernels write their int8 clip masks only when a backward will read them: not in the
+  primal (the no-grad loop iterations, evaluation)."""
+  x, w, g = inputs(jnp.bfloat16)
+  f = lambda x, w: qdot(x, w, "quartet", impl="pallas")
+  primal = _pallas_outputs(jax.make_jaxpr(f)(x, w).jaxpr)
+  under_vjp = _pallas_outputs(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[0])(x, w).jaxpr)
+  assert len(primal) == 2 and all("int8" not in o for o in primal), primal
+  assert sum("int8" in o for o in under_vjp) == 2, under_vjp
+
+
+def test_fwdq_recipes_do_not_keep_the_input():
+  """Quartet's backward reads the forward-quantized operands only: x itself is not a residual (before: one
+  more [M, K] array per layer); with act, x (the activation's input) is, and act(x) is not."""
+  import contextlib
+  import io
+  from jax.ad_checkpoint import print_saved_residuals
+  from parcae.model.layers import relu2
+  x, w, _ = inputs(jnp.bfloat16)
+
+  def kept(act):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      print_saved_residuals(lambda x, w: jnp.sum(qdot(x, w, "quartet", act=act).astype(jnp.float32)), x, w)
+    return [ln for ln in buf.getvalue().splitlines() if ln.startswith(f"bf16[{M},{K}]")]
+  plain, fused = kept(None), kept(relu2)
+  assert len(plain) == 1 and "_qdq_jnp" in plain[0], plain  # xq only
+  assert len(fused) == 2 and "reshape" in fused[0] + fused[1], fused  # x (reshaped to 2-D) and xq
+  assert not any("relu2" in ln or "activate" in ln for ln in fused), fused

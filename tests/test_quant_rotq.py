@@ -69,3 +69,37 @@ def test_launch_shape_does_not_change_values(rounding, axis):
   want = run(None)
   for tile in (16, 32, 64):
     np.testing.assert_array_equal(run(tile), want)
+
+
+def relu2(x):
+  r = jnp.maximum(x, 0)
+  return 0.5 * r * r
+
+
+@pytest.mark.parametrize("fmt,mode,rounding,rotate", [CASES[0], CASES[1], CASES[4]])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_act_on_the_loaded_tile_equals_act_first(fmt, mode, rounding, rotate, axis):
+  """act (the MLP's ReLU^2) evaluated inside the kernel == the kernel on act(x), bit for bit, mask included
+  (NVFP4's tensor scale is taken from act(x) too)."""
+  blk = F.get_format(fmt).block
+  x = (3 * jax.random.normal(jax.random.key(0), (64, 96))).astype(jnp.bfloat16).at[5, 7].set(9.0)
+  rotation = (blk, H.random_signs(jax.random.key(9), blk)) if rotate else None
+  run = lambda x, act: jax.jit(lambda x: rotq.rotate_quantize(
+      x, fmt, axis, scale_mode=mode, rounding=rounding, key=jax.random.key(4), rotation=rotation,
+      want_mask=True, act=act))(x)
+  (got, gmask), (want, wmask) = run(x, relu2), run(relu2(x), None)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  np.testing.assert_array_equal(np.asarray(gmask), np.asarray(wmask))
+  plain = np.asarray(run(x, None)[0], np.float32)  # control: act changes the result
+  assert np.mean(plain != np.asarray(got, np.float32)) > 0.3
+
+
+def test_act_lowers_inside_the_triton_kernel(cuda_lowering):
+  """The kernel with a custom_jvp act (the model's ReLU^2) lowers for CUDA as one Triton call."""
+  from conftest import triton_calls
+  from parcae.model.layers import relu2 as model_relu2
+  x = jax.ShapeDtypeStruct((256, 128), jnp.bfloat16)
+  text = jax.jit(lambda x: rotq.rotate_quantize(x, "mxfp4", 1, scale_mode="rms", rotation=(32, None),
+                                                act=model_relu2)[0]).trace(x).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert len(triton_calls(text)) == 1

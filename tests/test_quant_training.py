@@ -71,11 +71,11 @@ def record_qdot_calls(monkeypatch):
   test here, not the numerics (tests/test_quant_dense.py), and the plain matmul compiles in seconds."""
   traced, executed = [], []
 
-  def logged(x, w, recipe, *, key=None, compute_dtype=jnp.bfloat16):
+  def logged(x, w, recipe, *, key=None, compute_dtype=jnp.bfloat16, act=None):
     traced.append((recipe, key is not None))
     if key is not None:
       jax.debug.callback(lambda k: executed.append(np.asarray(k).tobytes()), jax.random.key_data(key))
-    return jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype))
+    return jnp.dot((x if act is None else act(x)).astype(compute_dtype), w.astype(compute_dtype))
 
   monkeypatch.setattr(pq, "qdot", logged)
   return traced, executed

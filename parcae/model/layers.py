@@ -52,18 +52,19 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(kernel_init)
     self.cd, self.quant = cd, quant
 
-  def __call__(self, x, key=None):
-    return self.matmul(x, self.kernel[...], key)
+  def __call__(self, x, key=None, act=None):
+    return self.matmul(x, self.kernel[...], key, act)
 
-  def matmul(self, x, kernel, key=None):
-    """x @ kernel with this layer's compute dtype and recipe (also for a kernel made of several layers')."""
+  def matmul(self, x, kernel, key=None, act=None):
+    """act(x) @ kernel with this layer's compute dtype and recipe (also for a kernel made of several layers').
+    act: None or an elementwise function; a quantized recipe evaluates it inside x's quantize kernel."""
     # The operand in the compute dtype, as a low-precision GEMM's quantize kernel would read it (the kernels
     # read half the bytes of a float32 norm output, and autodiff keeps the bf16 copy).
     x = x.astype(self.cd)
     if self.quant == "bf16":
-      return jnp.dot(x, kernel.astype(self.cd))
+      return jnp.dot(x if act is None else act(x), kernel.astype(self.cd))
     from parcae.quant import qdot  # quant/ is optional at import time and usable on its own
-    return qdot(x, kernel, self.quant, key=key, compute_dtype=self.cd)
+    return qdot(x, kernel, self.quant, key=key, compute_dtype=self.cd, act=act)
 
 
 class Embed(nnx.Module):
@@ -235,7 +236,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxSxD, key=None):
     k1, k2 = (None, None) if key is None else jax.random.split(key)
-    return self.proj(relu2(self.fc(x_BxSxD, k1)), k2)
+    return self.proj(self.fc(x_BxSxD, k1), k2, act=relu2)  # quantized: ReLU^2 inside proj's quantizer
 
 
 class Block(nnx.Module):

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-ROWS, WARPS = 64, 4  # GPU launch shape: token rows per program, Triton warps
+# GPU launch shape: token rows per program, Triton warps. Swept on the H200 (bench/RESULTS.md, session 7;
+#   python3 bench/rope_norm.py --rows 32,64,128 --warps 2,4,8): 32 x 8 fastest forward and backward.
+ROWS, WARPS = 32, 8
 BATCH_AXES = ("data", "fsdp")  # the trainer's mesh axes that split the batch (parcae.train.mesh)
 
 

@@ -133,15 +133,15 @@ def _row_axes(rows):
   return (axes, n) if axes and rows % n == 0 else ((), 1)
 
 
-def _pallas_operand(x, op: Operand, axis, key, rotation, want_mask, tokens):
+def _pallas_operand(x, op: Operand, axis, key, rotation, want_mask, tokens, act):
   """rotq on the whole operand, or (token rows under a batch-sharded mesh) on each device's rows."""
   kw = dict(scale_mode=op.scale_mode, rounding=op.rounding, key=key, rotation=rotation,
-            two_level=op.two_level, want_mask=want_mask)
+            two_level=op.two_level, want_mask=want_mask, act=act)
   axes, n = _row_axes(x.shape[0]) if tokens else ((), 1)
   local = (x.shape[0] // n, x.shape[1])
   if not axes or not rotq.supported(jax.ShapeDtypeStruct(local, x.dtype), op.fmt, axis, rotation):
     return rotq.rotate_quantize(x, op.fmt, axis, **kw)
-  inputs = rotq.operand_inputs(x, op.fmt, op.rounding, key, rotation, op.two_level, axis)  # whole operand
+  inputs = rotq.operand_inputs(x, op.fmt, op.rounding, key, rotation, op.two_level, axis, act)  # whole operand
   spec = P(axes, None)
 
   def shard(xs, consts, sd):
@@ -157,17 +157,18 @@ def _pallas_operand(x, op: Operand, axis, key, rotation, want_mask, tokens):
 
 
 def quantize_operand(x, op: Operand | None, axis: int, key, *, rotation=None, want_mask=False, impl="jnp",
-                     tokens=False):
-  """Rotate (rotation = (n, signs) or None) and quantize one GEMM operand along `axis` (its
-  contraction axis) -> (operand, clip mask or None). impl "pallas": one kernel pass where
-  `kernels.rotq` handles the operand (2-D, rotation size = block size), else the jnp path; "auto":
-  "pallas" on a GPU. tokens: axis 0 of x is the token axis (x, g; not w), split over ROW_AXES."""
+                     tokens=False, act=None):
+  """Apply the elementwise `act` (or None), rotate (rotation = (n, signs) or None) and quantize one GEMM
+  operand along `axis` (its contraction axis) -> (operand, clip mask or None). impl "pallas": one kernel
+  pass where `kernels.rotq` handles the operand (2-D, rotation size = block size; act evaluated on each
+  loaded tile), else the jnp path; "auto": "pallas" on a GPU. tokens: axis 0 of x is the token axis
+  (x, g; not w), split over ROW_AXES."""
   if op is None:
-    return _rot(x, rotation, axis), None
+    return _rot(_act(x, act), rotation, axis), None
   if resolve_impl(impl) == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search):
-    y, mask = _pallas_operand(x, op, axis, key, rotation, want_mask, tokens)
+    y, mask = _pallas_operand(x, op, axis, key, rotation, want_mask, tokens, act)
     return y, None if mask is None else mask != 0
-  x = _rot(x, rotation, axis)
+  x = _rot(_act(x, act), rotation, axis)
   if op.search:
     return S.quantize_dequantize_search(x, op.fmt, axis=axis, two_level=op.two_level,
                                         block_2d=op.block_2d), None
@@ -190,60 +191,78 @@ def _rot(x, r, axis, inverse=False):
   return x if r is None else H.rotate(x, r[0], r[1], axis, inverse)
 
 
-def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims, impl, b_tokens):
+def _act(x, act):
+  return Q.activate(x, act)
+
+
+def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims, impl, b_tokens, a_act=None):
   """Rotate a, b along their contraction axes, quantize them, contract in compute dtype. a's rows are
-  tokens (g or x); b's are tokens when b_tokens (g in wgrad; not w in dgrad)."""
-  aq = quantize_operand(a, g.lhs, a_axis, keys[0], rotation=m, impl=impl, tokens=True)[0]
+  tokens (g or x; a_act: the elementwise function to apply to a first); b's are tokens when b_tokens
+  (g in wgrad; not w in dgrad)."""
+  aq = quantize_operand(a, g.lhs, a_axis, keys[0], rotation=m, impl=impl, tokens=True, act=a_act)[0]
   bq = quantize_operand(b, g.rhs, b_axis, keys[1], rotation=m, impl=impl, tokens=b_tokens)[0]
   return jax.lax.dot_general(aq.astype(cd), bq.astype(cd), (dims, ((), ())))
 
 
-def _forward(recipe: Recipe, cd, impl, x, w, key):
+def _forward(recipe: Recipe, cd, impl, act, x, w, key, residuals=True):
+  """y and (residuals=True, under differentiation) what the backward reads. Without residuals (the primal:
+  no-grad loop iterations, evaluation) the kernels write no clip masks."""
   keys = jax.random.split(key, 8)
   r = recipe.fwd
   m = _rotation(r, None)
-  keep = recipe.clip_mask  # boolean masks (1 byte per entry) for the backward
-  xq, mx = quantize_operand(x, r.lhs, 1, keys[0], rotation=m, want_mask=keep, impl=impl, tokens=True)
+  keep = recipe.clip_mask and residuals  # boolean masks (1 byte per entry) for the backward
+  xq, mx = quantize_operand(x, r.lhs, 1, keys[0], rotation=m, want_mask=keep, impl=impl, tokens=True, act=act)
   wq, mw = quantize_operand(w, r.rhs, 0, keys[1], rotation=m, want_mask=keep, impl=impl)
   y = jnp.dot(xq.astype(cd), wq.astype(cd))
   fwdq = recipe.bwd_source == "fwdq"  # keep only the residuals the backward reads
-  return y, (x, w, xq if fwdq else None, wq if fwdq or recipe.dgrad.rhs is None else None, mx, mw, key)
+  # x itself only when the backward re-quantizes it or differentiates act at it; else an empty array of its
+  # dtype (the gradient's)
+  xr = x if not fwdq or act is not None else jnp.zeros((0,), x.dtype)
+  return y, (xr, w, xq if fwdq else None, wq if fwdq or recipe.dgrad.rhs is None else None, mx, mw, key)
 
 
-def _backward(recipe: Recipe, cd, impl, res, g):
+def _backward(recipe: Recipe, cd, impl, act, res, g):
   x, w, xq, wq, mx, mwk, key = res
   keys = jax.random.split(key, 8)
   m_fwd = _rotation(recipe.fwd, None)
+  xs_act = None  # the elementwise act still to apply to the wgrad operand (in its quantizer)
   if recipe.bwd_source == "fwdq":
     xs, ws = xq, wq
+  elif m_fwd is None:
+    xs, ws, xs_act = x, w, act
   else:
-    xs, ws = _rot(x, m_fwd, 1), _rot(w, m_fwd, 0)
+    xs, ws = _rot(_act(x, act), m_fwd, 1), _rot(w, m_fwd, 0)
   if recipe.dgrad.rhs is None:  # reuse the forward-quantized weight as is
     ws = wq
   md, mw = _rotation(recipe.dgrad, keys[6]), _rotation(recipe.wgrad, keys[7])
   dx = _gemm(g, ws, recipe.dgrad, 1, 1, keys[2:4], md, cd, ((1,), (1,)), impl, False)  # [M, K]
-  dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)), impl, True)  # [K, N]
+  dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)), impl, True, xs_act)  # [K, N]
   if recipe.clip_mask:
     dx = dx if mx is None else jnp.where(mx, dx, 0)
     dw = dw if mwk is None else jnp.where(mwk, dw, 0)
-  dx = _rot(dx.astype(jnp.float32), m_fwd, 1, inverse=True)
+  dx = _rot(dx.astype(jnp.float32), m_fwd, 1, inverse=True).astype(x.dtype)
   dw = _rot(dw.astype(jnp.float32), m_fwd, 0, inverse=True)
-  return dx.astype(x.dtype), dw.astype(w.dtype), None
+  if act is not None:  # the gradient w.r.t. act's input: act's own vjp (a custom rule is honoured)
+    dx = jax.vjp(act, x)[1](dx)[0]
+  return dx, dw.astype(w.dtype), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _qdot2(recipe, cd, impl, x, w, key):
-  return _forward(recipe, cd, impl, x, w, key)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _qdot2(recipe, cd, impl, act, x, w, key):
+  return _forward(recipe, cd, impl, act, x, w, key, residuals=False)[0]
 
 
 _qdot2.defvjp(_forward, _backward)
 
 
-def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16, impl="jnp"):
+def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16, impl="jnp", act=None):
   """x [..., K] @ w [K, N] -> [..., N] in compute_dtype, with the named recipe's quantization.
 
   "bf16" is exactly jnp.dot(x.astype(cd), w.astype(cd)) (values and gradients). key: PRNG key for
   stochastic rounding / random Hadamard signs; None -> a fixed key (deterministic).
+  act: None or an elementwise function (a hashable callable, e.g. the MLP's ReLU^2): qdot(x, w, act=f) is
+  qdot(f(x), w) in values and gradients, with f evaluated inside x's quantize kernel (f(x) is never
+  written to memory, and the backward keeps x, not f(x)).
   impl: "jnp" (XLA-fused quantizers), "pallas" (one-pass rotate + quantize kernels where they
   apply; the same values, except that Quartet's RMS block scales may sum in another order) or
   "auto" (pallas on a GPU, jnp elsewhere); a recipe spelled "NAME@IMPL" (`quant_spec`, what the
@@ -253,10 +272,13 @@ def qdot(x, w, recipe: str, *, key=None, compute_dtype=jnp.bfloat16, impl="jnp")
   rec = RECIPE_TABLE[recipe]
   cd = jnp.dtype(compute_dtype)
   if rec is None:
-    return jnp.dot(x.astype(cd), w.astype(cd))
+    return jnp.dot((x if act is None else act(x)).astype(cd), w.astype(cd))
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"qdot needs x [..., K] and w [K, N]; got x {x.shape}, w {w.shape}")
   key = jax.random.key(0) if key is None else key
   x2 = x.reshape(-1, x.shape[-1])
-  y = _qdot2(rec, cd, impl, x2, w, key)
+  if act is not None and jax.eval_shape(act, x2).shape != x2.shape:
+    raise ValueError(f"act must be elementwise (same shape out as in); {act} maps {x2.shape} to "
+                     f"{jax.eval_shape(act, x2).shape}")
+  y = _qdot2(rec, cd, impl, act, x2, w, key)
   return y.reshape(x.shape[:-1] + (w.shape[1],))

@@ -125,6 +125,21 @@ def qdq_blocks(xb, fmt: F.Format, scale_mode, u=None, consts=None, two_level=Tru
   return (deq, t) if return_scaled else deq
 
 
+def activate(x, act):
+  """act(x) (an elementwise function, or None: x) rounded to x's dtype, on the jnp path and inside the
+  kernels alike. A bf16 result is rounded once more by integer arithmetic, a no-op on the exact bf16 values
+  act gives, but XLA may evaluate act at higher precision inside a fusion (seen on the CPU: other block
+  scales than act's bf16 output gives), and integer ops it cannot skip."""
+  if act is None:
+    return x
+  y = act(x)
+  if y.dtype != jnp.bfloat16:
+    return y
+  bits = jax.lax.bitcast_convert_type(y.astype(jnp.float32), jnp.uint32)
+  bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)  # RNE
+  return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(jnp.bfloat16)
+
+
 def nv_tensor_scale(x):
   """torchao's per-tensor scale amax / (448 * 6); an all-zero tensor gets 1.0 (not 0 -> NaN)."""
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)))

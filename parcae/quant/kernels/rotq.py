@@ -58,8 +58,9 @@ def supported(x, fmt, axis, rotation, block_2d=False, search=False):
 
 
 def _kernel(x_ref, m_ref, c_ref, s_ref, o_ref, *mask_ref, fmt, axis, scale_mode, two_level, stochastic,
-            rotate, shape, div):
+            rotate, shape, div, act):
   x = x_ref[...]
+  x = Q.activate(x, act)  # the caller's elementwise function (e.g. ReLU^2) on the loaded tile, in x's dtype
   tr, tc = x.shape
   i, j = pl.program_id(0), pl.program_id(1)
   if rotate:
@@ -83,20 +84,23 @@ def _kernel(x_ref, m_ref, c_ref, s_ref, o_ref, *mask_ref, fmt, axis, scale_mode,
     mask_ref[0][...] = (jnp.abs(t) < fmt.elem.max_val).astype(jnp.int8)
 
 
-def operand_inputs(x, fmt, rounding, key, rotation=None, two_level=True, axis=-1):
+def operand_inputs(x, fmt, rounding, key, rotation=None, two_level=True, axis=-1, act=None):
   """(consts, seed words) the kernel reads for the whole operand x: NVFP4's tensor-scale constants (of
-  the rotated operand, as on the jnp path) and the stochastic-rounding seed. A row-sharded caller
-  computes them once on the whole x and hands them to every shard (`rotate_quantize(..., inputs=)`)."""
+  act(x), rotated, as on the jnp path) and the stochastic-rounding seed. A row-sharded caller computes
+  them once on the whole x and hands them to every shard (`rotate_quantize(..., inputs=)`)."""
   f = F.get_format(fmt)
-  scaled = H.rotate(x, rotation[0], rotation[1], axis) if rotation is not None and f.scale == "e4m3" else x
+  scaled = x if f.scale != "e4m3" else Q.activate(x, act)
+  if rotation is not None and f.scale == "e4m3":
+    scaled = H.rotate(scaled, rotation[0], rotation[1], axis)
   return kernel_inputs(scaled, f, rounding, key, two_level)
 
 
 def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key=None, rotation=None,
                     two_level=True, want_mask=False, interpret=None, tile=None, num_warps=None,
-                    inputs=None, first_row=0, total_rows=None):
-  """quantize_dequantize(rotate(x, *rotation, axis), fmt, axis=axis, ...) for a 2-D x in one pass.
+                    inputs=None, first_row=0, total_rows=None, act=None):
+  """quantize_dequantize(rotate(act(x), *rotation, axis), fmt, axis=axis, ...) for a 2-D x in one pass.
 
+  act: None or an elementwise function, evaluated on each loaded tile (act(x) is never written).
   rotation: None or (n, signs) with n == the format's block size. Returns (y, mask or None); mask is
   int8 [R, C], 1 where the scaled value was inside the element range (not clipped).
   tile, num_warps: the GPU launch shape (default: `TUNING`); they do not change the values.
@@ -109,18 +113,18 @@ def rotate_quantize(x, fmt, axis, *, scale_mode="floor", rounding="nearest", key
     raise ValueError(f"rotate_quantize does not handle x {x.shape} along axis {axis} with rotation "
                      f"{rotation and rotation[0]} for {fmt}; use the jnp path")
   if inputs is None:
-    inputs = operand_inputs(x, fmt, rounding, key, rotation, two_level, ax)
+    inputs = operand_inputs(x, fmt, rounding, key, rotation, two_level, ax, act)
   if ax == 0:
     return _launch(x, f, 0, scale_mode, rounding, rotation, two_level, want_mask, interpret, tile,
-                   num_warps, inputs, first_row, total_rows or x.shape[0])
+                   num_warps, inputs, first_row, total_rows or x.shape[0], act)
   per = x.shape[1] // f.block  # the contiguous view (module doc): the same blocks and SR indices
   y, mask = _launch(x.reshape(-1, f.block), f, 1, scale_mode, rounding, rotation, two_level, want_mask,
-                    interpret, tile, num_warps, inputs, first_row * per, (total_rows or x.shape[0]) * per)
+                    interpret, tile, num_warps, inputs, first_row * per, (total_rows or x.shape[0]) * per, act)
   return y.reshape(x.shape), (mask.reshape(x.shape) if want_mask else None)
 
 
 def _launch(x, f, ax, scale_mode, rounding, rotation, two_level, want_mask, interpret, tile, num_warps,
-            inputs, first_row, total_rows):
+            inputs, first_row, total_rows, act):
   stochastic = rounding == "stochastic"
   t_def, w_def = TUNING[(ax, rotation is not None, stochastic)]
   interpret, div, params = backend(interpret, num_warps or w_def)
@@ -149,7 +153,7 @@ def _launch(x, f, ax, scale_mode, rounding, rotation, two_level, want_mask, inte
   kernel = functools.partial(
       _kernel, fmt=f, axis=ax, scale_mode=scale_mode, two_level=two_level,
       stochastic=stochastic, rotate=rotation is not None, shape=shape,
-      div=div)
+      div=div, act=act)
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid,
       in_specs=[spec, pl.BlockSpec((f.block, f.block), lambda i, j: (0, 0)),
