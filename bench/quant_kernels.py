@@ -82,14 +82,21 @@ def run_case(shape, fmt, mode, rounding, iters, interpret, block_rows, ceiling, 
 ROTQ_CASES = [("mxfp4", "rms", "nearest", 1, True), ("mxfp4", "headroom", "stochastic", 1, True),
               ("mxfp4", "headroom", "stochastic", 0, True), ("mxfp8_e4m3", "rceil", "nearest", 1, False),
               ("mxfp8_e4m3", "rceil", "nearest", 0, False), ("mxfp4", "floor", "nearest", 0, False),
-              ("nvfp4", "floor", "stochastic", 1, False), ("mxfp4", "floor", "stochastic", 0, False)]
+              ("nvfp4", "floor", "stochastic", 1, False), ("mxfp4", "floor", "stochastic", 0, False),
+              ("mxfp4", "rms", "nearest", 1, True, "relu2")]  # Quartet's fc2 forward: ReLU^2 in the kernel
+
+
+def relu2(x):
+  r = jnp.maximum(x, 0)
+  return 0.5 * r * r
 
 
 def run_rotq_case(shape, case, iters, ceiling, tile, warps, time_jnp=True):
   """One 2-D operand: [32-point Hadamard +] MX quantization along `axis`, jnp path vs the rotq kernel."""
   from parcae.quant import dense, hadamard
   from parcae.quant.kernels import rotq
-  fmt, mode, rounding, axis, rotated = case
+  fmt, mode, rounding, axis, rotated, *act = case
+  act = {"relu2": relu2}[act[0]] if act else None
   tile_def, warps_def = rotq.TUNING[(axis, rotated, rounding == "stochastic")]
   tile, warps = tile or tile_def, warps or warps_def
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(jnp.bfloat16)
@@ -98,10 +105,10 @@ def run_rotq_case(shape, case, iters, ceiling, tile, warps, time_jnp=True):
   if rotated:
     rot = (32, hadamard.random_signs(jax.random.key(2), 32) if rounding == "stochastic" else None)
   key = jax.random.key(1)
-  f_jnp = jax.jit(lambda v: dense.quantize_operand(v, op, axis, key, rotation=rot, impl="jnp")[0])
+  f_jnp = jax.jit(lambda v: dense.quantize_operand(v, op, axis, key, rotation=rot, impl="jnp", act=act)[0])
   f_pl = jax.jit(lambda v: rotq.rotate_quantize(v, fmt, axis, scale_mode=mode, rounding=rounding, key=key,
-                                                rotation=rot, tile=tile, num_warps=warps)[0])
-  name = f"{'rot32+' if rotated else ''}{fmt.split('_')[0]} ax{axis}"
+                                                rotation=rot, tile=tile, num_warps=warps, act=act)[0])
+  name = f"{'relu2+' if act else ''}{'rot32+' if rotated else ''}{fmt.split('_')[0]} ax{axis}"
   row = {"shape": list(shape), "fmt": name, "scale_mode": mode, "rounding": rounding, "block_rows": tile,
          "warps": warps, "rotq": True}
   return measure(row, f_jnp, f_pl, x, iters, ceiling, time_jnp)
