@@ -114,15 +114,31 @@ def run_rotq_case(shape, case, iters, ceiling, tile, warps, time_jnp=True):
   return measure(row, f_jnp, f_pl, x, iters, ceiling, time_jnp)
 
 
-def measure(row, f_jnp, f_pl, x, iters, ceiling, time_jnp=True):
-  """Compare the two implementations on x (mismatch count) and time both (bf16 bytes in + out)."""
+def run_unrot_case(shape, iters, ceiling, tile, warps, act):
+  """The backward's clip mask + inverse 32-point rotation [+ ReLU^2's derivative] of a token operand's
+  gradient: the jnp path (select, rotation GEMM, product) against the one-pass kernel `kernels/unrot.py`.
+  Bytes: dr and the result in bf16, the int8 mask, and (act) x in bf16."""
+  from parcae.quant.kernels import unrot
+  dr = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(jnp.bfloat16)
+  mask = (jax.random.uniform(jax.random.key(1), shape) < 0.99).astype(jnp.int8)
+  x = jax.random.normal(jax.random.key(2), shape, jnp.float32).astype(jnp.bfloat16)
+  act = relu2 if act else None
+  f_jnp = jax.jit(lambda d: unrot.reference(d, mask, x, (32, None), act))
+  f_pl = jax.jit(lambda d: unrot.unrotate(d, mask, x, (32, None), act, tile=tile, num_warps=warps))
+  row = {"shape": list(shape), "fmt": f"unrot32{'+relu2' if act else ''}", "scale_mode": "-", "rounding": "-",
+         "block_rows": tile or unrot.TILE, "warps": warps or unrot.WARPS, "rotq": True}
+  return measure(row, f_jnp, f_pl, dr, iters, ceiling, nbytes=dr.size * (5 + 2 * (act is not None)))
+
+
+def measure(row, f_jnp, f_pl, x, iters, ceiling, time_jnp=True, nbytes=None):
+  """Compare the two implementations on x (mismatch count) and time both (bf16 bytes in + out, or nbytes)."""
   try:
     a, b = np.asarray(f_jnp(x), np.float32), np.asarray(f_pl(x), np.float32)
     row["mismatches"] = int(np.sum(~((a == b) | (np.isnan(a) & np.isnan(b)))))
   except Exception as e:  # report and keep going: one failing format should not hide the rest
     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row
-  nbytes = x.size * 2 * 2
+  nbytes = nbytes or x.size * 2 * 2
   for name, f in (("jnp", f_jnp), ("pallas", f_pl)):
     if name == "jnp" and not time_jnp:
       continue
@@ -146,6 +162,8 @@ def main(argv=None):
   p.add_argument("--rotq-warps", default="", help="comma-separated rotq warps per program (default: TUNING)")
   p.add_argument("--rotq-cases", default="", help="comma-separated indices into ROTQ_CASES (default: all)")
   p.add_argument("--formats", default="", help="comma-separated subset of the qdq formats (default: all)")
+  p.add_argument("--unrot", action="store_true", help="also the backward's unrot kernel (launch shapes from "
+                 "--rotq-tiles x --rotq-warps)")
   args = p.parse_args(argv)
   interpret = args.smoke or jax.default_backend() == "cpu"
   shapes = [(64, 256)] if args.smoke else [(16384, 8192)] if args.quick else [(8192, 8192), (16384, 8192)]
@@ -172,6 +190,12 @@ def main(argv=None):
         for warps in ints(args.rotq_warps):
           rows.append(run_rotq_case(shapes[-1], case, iters, ceiling, tile, warps, time_jnp=first))
           first = False
+          print(json.dumps(rows[-1]), flush=True)
+  if args.unrot:
+    for act in (False, True):
+      for tile in ints(args.rotq_tiles):
+        for warps in ints(args.rotq_warps):
+          rows.append(run_unrot_case(shapes[-1], iters, ceiling, tile, warps, act))
           print(json.dumps(rows[-1]), flush=True)
   print(f"\n{'rows':>5} {'warps':>5} {'shape':>12} {'fmt':>15} {'round':>10} {'mism':>5} {'jnp ms':>8} {'jnp TB/s':>8} "
         f"{'pl ms':>8} {'pl TB/s':>8} {'pl %ceil':>8}")

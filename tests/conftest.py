@@ -14,7 +14,7 @@ def cuda_lowering(monkeypatch):
   """Lets a test lower jitted code for CUDA on this CPU machine with the real Triton kernels: the
   quantization kernels stop interpreting, and jax >= 0.11 (which asks the device for its compute
   capability) is told it is an sm_90 (H100 / H200); jax 0.10 falls back to sm_90 by itself."""
-  from parcae.quant.kernels import qdq, rotq
+  from parcae.quant.kernels import qdq, rotq, unrot
   try:
     from jax._src.pallas.triton import gpu_info
     monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.GpuInfo(
@@ -22,6 +22,7 @@ def cuda_lowering(monkeypatch):
   except ImportError:
     pass
   monkeypatch.setattr(rotq, "backend", lambda interpret, num_warps=4: qdq.backend(False, num_warps))
+  monkeypatch.setattr(unrot, "backend", lambda interpret, num_warps=4: qdq.backend(False, num_warps))
 
 
 def triton_calls(stablehlo_text):

@@ -187,11 +187,14 @@ def test_auto_impl_is_pallas_on_a_gpu_only(monkeypatch):
 
 
 def _mesh_layer(recipe, impl, x, w, g):
-  y, pull = jax.vjp(lambda x, w: qdot(x, w, recipe, key=jax.random.key(3), impl=impl), x, w)
+  from parcae.model.layers import relu2
+  recipe, _, act = recipe.partition("+")  # "quartet+relu2": the MLP's fc2 (ReLU^2 inside the kernels)
+  act = relu2 if act else None
+  y, pull = jax.vjp(lambda x, w: qdot(x, w, recipe, key=jax.random.key(3), impl=impl, act=act), x, w)
   return (y, *pull(g))
 
 
-@pytest.mark.parametrize("recipe", ["quartet", "mxfp8", "nvfp4", "nvidia_nvfp4"])
+@pytest.mark.parametrize("recipe", ["quartet", "quartet+relu2", "mxfp8", "nvfp4", "nvidia_nvfp4"])
 def test_pallas_under_a_batch_sharded_mesh_runs_per_device_rows(recipe, monkeypatch):
   """Under jax.set_mesh with the trainer's axes, the kernels quantize each device's token rows
   (shard_map; XLA would otherwise gather the whole operand onto every device) and the result equals the
@@ -219,16 +222,18 @@ def test_pallas_under_a_batch_sharded_mesh_runs_per_device_rows(recipe, monkeypa
   assert k in rows_seen or recipe == "nvidia_nvfp4"  # weights whole (nvidia_nvfp4's are 16x16 2-D: jnp path)
 
 
-@pytest.mark.parametrize("recipe", ["quartet", "mxfp8", "nvidia_nvfp4"])
+@pytest.mark.parametrize("recipe", ["quartet", "quartet+relu2", "mxfp8", "nvidia_nvfp4"])
 def test_triton_lowering_under_a_mesh_gets_device_rows(recipe, cuda_lowering, monkeypatch):
   """Without a GPU, lower the layer for CUDA (the Triton kernels, not interpret mode) under a (2, 2, 2) mesh:
   every kernel lowers, token operands reach their kernel as one device's rows (M / 4), weights whole."""
   from conftest import triton_calls
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   from parcae.quant.kernels import rotq
-  rows_seen = set()
-  real = rotq.rotate_quantize
+  from parcae.quant.kernels import unrot
+  rows_seen, unrot_rows = set(), set()
+  real, real_unrot = rotq.rotate_quantize, unrot.unrotate
   monkeypatch.setattr(rotq, "rotate_quantize", lambda x, *a, **kw: rows_seen.add(x.shape[0]) or real(x, *a, **kw))
+  monkeypatch.setattr(unrot, "unrotate", lambda d, *a, **kw: unrot_rows.add(d.shape[0]) or real_unrot(d, *a, **kw))
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
   m, k, n = 512, 128, 256
   rows = NamedSharding(mesh, P(("data", "fsdp"), None))
@@ -238,8 +243,10 @@ def test_triton_lowering_under_a_mesh_gets_device_rows(recipe, cuda_lowering, mo
   with jax.set_mesh(mesh):
     text = jax.jit(functools.partial(_mesh_layer, recipe, "pallas")).trace(x, w, g).lower(
         lowering_platforms=("cuda",)).as_text()
-  assert len(triton_calls(text)) == {"quartet": 6, "mxfp8": 6, "nvidia_nvfp4": 4}[recipe]
+  quartet = recipe.startswith("quartet")
+  assert len(triton_calls(text)) == (7 if quartet else {"mxfp8": 6, "nvidia_nvfp4": 4}[recipe])  # + unrot
   assert m // 4 in rows_seen and m not in rows_seen, rows_seen
+  assert unrot_rows == ({m // 4} if quartet else set()), unrot_rows
 
 
 def test_pallas_inside_a_callers_shard_map_stays_per_device():

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from parcae.quant import hadamard as H
 from parcae.quant import quantize as Q
 from parcae.quant import scalesearch as S
-from parcae.quant.kernels import rotq
+from parcae.quant.kernels import rotq, unrot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +166,7 @@ def quantize_operand(x, op: Operand | None, axis: int, key, *, rotation=None, wa
   if op is None:
     return _rot(_act(x, act), rotation, axis), None
   if resolve_impl(impl) == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search):
-    y, mask = _pallas_operand(x, op, axis, key, rotation, want_mask, tokens, act)
-    return y, None if mask is None else mask != 0
+    return _pallas_operand(x, op, axis, key, rotation, want_mask, tokens, act)  # mask: int8
   x = _rot(_act(x, act), rotation, axis)
   if op.search:
     return S.quantize_dequantize_search(x, op.fmt, axis=axis, two_level=op.two_level,
@@ -237,14 +236,27 @@ def _backward(recipe: Recipe, cd, impl, act, res, g):
   md, mw = _rotation(recipe.dgrad, keys[6]), _rotation(recipe.wgrad, keys[7])
   dx = _gemm(g, ws, recipe.dgrad, 1, 1, keys[2:4], md, cd, ((1,), (1,)), impl, False)  # [M, K]
   dw = _gemm(xs, g, recipe.wgrad, 0, 0, keys[4:6], mw, cd, ((0,), (0,)), impl, True, xs_act)  # [K, N]
-  if recipe.clip_mask:
-    dx = dx if mx is None else jnp.where(mx, dx, 0)
-    dw = dw if mwk is None else jnp.where(mwk, dw, 0)
-  dx = _rot(dx.astype(jnp.float32), m_fwd, 1, inverse=True).astype(x.dtype)
+  dx = _token_grad(dx, mx if recipe.clip_mask else None, x, m_fwd, act, impl)
+  if recipe.clip_mask and mwk is not None:
+    dw = jnp.where(mwk != 0, dw, 0)
   dw = _rot(dw.astype(jnp.float32), m_fwd, 0, inverse=True)
-  if act is not None:  # the gradient w.r.t. act's input: act's own vjp (a custom rule is honoured)
-    dx = jax.vjp(act, x)[1](dx)[0]
   return dx, dw.astype(w.dtype), None
+
+
+def _token_grad(dr, mask, x, rotation, act, impl):
+  """x's gradient from the dgrad GEMM's output dr: clip mask, inverse rotation, act's derivative (act's
+  own vjp: a custom rule is honoured). One kernel pass on a GPU for rotated recipes (`kernels.unrot`,
+  per device under a batch-sharded mesh), else the same steps in jnp."""
+  if rotation is None or resolve_impl(impl) != "pallas" or not unrot.supported(dr, rotation[0]):
+    return unrot.reference(dr, mask, x, rotation, act)
+  fn = lambda dr, mask, x: unrot.unrotate(dr, mask, x, rotation, act)
+  axes, n = _row_axes(dr.shape[0])
+  if not axes or not unrot.supported(jax.ShapeDtypeStruct((dr.shape[0] // n, dr.shape[1]), dr.dtype),
+                                     rotation[0]):
+    return fn(dr, mask, x)
+  spec = lambda a: P() if a is None or a.ndim < 2 else P(axes, None)
+  return jax.shard_map(fn, in_specs=(spec(dr), spec(mask), spec(x)), out_specs=P(axes, None),
+                       axis_names=set(axes), check_vma=False)(dr, mask, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

@@ -125,19 +125,25 @@ def qdq_blocks(xb, fmt: F.Format, scale_mode, u=None, consts=None, two_level=Tru
   return (deq, t) if return_scaled else deq
 
 
-def activate(x, act):
-  """act(x) (an elementwise function, or None: x) rounded to x's dtype, on the jnp path and inside the
-  kernels alike. A bf16 result is rounded once more by integer arithmetic, a no-op on the exact bf16 values
-  act gives, but XLA may evaluate act at higher precision inside a fusion (seen on the CPU: other block
-  scales than act's bf16 output gives), and integer ops it cannot skip."""
+def activate(x, act, explicit_rounding=True):
+  """act(x) (an elementwise function, or None: x) in x's dtype, on the jnp path and inside the kernels.
+  XLA may evaluate act at higher precision inside a fusion and skip the rounding to bf16 (seen on the CPU:
+  other block scales than act's bf16 output gives), so a bf16 result is rounded explicitly (as
+  `hadamard.rotate` does); Triton rounds every bf16 op as written, so the GPU kernels skip it
+  (explicit_rounding=False; jnp == kernel on the H200: bench/quant_kernels.py)."""
   if act is None:
     return x
   y = act(x)
-  if y.dtype != jnp.bfloat16:
-    return y
-  bits = jax.lax.bitcast_convert_type(y.astype(jnp.float32), jnp.uint32)
-  bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)  # RNE
-  return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(jnp.bfloat16)
+  return round_to(y.astype(jnp.float32), y.dtype) if explicit_rounding else y
+
+
+def round_to(y, dtype):
+  """y (float32) rounded to `dtype`, explicitly: XLA may skip a bare f32 -> bf16 conversion inside a fusion
+  whose consumer reads f32 (its excess-precision rule), reduce_precision it keeps."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return y.astype(dtype)
+  fi = jnp.finfo(dtype)
+  return jax.lax.reduce_precision(y, exponent_bits=fi.nexp, mantissa_bits=fi.nmant).astype(dtype)
 
 
 def nv_tensor_scale(x):

@@ -58,9 +58,9 @@ def supported(x, fmt, axis, rotation, block_2d=False, search=False):
 
 
 def _kernel(x_ref, m_ref, c_ref, s_ref, o_ref, *mask_ref, fmt, axis, scale_mode, two_level, stochastic,
-            rotate, shape, div, act):
+            rotate, shape, div, act, interpret):
   x = x_ref[...]
-  x = Q.activate(x, act)  # the caller's elementwise function (e.g. ReLU^2) on the loaded tile, in x's dtype
+  x = Q.activate(x, act, interpret)  # the caller's elementwise function (e.g. ReLU^2) on the loaded tile
   tr, tc = x.shape
   i, j = pl.program_id(0), pl.program_id(1)
   if rotate:
@@ -153,7 +153,7 @@ def _launch(x, f, ax, scale_mode, rounding, rotation, two_level, want_mask, inte
   kernel = functools.partial(
       _kernel, fmt=f, axis=ax, scale_mode=scale_mode, two_level=two_level,
       stochastic=stochastic, rotate=rotation is not None, shape=shape,
-      div=div, act=act)
+      div=div, act=act, interpret=interpret)
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid,
       in_specs=[spec, pl.BlockSpec((f.block, f.block), lambda i, j: (0, 0)),
