@@ -66,6 +66,7 @@ VARIANTS = {
     "parcae_small_rope_xla": ("parcae", "small", {"model.rope_impl": "xla"}),
     "parcae_small_triton_gemm_any": ("parcae", "small", {"_xla_flags": "--xla_gpu_triton_gemm_any=true"}),
     "parcae_medium": ("parcae", "medium", {}),
+    "parcae_medium_quartet": ("parcae", "medium", {"quant.recipe": "quartet"}),
     "gpt_medium": ("gpt", "medium", {}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
