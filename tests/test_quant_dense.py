@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import jax.extend.core  # noqa: F401  (jaxprs_in_params)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -289,7 +290,7 @@ def _pallas_outputs(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
       out.append(tuple(str(v.aval.dtype) for v in eqn.outvars))
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       out += _pallas_outputs(sub)
   return out
 
