@@ -107,18 +107,21 @@ def model_loss(state, graphdef, ids, targets, key, n_B, k_B):
   return -jnp.take_along_axis(lp, targets[..., None], -1).mean()
 
 
-@pytest.mark.parametrize("grad_unroll", [False, True])
-def test_truncated_backprop_matches_float64_unrolled(grad_unroll):
-  cfg = tiny_cfg(grad_unroll=grad_unroll)
+@pytest.mark.parametrize("grad_unroll,split,n_list,k_list", [
+    (False, 1, [2, 0, 3], [2, 1, 2]), (True, 1, [2, 0, 3], [2, 1, 2]),
+    # the split no-grad loop: halves [0, 2] (to n = 2 together) and [1, 5] (alone from 2 to 5, n = 1 masked)
+    (True, 2, [0, 2, 1, 5], [2, 1, 2, 2])])
+def test_truncated_backprop_matches_float64_unrolled(grad_unroll, split, n_list, k_list):
+  cfg = tiny_cfg(grad_unroll=grad_unroll, no_grad_split=split)
   m = perturbed_model(cfg)
-  ids = jax.random.randint(jax.random.key(1), (3, S), 0, V)
-  targets = jax.random.randint(jax.random.key(2), (3, S), 0, V)
+  b = len(n_list)
+  ids = jax.random.randint(jax.random.key(1), (b, S), 0, V)
+  targets = jax.random.randint(jax.random.key(2), (b, S), 0, V)
   key = jax.random.key(3)
-  n_list, k_list = [2, 0, 3], [2, 1, 2]
   graphdef, state = nnx.split(m, nnx.Param)
   loss, grads = jax.value_and_grad(model_loss)(state, graphdef, ids, targets, key,
                                                jnp.array(n_list), jnp.array(k_list))
-  h0 = M.sampler.init_state(key, (3, S, D), cfg.state_init, D)
+  h0 = M.sampler.init_state(key, (b, S, D), cfg.state_init, D)
   pure = nnx.to_pure_dict(state)
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), jnp.float64), pure)
@@ -126,7 +129,7 @@ def test_truncated_backprop_matches_float64_unrolled(grad_unroll):
     loss64, g64 = jax.value_and_grad(ref_loss)(p64, ids, targets, h064, n_list, k_list)
     g64 = jax.tree.map(np.asarray, g64)
     # The same loss with full backprop through every iteration: must differ, or the test could not fail.
-    g_full = jax.grad(ref_loss)(p64, ids, targets, h064, [0, 0, 0], [4, 1, 5])
+    g_full = jax.grad(ref_loss)(p64, ids, targets, h064, [0] * b, [4, 1, 5, 3][:b])
     core_diff = np.abs(np.asarray(g_full["core"][0]["mlp"]["fc"]["kernel"]) -
                        g64["core"][0]["mlp"]["fc"]["kernel"]).max()
   assert abs(float(loss) - float(loss64)) < 1e-5
@@ -296,3 +299,33 @@ def test_grad_unroll_is_straight_line_and_remat_still_recomputes():
 def test_block_remat_is_validated():
   with pytest.raises(ValueError, match="model.block_remat='some'"):
     M.validate_model_config(tiny_cfg(block_remat="some"))
+
+
+def test_no_grad_split_runs_the_deeper_halves_alone():
+  """split=2: the no-grad loop's second while loop sees half the batch (each shard's deeper half), the hidden
+  states equal split=1's, and the executed-iteration count (MFU) is the shallower halves' deepest n plus half the
+  rest; under a (data 2) mesh the halves are per shard."""
+  n_B, k_B = jnp.array([0, 1, 2, 5]), jnp.array([1, 1, 1, 1])
+  ids = jax.random.randint(jax.random.key(1), (4, S), 0, V)
+  outs, batches = {}, {}
+  for split in (1, 2):
+    m = perturbed_model(tiny_cfg(no_grad_split=split))
+    seen = []
+    real = m._core_fn
+
+    def spy(real=real, seen=seen):
+      step = real()
+      return lambda st, h, *a: seen.append(h.shape[0]) or step(st, h, *a)
+    m._core_fn = spy
+    outs[split] = np.asarray(m.hidden(ids, n_B, k_B, grad_steps=1)[0])
+    batches[split] = sorted(set(seen))
+  assert batches == {1: [4], 2: [2, 4]}, batches
+  np.testing.assert_allclose(outs[2], outs[1], rtol=1e-6, atol=1e-6)
+  assert float(M.looped.executed_no_grad_iters(n_B, 2)) == 1 + 0.5 * (5 - 1)
+  assert float(M.looped.executed_no_grad_iters(n_B, 1)) == 5
+  mesh = jax.make_mesh((2, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):  # shards [0, 1] and [2, 5]: shallower halves 0 and 2
+    assert float(M.looped.executed_no_grad_iters(n_B, 2)) == 2 + 0.5 * (5 - 2)
+  with pytest.raises(ValueError, match="model.no_grad_split=3"):
+    M.validate_model_config(tiny_cfg(no_grad_split=3))

@@ -186,15 +186,18 @@ def test_backward_keeps_the_rounded_rope_output_not_the_gemm_output():
   assert sum(r[1] for r in fused) <= sum(r[1] for r in plain), (fused, plain)
 
 
-def test_sharded_train_step_with_the_kernels_lowers_for_cuda_per_device(cuda_lowering, monkeypatch):
+@pytest.mark.parametrize("split", [1, 2])
+def test_sharded_train_step_with_the_kernels_lowers_for_cuda_per_device(split, cuda_lowering, monkeypatch):
   """The whole train step (grad accumulation, the no-grad while loop, the remat grad scan, prelude and coda)
   with rope_impl "pallas" lowers for CUDA on a (2, 2, 2) mesh with the Triton kernels, each call on one
-  device's rows (a quarter of the micro-batch) and heads (one of two)."""
+  device's rows (a quarter of the micro-batch) and heads (one of two); with the split no-grad loop the deeper
+  halves' loop calls them on half of each device's rows (the halves stay on their devices)."""
   from conftest import triton_calls
   from parcae.quant.kernels import qdq
   from train_helpers import lower_sharded_step_for_cuda, tiny_config
   cfg = tiny_config("unused", grad_accum=2, seq_len=64)
   cfg.model.compute_dtype, cfg.model.rope_impl, cfg.model.max_seq_len = "bfloat16", "pallas", 64
+  cfg.model.no_grad_split = split
   tc = cfg.train
   shapes = set()
   real = rope_norm._local
@@ -203,4 +206,5 @@ def test_sharded_train_step_with_the_kernels_lowers_for_cuda_per_device(cuda_low
   text = lower_sharded_step_for_cuda(cfg)
   assert len(triton_calls(text)) >= 2
   d = cfg.model.d_model
-  assert shapes == {(tc.micro_batch_size // 4 * tc.seq_len, 3 * d // 2)}, shapes
+  rows = tc.micro_batch_size // 4 * tc.seq_len
+  assert shapes == {(rows // h, 3 * d // 2) for h in range(1, split + 1)}, shapes

@@ -75,16 +75,22 @@ def test_grad_accumulation_matches_one_big_batch(data, tmp_path):
 
 def test_unrolled_grad_phase_trains_like_the_scan(data, tmp_path):
   """The reference recipes' grad phase (unrolled, no remat) and the rematerialized scan are the same
-  computation through the whole trainer (accumulation, depths, optimizer): the same losses step after step."""
+  computation through the whole trainer (accumulation, depths, optimizer): the same losses step after step;
+  so is the split no-grad loop (`model.no_grad_split=2`), here data-parallel on 2 devices (halves per shard),
+  which executes fewer no-grad iterations."""
   rows = []
-  for name, unroll, remat in (("scan", False, "full"), ("unrolled", True, "none")):
+  for name, unroll, remat, split, devices in (("scan", False, "full", 1, 1), ("unrolled", True, "none", 1, 1),
+                                               ("split", True, "none", 2, 2)):
     c = tiny_config(data, steps=4, grad_accum=2, micro_batch_size=4)
-    c.model.grad_unroll, c.model.remat, c.mesh.data = unroll, remat, 1
-    train(c, str(tmp_path / name), progress=False, devices=one_device())
+    c.model.grad_unroll, c.model.remat, c.model.no_grad_split, c.mesh.data = unroll, remat, split, devices
+    train(c, str(tmp_path / name), progress=False, devices=jax.devices()[:devices])
     rows.append(train_rows(tmp_path / name))
   losses = [[r[s]["loss"] for s in (1, 2, 3, 4)] for r in rows]
   np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
+  np.testing.assert_allclose(losses[2], losses[0], rtol=2e-5)
   assert losses[0][3] != losses[0][0]  # the steps did train
+  executed = [sum(r[s]["n_exec_mean"] for s in (1, 2, 3, 4)) for r in rows]
+  assert executed[2] < executed[1] == executed[0], executed
 
 
 @pytest.mark.slow

@@ -3,6 +3,9 @@
 The loop of `hidden`:
   phase 1: n no-grad iterations, a `while_loop` whose count max(n_B) is traced (one compilation for any n);
            the core's parameters and every loop input pass through stop_gradient, so nothing flows back.
+           `model.no_grad_split=2`: the loop runs the whole batch only to the deepest n of the shallower half
+           of each batch shard's sequences, then that shard's deeper half alone to max(n_B) (half the batch:
+           the same per-sequence iterations for less work when the sequences are grouped by depth).
   phase 2: `grad_depth` iterations (static) with gradient, a `scan` of a rematerialized step
            (`jax.checkpoint` per iteration); `model.grad_unroll` unrolls it into straight-line code, so the
            residuals the backward pass keeps are not stacked into [grad_depth, ...] loop buffers.
@@ -118,14 +121,15 @@ class Parcae(nnx.Module):
       live = live_B[:, None, None]
       return jnp.where(live, new, h), jnp.where(live_B[:, None], _norm(sg(new) - sg(h)), d_BxS)
 
-    def no_grad_body(carry):
-      i, h, d_BxS = carry
-      new = step(frozen[0], h, frozen[1], frozen[2], rope, keyed(0, i))
-      return (i + 1,) + update(i < n_B, new, h, d_BxS)
+    def no_grad(h, d_BxS, ctx, ves, n_B, start, stop):
+      def body(carry):
+        i, h, d_BxS = carry
+        new = step(frozen[0], h, ctx, ves, rope, keyed(0, i))
+        return (i + 1,) + update(i < n_B, new, h, d_BxS)
+      return jax.lax.while_loop(lambda c: c[0] < stop, body, (start, h, d_BxS))[1:]
 
-    n_max = jnp.max(n_B) if n_B.shape[0] else 0
     d0 = jnp.zeros(h0.shape[:2], jnp.float32)
-    _, h, d_BxS = jax.lax.while_loop(lambda c: c[0] < n_max, no_grad_body, (jnp.int32(0), sg(h0), d0))
+    h, d_BxS = _split_no_grad(no_grad, sg(h0), d0, frozen[1], frozen[2], n_B, self.cfg.no_grad_split)
     if grad_steps == 0:
       return h, d_BxS
     unroll = self.cfg.grad_unroll
@@ -153,6 +157,7 @@ class Parcae(nnx.Module):
         "n_mean": jnp.mean(n_B.astype(jnp.float32)),
         "k_mean": jnp.mean(k_B.astype(jnp.float32)),
         "n_max": jnp.max(n_B).astype(jnp.float32),
+        "n_exec": executed_no_grad_iters(n_B, self.cfg.no_grad_split),
     }
     if self.cfg.injection == "diagonal":
       delta, decay = self.injection.delta_decay()
@@ -161,6 +166,60 @@ class Parcae(nnx.Module):
                  B_norm=_spectral_norm(self.injection.B.kernel[...]))
     out["C_norm"] = _spectral_norm(self.C.kernel[...])
     return {k: sg(v) for k, v in out.items()}
+
+
+def _batch_shards(b: int) -> int:
+  """How many shards the trainer's batch axes (data, fsdp) of the current mesh cut a batch of b into."""
+  mesh = jax.sharding.get_abstract_mesh()
+  n = 1
+  for a in ("data", "fsdp"):
+    if not mesh.empty and a in mesh.axis_names and a not in mesh.manual_axes:
+      n *= mesh.shape[a]
+  return n if b % n == 0 else 1
+
+
+def _halves(b: int, split: int):
+  """(lower, upper, merge) for each batch shard's shallower / deeper half, or None when there is no split.
+  Shards hold contiguous runs of the batch, so [B] -> [shards, B / shards] keeps each shard's rows local."""
+  shards = _batch_shards(b)
+  per = b // shards
+  if split == 1 or per < 2 or per % 2:
+    return None
+  cut = lambda a, sl: a.reshape((shards, per) + a.shape[1:])[:, sl].reshape((b // 2,) + a.shape[1:])
+  lower, upper = (lambda a: cut(a, slice(None, per // 2))), (lambda a: cut(a, slice(per // 2, None)))
+
+  def merge(lo, hi):
+    parts = [x.reshape((shards, per // 2) + x.shape[1:]) for x in (lo, hi)]
+    return jnp.concatenate(parts, axis=1).reshape((b,) + lo.shape[1:])
+  return lower, upper, merge
+
+
+def _split_no_grad(no_grad, h, d_BxS, ctx, ves, n_B, split: int):
+  """Phase 1 (module doc): one while loop to max(n_B), or with split=2 the whole batch to the shallower
+  halves' deepest n and then the deeper halves alone (the same iterations for every sequence)."""
+  b = n_B.shape[0]
+  halves = _halves(b, split) if b else None
+  if halves is None:
+    return no_grad(h, d_BxS, ctx, ves, n_B, jnp.int32(0), jnp.max(n_B) if b else 0)
+  lower, upper, merge = halves
+  n_lo = jnp.max(lower(n_B))
+  h, d_BxS = no_grad(h, d_BxS, ctx, ves, n_B, jnp.int32(0), n_lo)
+  per_seq = lambda a: upper(a) if a.ndim == 3 and a.shape[0] == b else a  # [B, S, D] inputs
+  h_hi, d_hi = no_grad(upper(h), upper(d_BxS), jax.tree.map(per_seq, ctx), jax.tree.map(per_seq, ves),
+                       upper(n_B), n_lo, jnp.max(n_B))
+  return merge(lower(h), h_hi), merge(lower(d_BxS), d_hi)
+
+
+def executed_no_grad_iters(n_B, split: int):
+  """No-grad loop iterations the batch executes, in whole-batch units (honest MFU): max(n_B), or with the
+  split the shallower halves' deepest n plus half the remaining iterations."""
+  b = n_B.shape[0]
+  halves = _halves(b, split) if b else None
+  n_max = jnp.max(n_B).astype(jnp.float32) if b else jnp.float32(0)
+  if halves is None:
+    return n_max
+  n_lo = jnp.max(halves[0](n_B)).astype(jnp.float32)
+  return n_lo + 0.5 * (n_max - n_lo)
 
 
 def _spectral_norm(w, iters: int = 8):

@@ -69,7 +69,7 @@ def make_train_step(graphdef, optimizer, train_cfg):
       keys = (jax.random.fold_in(jax.random.fold_in(skey, 1), i), jax.random.fold_in(jax.random.fold_in(skey, 2), i))
       (loss, aux), grads = grad_fn(state["params"], graphdef, mb, n_B, k_B, keys, train_cfg)
       grads_acc = jax.tree.map(lambda a, g: a + g / accum, grads_acc, grads)
-      return (grads_acc, loss_acc + loss / accum), (aux, jnp.max(n_B))
+      return (grads_acc, loss_acc + loss / accum), (aux, aux.get("n_exec", jnp.max(n_B).astype(jnp.float32)))
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
     (grads, loss), (aux, n_exec) = jax.lax.scan(accumulate, (zeros, jnp.float32(0.0)),
