@@ -5,7 +5,8 @@ The loop of `hidden`:
            the core's parameters and every loop input pass through stop_gradient, so nothing flows back.
            `model.no_grad_split=2`: the loop runs the whole batch only to the deepest n of the shallower half
            of each batch shard's sequences, then that shard's deeper half alone to max(n_B) (half the batch:
-           the same per-sequence iterations for less work when the sequences are grouped by depth).
+           the same per-sequence iterations for less work when the sequences are grouped by depth; an NVFP4
+           recipe's tensor scale then spans the half batch in the second loop).
   phase 2: `grad_depth` iterations (static) with gradient, a `scan` of a rematerialized step
            (`jax.checkpoint` per iteration); `model.grad_unroll` unrolls it into straight-line code, so the
            residuals the backward pass keeps are not stacked into [grad_depth, ...] loop buffers.
