@@ -164,10 +164,10 @@ def quantize_operand(x, op: Operand | None, axis: int, key, *, rotation=None, wa
   loaded tile), else the jnp path; "auto": "pallas" on a GPU. tokens: axis 0 of x is the token axis
   (x, g; not w), split over ROW_AXES."""
   if op is None:
-    return _rot(_act(x, act), rotation, axis), None
+    return _rot(Q.activate(x, act), rotation, axis), None
   if resolve_impl(impl) == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search):
     return _pallas_operand(x, op, axis, key, rotation, want_mask, tokens, act)  # mask: int8
-  x = _rot(_act(x, act), rotation, axis)
+  x = _rot(Q.activate(x, act), rotation, axis)
   if op.search:
     return S.quantize_dequantize_search(x, op.fmt, axis=axis, two_level=op.two_level,
                                         block_2d=op.block_2d), None
@@ -188,10 +188,6 @@ def _rotation(g: Gemm, key):
 
 def _rot(x, r, axis, inverse=False):
   return x if r is None else H.rotate(x, r[0], r[1], axis, inverse)
-
-
-def _act(x, act):
-  return Q.activate(x, act)
 
 
 def _gemm(a, b, g: Gemm, a_axis, b_axis, keys, m, cd, dims, impl, b_tokens, a_act=None):
@@ -230,7 +226,7 @@ def _backward(recipe: Recipe, cd, impl, act, res, g):
   elif m_fwd is None:
     xs, ws, xs_act = x, w, act
   else:
-    xs, ws = _rot(_act(x, act), m_fwd, 1), _rot(w, m_fwd, 0)
+    xs, ws = _rot(Q.activate(x, act), m_fwd, 1), _rot(w, m_fwd, 0)
   if recipe.dgrad.rhs is None:  # reuse the forward-quantized weight as is
     ws = wq
   md, mw = _rotation(recipe.dgrad, keys[6]), _rotation(recipe.wgrad, keys[7])
