@@ -264,3 +264,48 @@ def test_headroom_multiply_equals_the_division(fmt, rounding, monkeypatch):
   monkeypatch.undo()
   # E2M1 takes the multiply; formats with 3-bit mantissas would not get the same bits, so keep the division
   assert Q._headroom_mul_exact(F.get_format(fmt).elem) == (fmt == "mxfp4")  # pylint: disable=protected-access
+
+
+ELEMS = {  # element grid -> its ml_dtypes type (None: the int8 grid k/64)
+    F.E2M1: ml_dtypes.float4_e2m1fn, F.E2M3: ml_dtypes.float6_e2m3fn, F.E3M2: ml_dtypes.float6_e3m2fn,
+    F.E4M3: ml_dtypes.float8_e4m3fn, F.E5M2: ml_dtypes.float8_e5m2, F.INT8: None,
+}
+
+
+def every_magnitude_input():
+  """Every bf16 bit pattern (zeros, subnormals, Inf, NaN) as f32, the same times 1.37 (f32 values
+  with more mantissa bits), and 2^16 random f32 bit patterns."""
+  b = np.arange(1 << 16, dtype=np.uint32) << 16
+  x = b.view(np.float32)
+  rnd = np.random.default_rng(5).integers(0, 1 << 32, 1 << 16, dtype=np.uint64).astype(np.uint32)
+  with np.errstate(over="ignore", invalid="ignore"):
+    return np.concatenate([x, x * np.float32(1.37), rnd.view(np.float32)])
+
+
+@pytest.mark.parametrize("elem", list(ELEMS), ids=lambda e: e.name)
+def test_round_to_grid_every_magnitude(elem):
+  """round_to_grid (nearest and stochastic) against the enumerated grid for every bf16 magnitude:
+  the power-of-two rescaling inside it must be exact over the whole f32 range, NaN stays NaN,
+  Inf clips to the largest value."""
+  t = every_magnitude_input()
+  g = grid(ELEMS[elem])
+  assert g[-1] == elem.max_val
+  fin = ~np.isnan(t)
+  with np.errstate(invalid="ignore"):
+    t64 = t.astype(np.float64)
+  y = np.asarray(jax.jit(lambda v: F.round_to_grid(v, elem))(t))
+  assert np.isnan(y[~fin]).all()
+  np.testing.assert_array_equal(y[fin], round_nearest_even(t64[fin], g).astype(np.float32))
+  # XLA flushes f32 subnormal inputs to zero (DAZ): they round to 0 under either rounding (nearest
+  # agrees anyway: every grid's smallest step is far above 2^-126)
+  a = np.minimum(np.abs(t64[fin]), g[-1])
+  a = np.where(a < 2.0**-126, 0.0, a)
+  hi = np.clip(np.searchsorted(g, a, side="right"), 0, len(g) - 1)
+  lo = np.where(g[hi] > a, hi - 1, hi)
+  frac = (a - g[lo]) / np.where(hi > lo, g[hi] - g[lo], 1.0)
+  sr = jax.jit(lambda v, u: F.round_to_grid(v, elem, u))
+  for u in (0.0, 0.3, 0.5, 1.0 - 2.0**-24):
+    ys = np.asarray(sr(t, jnp.full(t.shape, u, jnp.float32)))
+    want = np.sign(t64[fin]) * np.where(u < frac, g[hi], g[lo])
+    np.testing.assert_array_equal(ys[fin], want.astype(np.float32))
+    assert np.isnan(ys[~fin]).all()
