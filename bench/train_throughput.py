@@ -67,8 +67,10 @@ VARIANTS = {
     "parcae_small_triton_gemm_any": ("parcae", "small", {"_xla_flags": "--xla_gpu_triton_gemm_any=true"}),
     "parcae_medium": ("parcae", "medium", {}),
     "parcae_medium_quartet": ("parcae", "medium", {"quant.recipe": "quartet"}),
-    "parcae_small_split2": ("parcae", "small", {"model.no_grad_split": 2}),
-    "parcae_medium_split2": ("parcae", "medium", {"model.no_grad_split": 2}),
+    # the recipes' no-grad loop splits each shard's deeper half off (model.no_grad_split=2); without:
+    "parcae_small_split1": ("parcae", "small", {"model.no_grad_split": 1}),
+    "parcae_medium_split1": ("parcae", "medium", {"model.no_grad_split": 1}),
+    "parcae_small_quartet_split1": ("parcae", "small", {"quant.recipe": "quartet", "model.no_grad_split": 1}),
     "gpt_medium": ("gpt", "medium", {}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)

@@ -104,6 +104,11 @@ def reference_config(kind: str, size: str) -> ml_collections.ConfigDict:
     # straight-line code: 14-15% faster than a rematerialized scan at the reference's peak memory
     # (bench/RESULTS.md, "2026-12-01, later").
     c.model.grad_unroll, c.model.remat = True, "none"
+  if kind == "parcae":
+    # Each batch shard's deeper half runs the last no-grad iterations alone: same iterations per sequence,
+    # executed no-grad iterations 5.29 -> 4.67 per micro-batch, +2.1% tokens/s on parcae-small
+    # (bench/RESULTS.md, "2026-12-01, session 8").
+    c.model.no_grad_split = 2
   if kind == "gpt" and size == "medium":
     # Rematerialize the first block's matmul-free work: 21.7 -> 21.2 GiB (the reference's peak is 21.5) for
     # -1% speed; full per-block remat costs 8-20% (bench/RESULTS.md, "2026-12-01, session 6").
