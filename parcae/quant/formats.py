@@ -93,14 +93,12 @@ def floor_int(t):
   return jnp.floor(t)
 
 
-def rne_int(t):
-  """Round half to even to an integer, from floor and compares only (lax.round has no Pallas
-  Triton lowering, and the (t + 2^23) - 2^23 trick is simplified away by XLA)."""
-  n = jnp.floor(t)
-  f = t - n
-  half = n * 0.5
-  odd = half != jnp.floor(half)
-  return jnp.where((f > 0.5) | ((f == 0.5) & odd), n + 1.0, n)
+def rne_int(s):
+  """Round half to even to an integer, for 0 <= s < 2^23 (NaN maps to garbage): f32 addition of 2^23
+  rounds s to an integer as IEEE does (ties to even), and the integer is read back from the sum's bits
+  (a float subtraction of 2^23 would be folded away by XLA's simplifier; lax.round has no Pallas Triton
+  lowering). Three operations instead of a floor, compares and selects."""
+  return (f32_bits(s + jnp.float32(2.0**23)) - 0x4B000000).astype(jnp.float32)  # the bits of 2^23
 
 
 def round_to_grid(t, elem: Element, u=None):
@@ -111,18 +109,19 @@ def round_to_grid(t, elem: Element, u=None):
   """
   t = t.astype(jnp.float32)
   a = jnp.minimum(jnp.abs(t), jnp.float32(elem.max_val))
-  e = jnp.maximum(exp_field(a) - 127, elem.emin)
-  ulp_exp = e - elem.mbits  # |t| / ulp < 2^(mbits + 1): exact in f32
-  # One power-of-two factor, not mul_pow2's two: ulp_exp lies in [emin - mbits, log2(max_val) - mbits]
-  # (within [-16, 13] for every grid), where pow2 is exact (a NaN t gives e = 128, still a valid
-  # pow2 argument, and its result is replaced below). Saves ~12 integer ops per element.
-  s = a * pow2(-ulp_exp)
+  # The grid step at a is ulp = 2^(max(e_a, emin) - mbits); a / ulp < 2^(mbits + 1) is exact in f32. Both
+  # ulp and 1 / ulp are built from a's exponent field in place (a >= 0 has no sign bit): the step's
+  # exponent lies in [emin - mbits, log2(max_val) - mbits], within [-16, 13] for every grid, so both are
+  # normal powers of two (a NaN t gives 1 / ulp = 0 or a subnormal; its result is replaced below).
+  e_bits = jnp.maximum(f32_bits(a) & 0x7F800000, (127 + elem.emin) << 23)
+  ulp_bits = e_bits - (elem.mbits << 23)
+  s = a * lax.bitcast_convert_type((254 << 23) - ulp_bits, jnp.float32)
   if u is None:
     n = rne_int(s)
   else:
     lo = floor_int(s)
     n = jnp.where(u.astype(jnp.float32) < s - lo, lo + 1.0, lo)
-  q = n * pow2(ulp_exp)
+  q = n * lax.bitcast_convert_type(ulp_bits, jnp.float32)
   q = jnp.where(t < 0, -q, q)
   return jnp.where(t != t, t, q)
 
