@@ -14,10 +14,11 @@ quantizer and times bench/quant_gemm.py's layer (fwd + bwd) for each named varia
            fwht:    butterflies (slices + concatenates) in place
   operand barrier: materialize each quantized GEMM operand (optimization_barrier before the dot), in
            case XLA folds the quantizer into a GEMM's operand loads and recomputes it per output tile
-  hash     1: the library's stochastic-rounding uniforms (rng.uniform_from_index): one triple32 round
-              of index * (s1 | 1) + s0
-           2: the previous library hash, triple32(triple32(index + s0) ^ s1): twice the integer work
-              (kept to measure what the one-round hash saved: Quartet's SR kernels are bound by it)
+  hash     1: the library's stochastic-rounding uniforms (rng.uniform_from_index): one lowbias32 round
+              of index * (s1 | 1) + s0, u from the bits (no int-to-float conversion)
+           2: the hash of 2026-11-30, triple32(triple32(index + s0) ^ s1) and a converted u: about
+              three times the integer work (kept to measure what the cheaper hashes saved: the SR
+              kernels are bound by it)
   --impl auto runs the layer through the Triton kernels on a GPU (they read the patched hash too).
 The library keeps the winner; this script records why (bench/RESULTS.md). Writes
 $OUT/quant_layouts.json. XLA's own GEMM fusion can be switched off around it for comparison:
@@ -44,8 +45,18 @@ from parcae.quant import rng as R  # noqa: E402
 ORIG = {"to_blocks": Q.to_blocks, "rotate": H.rotate, "uniform_from_index": R.uniform_from_index}
 
 
+def _triple32(x):
+  x = x ^ (x >> 17)
+  x = x * jnp.uint32(0xED5AD4BB)
+  x = x ^ (x >> 11)
+  x = x * jnp.uint32(0xAC4C1B51)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x31848BAB)
+  return x ^ (x >> 14)
+
+
 def uniform_two_rounds(idx, s0, s1):
-  h = R._triple32(R._triple32(idx + s0) ^ s1)  # pylint: disable=protected-access
+  h = _triple32(_triple32(idx + s0) ^ s1)
   return (h >> 8).astype(jnp.int32).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 

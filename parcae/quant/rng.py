@@ -7,12 +7,14 @@ reads a [.., K] float32 array of randoms. The index is the element's row-major p
 kernels, whatever their tiling) draws the same number for the same element, bit for bit.
 
 Hash: an affine map of the index by the two seed words, idx * (s1 | 1) + s0 (a bijection of uint32:
-one multiply-add), then Wellons' `triple32` (a full-avalanche bijection, three multiplies); the top 24
-bits give u on the grid k / 2^24 in [0, 1), so P(u < f) = f to within 2^-24 for every f32 fraction f.
-The odd multiplier scatters each tensor's index window over the whole uint32 range differently per
-key, so two keys' streams are not shifts of each other (an added seed alone would make them so). One
-`triple32` round instead of two halves the integer work (plain MXFP4 SR kernel 0.37 -> 0.28 ms per
-128 M elements on the H200, bench/RESULTS.md 2026-12-01).
+one multiply-add), then Wellons' `lowbias32` (a full-avalanche bijection, two multiplies and three
+xor-shifts). u is built from the hash's top 23 bits as a float in [1, 2) (an OR into the bits of 1.0)
+minus 1: on the grid k / 2^23 in [0, 1), so P(u < f) = f to within 2^-23 for every f32 fraction f.
+No int-to-float conversion (a quarter-rate instruction on the GPU) and one multiply fewer than the
+`triple32` hash used before: the stochastic-rounding kernels are bound by this integer work
+(bench/RESULTS.md, 2026-12-01, session 8). The odd multiplier scatters each tensor's index window over
+the whole uint32 range differently per key, so two keys' streams are not shifts of each other (an added
+seed alone would make them so).
 """
 from __future__ import annotations
 
@@ -27,20 +29,19 @@ def seed(key) -> jax.Array:
   return jax.random.bits(key, (2,), jnp.uint32)
 
 
-def _triple32(x):
-  x = x ^ (x >> 17)
-  x = x * jnp.uint32(0xED5AD4BB)
-  x = x ^ (x >> 11)
-  x = x * jnp.uint32(0xAC4C1B51)
+def _lowbias32(x):
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
   x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x31848BAB)
-  return x ^ (x >> 14)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
 
 
 def uniform_from_index(idx, s0, s1):
-  """f32 uniforms in [0, 1) from uint32 indices and two uint32 seed words."""
-  h = _triple32(idx * (s1 | jnp.uint32(1)) + s0)
-  return (h >> 8).astype(jnp.int32).astype(jnp.float32) * jnp.float32(2.0**-24)
+  """f32 uniforms in [0, 1) (grid 2^-23) from uint32 indices and two uint32 seed words."""
+  h = _lowbias32(idx * (s1 | jnp.uint32(1)) + s0)
+  one_to_two = jax.lax.bitcast_convert_type((h >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+  return one_to_two - jnp.float32(1.0)
 
 
 def check_size(shape):
