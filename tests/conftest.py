@@ -1,12 +1,30 @@
-"""Test-wide setup: 8 fake CPU devices (sharding tests need them) and no network/wandb."""
+"""Test-wide setup: 8 fake CPU devices (sharding tests need them), no network/wandb, and a compilation cache.
+
+The compilation cache: many tests compile the same program more than once (each `train()` call builds its
+step anew, so a resumed run, or the same config on another path, recompiles an identical tiny train step:
+~15 of its ~19 s on a 2-core CPU). JAX's persistent cache keyed on the HLO, compile options and devices
+serves those repeats. Each test process gets its own fresh directory (removed at exit), so no test reads an
+entry written by another session or process: the cache's writes are not atomic, and a process killed
+mid-write (the SIGKILL tests run their trainers in subprocesses, which do not inherit this setting) must not
+leave a torn entry for anyone. Set PARCAE_TEST_NO_COMPILE_CACHE=1 to run without it."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+if not os.environ.get("PARCAE_TEST_NO_COMPILE_CACHE"):
+  _cache_dir = tempfile.mkdtemp(prefix=f"parcae-jax-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", _cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture

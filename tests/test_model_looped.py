@@ -119,8 +119,8 @@ def test_truncated_backprop_matches_float64_unrolled(grad_unroll, split, n_list,
   targets = jax.random.randint(jax.random.key(2), (b, S), 0, V)
   key = jax.random.key(3)
   graphdef, state = nnx.split(m, nnx.Param)
-  loss, grads = jax.value_and_grad(model_loss)(state, graphdef, ids, targets, key,
-                                               jnp.array(n_list), jnp.array(k_list))
+  loss, grads = jax.jit(jax.value_and_grad(lambda s, *a: model_loss(s, graphdef, *a)))(
+      state, ids, targets, key, jnp.array(n_list), jnp.array(k_list))
   h0 = M.sampler.init_state(key, (b, S, D), cfg.state_init, D)
   pure = nnx.to_pure_dict(state)
   with jax.enable_x64(True):
