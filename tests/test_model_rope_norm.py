@@ -43,7 +43,8 @@ def _case(shape, seed=0):
 
 
 def _grad(fn, y, cts):
-  return np.asarray(jax.vjp(fn, y)[1](cts)[0], np.float32)
+  """The y cotangent of fn at y, jitted (the interpreted kernels otherwise dispatch op by op on a CPU)."""
+  return np.asarray(jax.jit(lambda y, cts: jax.vjp(fn, y)[1](cts)[0])(y, cts), np.float32)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -52,9 +53,9 @@ def test_kernels_equal_the_jnp_path_up_to_the_norms_summation_order(shape):
   elements, by at most one bf16 rounding of the RoPE output (2^-7 relative; the compilers may contract the
   rotation's products differently, the RMS sums run in another order, the backward is a closed form)."""
   y, cos, sin, h, cts = _case(shape)
-  fused = lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True)
+  fused = jax.jit(lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True))
   plain = lambda y: jnp_path(y, cos, sin, h)
-  unnormed = rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=False)
+  unnormed = jax.jit(lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=False))(y)
   for got, want in ((fused(y), plain(y)), (unnormed, jnp_path(y, cos, sin, h, norm=False))):
     for a, b in zip(got, want):
       a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -72,7 +73,7 @@ def test_kernels_match_float64_within_bf16_rounding(shape):
     y, cos, sin, h, cts = _case(shape, seed=3)
     eps = float(jnp.finfo(jnp.bfloat16).eps)
     exact = lambda y: f64_path(y, cos, sin, h, eps)
-    fused = lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True)
+    fused = jax.jit(lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True))
     for a, b in zip(fused(y), exact(y)):
       a, b = np.asarray(a, np.float64), np.asarray(b)
       assert np.all(np.abs(a - b) <= 2.0 ** -7 * np.abs(b) + 2.0 ** -8 * 2.0 ** -7), np.abs(a - b).max()
@@ -107,7 +108,7 @@ def test_attention_with_the_kernels_equals_the_xla_path_with_its_gradients():
 
   def loss(m):
     return jnp.sum(jnp.sin(m.attn(x, rope, ve)))
-  (lk, gk), (lx, gx) = (nnx.value_and_grad(loss)(m) for m in (m_k, m_x))
+  (lk, gk), (lx, gx) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (m_k, m_x))
   assert float(lk) == pytest.approx(float(lx), rel=1e-5)
   for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gx)):  # float32: summation-order error of each leaf
     a, b = np.asarray(a), np.asarray(b)
