@@ -146,29 +146,38 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
   peak = peak_flops_per_device()
   end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
   last_time, step, stopped, rows = time.time(), start, None, None
+
+  def report(done):
+    """Checks and logs a fetched (step, metrics) pair; the rate covers the time since the previous fetch."""
+    nonlocal last_time
+    if done is None:
+      return
+    prev_step, m = done
+    now = time.time()
+    m["tokens_per_s"] = tokens_per_step / max(now - last_time, 1e-9)
+    last_time = now
+    _add_mfu(m, cfg, tc.seq_len, peak)
+    if not math.isfinite(m["loss"]):
+      raise FloatingPointError(f"non-finite loss at step {prev_step}; last checkpoint: "
+                               f"{checkpointer.latest_step()}")
+    if tc.loss_guard and prev_step * tokens_per_step > tc.loss_guard_tokens and m["loss"] > tc.loss_guard:
+      raise FloatingPointError(f"loss guard: loss {m['loss']:.3f} > train.loss_guard={tc.loss_guard}")
+    if prev_step % tc.log_every == 0 or prev_step == 1:
+      logger.log(prev_step, m)
+
   try:
     for step in range(start + 1, end + 1):
       batch = put_batch(next(it), tc.grad_accum, batch_sh)
       if step == start + 1:  # ahead-of-time compile: report memory before the first step runs
         train_step = compile_and_report(train_step, state, batch, logger, step)
       state, metrics = train_step(state, batch)
-      done = deferred.push(step, metrics)
-      if done is not None:
-        prev_step, m = done
-        now = time.time()
-        m["tokens_per_s"] = tokens_per_step / max(now - last_time, 1e-9)
-        last_time = now
-        _add_mfu(m, cfg, tc.seq_len, peak)
-        if not math.isfinite(m["loss"]):
-          raise FloatingPointError(f"non-finite loss at step {prev_step}; last checkpoint: "
-                                   f"{checkpointer.latest_step()}")
-        if tc.loss_guard and prev_step * tokens_per_step > tc.loss_guard_tokens and m["loss"] > tc.loss_guard:
-          raise FloatingPointError(f"loss guard: loss {m['loss']:.3f} > train.loss_guard={tc.loss_guard}")
-        if prev_step % tc.log_every == 0 or prev_step == 1:
-          logger.log(prev_step, m)
+      report(deferred.push(step, metrics))
       if tc.eval_every and step % tc.eval_every == 0 and step < end:
         logger.log_eval(step, evaluate(eval_step, state["params"], val, eval_loops, bytes_per_token, eval_sh))
       if checkpointer.should_save(step) or preempt.requested:
+        # Step `step`'s metrics are logged before its checkpoint exists: a kill after the save loses no row
+        # (a resumed run starts at step + 1), and a non-finite loss is caught before it is saved.
+        report(deferred.flush())
         checkpointer.save(step, state, it.get_state(), {"config": cfg.to_dict()}, force=preempt.requested)
       if preempt.requested:
         stopped = f"signal {preempt.signal}"
