@@ -1,12 +1,14 @@
 """Test-wide setup: 8 fake CPU devices (sharding tests need them), no network/wandb, and a compilation cache.
 
 The compilation cache: many tests compile the same program more than once (each `train()` call builds its
-step anew, so a resumed run, or the same config on another path, recompiles an identical tiny train step:
-~15 of its ~19 s on a 2-core CPU). JAX's persistent cache keyed on the HLO, compile options and devices
-serves those repeats. Each test process gets its own fresh directory (removed at exit), so no test reads an
-entry written by another session or process: the cache's writes are not atomic, and a process killed
-mid-write (the SIGKILL tests run their trainers in subprocesses, which do not inherit this setting) must not
-leave a torn entry for anyone. Set PARCAE_TEST_NO_COMPILE_CACHE=1 to run without it."""
+step anew, so a resumed run, the same config on another path, or the same config in the other xdist worker
+recompiles an identical tiny train step: ~10 of its ~15 s on a 2-core CPU). JAX's persistent cache keyed on
+the HLO, compile options and devices serves those repeats. One fresh directory per pytest session, made by
+the first process that imports this file (the xdist controller; its workers inherit PARCAE_TEST_CACHE_DIR)
+and removed when that process exits, so no test reads an entry written by another session. A size limit
+turns on JAX's file lock around every read and write of the cache, so the two workers never see a
+half-written entry; the SIGKILL tests' subprocess trainers never use the cache (they do not import this
+file), so no killed process can leave a torn one. Set PARCAE_TEST_NO_COMPILE_CACHE=1 to run without it."""
 import atexit
 import os
 import shutil
@@ -21,9 +23,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 if not os.environ.get("PARCAE_TEST_NO_COMPILE_CACHE"):
-  _cache_dir = tempfile.mkdtemp(prefix=f"parcae-jax-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
-  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-  jax.config.update("jax_compilation_cache_dir", _cache_dir)
+  if not os.environ.get("PARCAE_TEST_CACHE_DIR"):
+    os.environ["PARCAE_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="parcae-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["PARCAE_TEST_CACHE_DIR"], ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", os.environ["PARCAE_TEST_CACHE_DIR"])
+  jax.config.update("jax_compilation_cache_max_size", 8 * 2**30)  # != -1: reads and writes take a file lock
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
