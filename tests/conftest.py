@@ -4,11 +4,12 @@ The compilation cache: many tests compile the same program more than once (each 
 step anew, so a resumed run, the same config on another path, or the same config in the other xdist worker
 recompiles an identical tiny train step: ~10 of its ~15 s on a 2-core CPU). JAX's persistent cache keyed on
 the HLO, compile options and devices serves those repeats. One fresh directory per pytest session, made by
-the first process that imports this file (the xdist controller; its workers inherit PARCAE_TEST_CACHE_DIR)
-and removed when that process exits, so no test reads an entry written by another session. A size limit
-turns on JAX's file lock around every read and write of the cache, so the two workers never see a
-half-written entry; the SIGKILL tests' subprocess trainers never use the cache (they do not import this
-file), so no killed process can leave a torn one. Set PARCAE_TEST_NO_COMPILE_CACHE=1 to run without it."""
+the first process that imports this file (the xdist controller) and removed when that process exits, so no
+test reads an entry written by another session. It is passed on through JAX's own environment variables, so
+the workers and the trainers the tests start as subprocesses (a SIGKILLed run and its resumption share one
+compiled step) use it too. A size limit turns on JAX's file lock around every read and write of the cache.
+An entry torn by a killed writer is harmless: JAX warns that it cannot decompress it and compiles afresh
+(checked by hand: a halved entry is recompiled, same result). PARCAE_TEST_NO_COMPILE_CACHE=1 turns it off."""
 import atexit
 import os
 import shutil
@@ -23,11 +24,14 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 if not os.environ.get("PARCAE_TEST_NO_COMPILE_CACHE"):
-  if not os.environ.get("PARCAE_TEST_CACHE_DIR"):
+  if not os.environ.get("PARCAE_TEST_CACHE_DIR"):  # the first process of this session
     os.environ["PARCAE_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="parcae-jax-cache-")
     atexit.register(shutil.rmtree, os.environ["PARCAE_TEST_CACHE_DIR"], ignore_errors=True)
-  jax.config.update("jax_compilation_cache_dir", os.environ["PARCAE_TEST_CACHE_DIR"])
-  jax.config.update("jax_compilation_cache_max_size", 8 * 2**30)  # != -1: reads and writes take a file lock
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["PARCAE_TEST_CACHE_DIR"]
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)  # != -1: reads and writes take a file lock
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_compilation_cache_max_size", 8 * 2**30)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
