@@ -68,3 +68,8 @@ def test_schedules_are_jittable_with_traced_step():
 def test_unknown_schedule_names_the_field():
   with pytest.raises(ValueError, match="optim.schedule"):
     schedules.make_schedule(_cfg(schedule="exp"), 100)
+
+
+def test_zero_run_length_names_the_field():
+  with pytest.raises(ValueError, match=r"train\.steps"):
+    schedules.make_schedule(_cfg(), 0)

@@ -77,7 +77,7 @@ def make_schedule(cfg, total_steps: int) -> Schedule:
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"optim.schedule={cfg.schedule!r} is unknown; use one of {sorted(SCHEDULES)}.")
   if total_steps < 1:
-    raise ValueError(f"total_steps={total_steps} must be >= 1 (set the run length: train.max_steps).")
+    raise ValueError(f"total_steps={total_steps} must be >= 1 (set the run length: train.steps).")
   fn = SCHEDULES[cfg.schedule]
   warmup_steps = int(cfg.warmup_fraction * total_steps)
   cooldown_steps = int(cfg.cooldown_fraction * total_steps)
