@@ -19,11 +19,11 @@ demo: $(STAMP)
 
 # The whole suite (CI runs this through .ci/run).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal --durations=15
 
 # Everything but tests marked slow.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal -m "not slow"
 
 clean:
 	rm -rf runs/demo
