@@ -57,6 +57,19 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
   import json
   logged = [r["step"] for r in map(json.loads, open(split / "metrics.jsonl")) if r.get("kind") is None]
   assert logged == [1, 2, 3, 4, 5, 6]  # each step once, in order
+  assert all(np.isfinite(b[s]["tokens_per_s"]) for s in range(1, 7))  # the last step's rate too
+
+
+def test_loss_guard_stops_before_the_checkpoint_of_the_guarded_step(data, tmp_path):
+  """A step whose loss trips the guard is never checkpointed: its metrics are checked before the save (the
+  tiny config saves every 2 steps; the guard arms after step 1's tokens, so step 2 trips it)."""
+  cfg = tiny_config(data)
+  cfg.mesh.data = 1
+  cfg.train.loss_guard, cfg.train.loss_guard_tokens = 0.01, cfg.train.micro_batch_size * cfg.train.seq_len
+  with pytest.raises(FloatingPointError, match="loss guard"):
+    train(cfg, str(tmp_path / "run"), progress=False, devices=one_device())
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+  assert sorted(train_rows(tmp_path / "run")) == [1]
 
 
 @pytest.mark.slow

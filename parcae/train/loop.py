@@ -148,7 +148,8 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
   last_time, step, stopped, rows = time.time(), start, None, None
 
   def report(done):
-    """Checks and logs a fetched (step, metrics) pair; the rate covers the time since the previous fetch."""
+    """Checks a fetched (step, metrics) pair and logs it (every log_every-th step, the first and the last
+    step, and the step a signal stopped at); the rate covers the time since the previous fetch."""
     nonlocal last_time
     if done is None:
       return
@@ -162,7 +163,7 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
                                f"{checkpointer.latest_step()}")
     if tc.loss_guard and prev_step * tokens_per_step > tc.loss_guard_tokens and m["loss"] > tc.loss_guard:
       raise FloatingPointError(f"loss guard: loss {m['loss']:.3f} > train.loss_guard={tc.loss_guard}")
-    if prev_step % tc.log_every == 0 or prev_step == 1:
+    if prev_step % tc.log_every == 0 or prev_step in (1, end) or preempt.requested:
       logger.log(prev_step, m)
 
   try:
@@ -182,9 +183,7 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
       if preempt.requested:
         stopped = f"signal {preempt.signal}"
         break
-    done = deferred.flush()
-    if done is not None:
-      logger.log(done[0], {**done[1], "tokens_per_s": float("nan")})
+    report(deferred.flush())  # the last step (unless a checkpoint took it), checked before its checkpoint
     checkpointer.save(step, state, it.get_state(), {"config": cfg.to_dict()}, force=True)
     rows = evaluate(eval_step, state["params"], val, eval_loops, bytes_per_token, eval_sh)
     logger.log_eval(step, rows)

@@ -118,7 +118,7 @@ class MetricsLogger:
         self._file.flush()
 
     def _progress_text(self, step, metrics):
-        # a non-finite loss is shown; an unmeasured rate (NaN: the last step's, flushed after the loop) is not
+        # a non-finite loss is shown; an unmeasured (NaN) rate is not
         parts = [fmt.format(metrics[k]) for k, fmt in BAR_KEYS if isinstance(metrics.get(k), (int, float))
                  and (k == "loss" or math.isfinite(metrics[k]))]
         done = step - self._start_step
