@@ -122,19 +122,18 @@ def train_and_time(cfg, args, devices, name=""):
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
   from parcae.train import mesh as pmesh
-  from parcae.train.loop import init_state
-  from parcae.train.step import make_train_step
+  from parcae.train.loop import init_state, jit_train_step, run_length_arrays
 
   tc = cfg.train
   mesh = pmesh.make_mesh(cfg.mesh, devices)
   graphdef, optimizer, create, abstract, shardings = init_state(cfg, mesh)
   state = jax.jit(create, out_shardings=shardings)()
-  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))  # [accum, micro, seq]: micro split
-  step = pmesh.MeshBound(jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
-                 out_shardings=(shardings, None), donate_argnums=0), mesh)
+  jitted, batch_sh = jit_train_step(graphdef, optimizer, tc, shardings, mesh)
+  run = run_length_arrays(cfg, mesh)
+  step = lambda state, batch: jitted(state, batch, run)
   batch = random_batch(cfg, batch_sh)
   t0 = time.time()
-  compiled = step.lower(state, batch).compile()
+  compiled = jitted.lower(state, batch, run).compile()
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   losses = []

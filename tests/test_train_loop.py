@@ -72,6 +72,52 @@ def test_loss_guard_stops_before_the_checkpoint_of_the_guarded_step(data, tmp_pa
   assert sorted(train_rows(tmp_path / "run")) == [1]
 
 
+def test_run_length_is_an_argument_of_the_compiled_step(data):
+  """Runs that differ only in train.steps (a data-budget sweep) lower to one program, and that program
+  follows the run length it is given (fails if the schedule's lengths are baked in as constants)."""
+  import jax.numpy as jnp
+  from parcae.train import mesh as pmesh
+  from parcae.train import schedules
+  from parcae.train.loop import init_state, jit_train_step, run_length_arrays
+  texts, lrs = [], []
+  for steps in (6, 50):
+    cfg = tiny_config(data, steps=steps)
+    cfg.optim.warmup_fraction = 0.1  # warm-up 0 steps at 6, 5 steps at 50
+    mesh = pmesh.make_mesh(cfg.mesh, one_device())
+    graphdef, optimizer, create, abstract, shardings = init_state(cfg, mesh)
+    step, batch_sh = jit_train_step(graphdef, optimizer, cfg.train, shardings, mesh, donate=False)
+    run = run_length_arrays(cfg, mesh)
+    shape = (cfg.train.grad_accum, cfg.train.micro_batch_size, cfg.train.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
+    texts.append(step.lower(abstract, batch, run).as_text())
+    if steps == 6:
+      state = jax.jit(create, out_shardings=shardings)()
+      ones = {k: jnp.ones(shape, jnp.int32) for k in ("inputs", "targets")}
+    lrs.append(float(step(state, ones, run)[1]["opt/lr"]))
+    want = cfg.optim.lr * float(schedules.multiplier(cfg.optim, 0, schedules.run_length(cfg.optim, steps)))
+    assert lrs[-1] == pytest.approx(want, rel=1e-6)
+  assert texts[0] == texts[1]
+  assert lrs[1] == pytest.approx(lrs[0] / 5, rel=1e-6)
+
+
+def test_compile_cache_dir_is_used_unless_jax_already_has_one(tmp_path):
+  """train.compile_cache_dir: compiled programs land there; a directory set through JAX's own variable wins."""
+  prog = ("import sys, jax, jax.numpy as jnp; from parcae.train.loop import use_compile_cache; "
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+          "print(use_compile_cache(sys.argv[1])); jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64)))")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+  out = subprocess.run([sys.executable, "-c", prog, str(mine)], env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == str(mine) and os.listdir(mine)  # entries written
+  env["JAX_COMPILATION_CACHE_DIR"] = str(theirs)
+  out = subprocess.run([sys.executable, "-c", prog, str(tmp_path / "unused")], env=env, capture_output=True,
+                       text=True)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == str(theirs) and os.listdir(theirs)
+  assert not (tmp_path / "unused").exists()
+
+
 @pytest.mark.slow
 def test_sharded_run_matches_single_device(data, tmp_path):
   # Muon's orthogonalization runs in float32 here: in bf16 (the default) a reduction-order difference of

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from parcae.train import optim
+from parcae.train import optim, schedules
 
 # Spec §5.3 Polar Express coefficients, typed from the spec (not imported from the implementation).
 PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -383,7 +383,7 @@ def test_nonfinite_step_is_skipped_under_jit():
 def test_per_step_rates_follow_the_spec():
   cfg, T = optim.default_optim_config(), 21_362
   for s in [0, 1, 150, 299, 300, 1000, 10_681, 15_000, 21_361]:
-    hp = optim.hyperparams_at(cfg, s, T)
+    hp = optim.hyperparams_at(cfg, s, schedules.run_length(cfg, T))
     assert float(hp["muon_momentum"]) == pytest.approx(0.85 + 0.10 * min(s / 300, 1), rel=1e-6)
     assert float(hp["muon_wd"]) == pytest.approx(0.2 * (1 - s / T), rel=1e-5, abs=1e-9)
     assert float(hp["weight_decay"]) == 0.0
@@ -396,7 +396,8 @@ def test_per_step_rates_follow_the_spec():
   st, upd = tx.init(params), jax.jit(tx.update)
   for s in range(3):
     _, st = upd(jax.tree.map(jnp.ones_like, params), st, params)
-    m, hp = optim.optimizer_metrics(st), optim.hyperparams_at(optim.default_optim_config(), s, 4)
+    m, hp = optim.optimizer_metrics(st), optim.hyperparams_at(
+        optim.default_optim_config(), s, schedules.run_length(optim.default_optim_config(), 4))
     for k in ("lr", "muon_lr", "muon_momentum", "muon_wd"):
       assert float(m[k]) == pytest.approx(float(hp[k]), rel=1e-6), (s, k)
 
@@ -410,3 +411,23 @@ def test_validation_names_the_field(field, value):
   with pytest.raises(ValueError, match=f"optim.{field}="):
     optim.validate_optim_config(cfg)
   optim.validate_optim_config(optim.default_optim_config())
+
+
+def test_run_length_given_per_call_equals_the_built_in_one():
+  """update(..., run=) with traced int32 lengths (the trainer's way) gives the updates of an optimizer built
+  for that length; without either, a clear error."""
+  params = _nested({"core/0/mlp/fc/kernel": jnp.linspace(-1, 1, D * 4 * D).reshape(D, 4 * D),
+                    "final_norm/scale": jnp.ones((D,))})
+  grads = jax.tree.map(lambda x: jnp.sin(5.0 * x) + 0.2, params)
+  cfg = _cfg(warmup_fraction=0.3)
+  built, bare = optim.make_optimizer(cfg, params, 7), optim.make_optimizer(cfg, params)
+  run = {k: jnp.int32(v) for k, v in schedules.run_length(cfg, 7).items()}
+  s1, s2 = built.init(params), bare.init(params)
+  for _ in range(3):  # warm-up steps: the multiplier depends on the run length at every one of them
+    u1, s1 = jax.jit(built.update)(grads, s1, params)
+    u2, s2 = jax.jit(lambda g, s, p, r: bare.update(g, s, p, run=r))(grads, s2, params, run)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-9)
+    assert float(s2.metrics["lr"]) == pytest.approx(float(s1.metrics["lr"]), rel=1e-6)
+  with pytest.raises(ValueError, match="run length"):
+    bare.update(grads, s2, params)

@@ -73,3 +73,22 @@ def test_unknown_schedule_names_the_field():
 def test_zero_run_length_names_the_field():
   with pytest.raises(ValueError, match=r"train\.steps"):
     schedules.make_schedule(_cfg(), 0)
+
+
+def test_traced_run_length_gives_the_same_multipliers():
+  """The trainer passes the run length as traced int32 scalars into a jitted step; every schedule gives what
+  the Python-int run length gives eagerly, at every step, for short and long runs. Not bit for bit: under jit
+  XLA fuses the cosine's arithmetic (1-ulp differences, also with constant lengths); f32 rounding of O(1)
+  terms bounds the rest."""
+  for name in schedules.SCHEDULES:
+    cfg = _cfg(schedule=name, warmup_fraction=0.07, cooldown_fraction=0.3, min_lr=4e-4)
+    traced = jax.jit(lambda s, run, cfg=cfg: schedules.multiplier(cfg, s, run))
+    for total in (1, 3, 10, 137):
+      run = schedules.run_length(cfg, total)
+      steps = np.arange(total + 2)
+      run_i32 = {k: jnp.int32(v) for k, v in run.items()}
+      got = np.array([float(traced(jnp.int32(s), run_i32)) for s in steps])
+      want = np.array([float(schedules.multiplier(cfg, int(s), run)) for s in steps])
+      np.testing.assert_allclose(got, want, rtol=2e-7, atol=1.2e-7, err_msg=f"{name} total={total}")
+  assert schedules.run_length(_cfg(warmup_fraction=0.07, cooldown_fraction=0.3), 137) == dict(
+      total_steps=137, warmup_steps=9, cooldown_steps=41)

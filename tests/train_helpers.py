@@ -63,7 +63,8 @@ def lower_sharded_step_for_cuda(cfg):
   tc = cfg.train
   batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, tc.micro_batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
            for k in ("inputs", "targets")}
-  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
+  step = jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh, P()),
                  out_shardings=(shardings, None))
+  run = {k: jax.ShapeDtypeStruct((), jnp.int32) for k in ("total_steps", "warmup_steps", "cooldown_steps")}
   with jax.set_mesh(mesh):
-    return step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
+    return step.trace(abstract, batch, run).lower(lowering_platforms=("cuda",)).as_text()

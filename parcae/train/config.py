@@ -31,6 +31,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.loss_guard = 0.0  # stop if the loss exceeds this after loss_guard_tokens (0 = off)
   c.loss_guard_tokens = 10_000_000_000  # tokens after which the loss guard is active
   c.profile = False  # write a jax.profiler trace of a few steps into the workdir
+  c.compile_cache_dir = "~/.cache/parcae/xla"  # persistent XLA compilation cache ("" = off; JAX_COMPILATION_CACHE_DIR wins)
   return c
 
 

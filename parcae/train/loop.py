@@ -22,6 +22,7 @@ from parcae.model import build
 from parcae.scaling.flops import executed_flops_per_token
 from parcae.train import checkpoint as ckpt
 from parcae.train import mesh as pmesh
+from parcae.train import schedules
 from parcae.train.distributed import maybe_initialize_distributed
 from parcae.train.metrics import DeferredMetrics, MetricsLogger
 from parcae.train.optim import make_optimizer
@@ -40,6 +41,19 @@ def resolve_eval_loops(cfg):
   return sorted(set(loops)) if cfg.model.kind == "parcae" else [1]
 
 
+def use_compile_cache(path: str) -> str | None:
+  """Keeps compiled programs in `path` (train.compile_cache_dir) across processes, so a resumed or repeated
+  run and every run of a sweep that differs only in train.steps skip XLA compilation. A directory set
+  before (JAX_COMPILATION_CACHE_DIR, jax.config) is kept; returns the directory in use."""
+  current = jax.config.jax_compilation_cache_dir
+  if current or not path:
+    return current
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def init_state(cfg, mesh):
   """Abstract and concrete train state, built directly into its sharding (no full copy on one device)."""
   from parcae.quant import quant_spec  # pylint: disable=g-import-not-at-top
@@ -48,7 +62,7 @@ def init_state(cfg, mesh):
   def create():
     model = build(cfg.model, jax.random.key(cfg.train.seed), quant=quant)
     graphdef, params = nnx.split(model, nnx.Param)
-    opt = make_optimizer(cfg.optim, params, cfg.train.steps)
+    opt = make_optimizer(cfg.optim, params)
     return {"params": params, "opt": opt.init(params), "step": jnp.int32(0),
             "key": jax.random.fold_in(jax.random.key(cfg.train.seed), 1)}
 
@@ -58,8 +72,24 @@ def init_state(cfg, mesh):
   shardings = {"params": param_sh, "opt": pmesh.opt_state_shardings(abstract["opt"], abstract["params"], mesh),
                "step": rep, "key": rep}
   graphdef = nnx.split(nnx.eval_shape(lambda: build(cfg.model, jax.random.key(0), quant=quant)), nnx.Param)[0]
-  optimizer = make_optimizer(cfg.optim, abstract["params"], cfg.train.steps)
+  optimizer = make_optimizer(cfg.optim, abstract["params"])
   return graphdef, optimizer, create, abstract, shardings
+
+
+def jit_train_step(graphdef, optimizer, train_cfg, shardings, mesh, donate: bool = True):
+  """(the jitted step (state, batch, run) -> (state, metrics) bound to `mesh`, the batch sharding)."""
+  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))  # [accum, micro, seq]: micro split
+  step = jax.jit(make_train_step(graphdef, optimizer, train_cfg),
+                 in_shardings=(shardings, batch_sh, NamedSharding(mesh, P())), out_shardings=(shardings, None),
+                 donate_argnums=0 if donate else ())
+  return pmesh.MeshBound(step, mesh), batch_sh
+
+
+def run_length_arrays(cfg, mesh):
+  """The run length (train.steps and the schedule's warm-up / cool-down) as replicated int32 scalars: the
+  train step's third argument."""
+  run = schedules.run_length(cfg.optim, cfg.train.steps)
+  return jax.device_put({k: np.int32(v) for k, v in run.items()}, NamedSharding(mesh, P()))
 
 
 def put_batch(batch, accum, sharding):
@@ -91,12 +121,14 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
   """Train `cfg` in `workdir` (resuming if it holds checkpoints). max_steps: stop after that many steps of
   this call (a later call resumes); devices: the devices of the mesh (default: all)."""
   maybe_initialize_distributed()
+  use_compile_cache(cfg.train.compile_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
   mesh = pmesh.make_mesh(cfg.mesh, devices)
+  run = run_length_arrays(cfg, mesh)
   tc = cfg.train
   global_batch = tc.micro_batch_size * tc.grad_accum
   n_data = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -131,10 +163,8 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
   else:
     state, data_state, _ = checkpointer.restore(start, ckpt.abstract_like(abstract, shardings))
     it.set_state(data_state)
-  batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
   eval_sh = NamedSharding(mesh, P(("data", "fsdp"), None))
-  train_step = pmesh.MeshBound(jax.jit(make_train_step(graphdef, optimizer, tc), in_shardings=(shardings, batch_sh),
-                                        out_shardings=(shardings, None), donate_argnums=0), mesh)
+  train_step, batch_sh = jit_train_step(graphdef, optimizer, tc, shardings, mesh)
   eval_step = pmesh.MeshBound(jax.jit(make_eval_step(graphdef, tc.loss_chunk)), mesh)
   eval_loops = resolve_eval_loops(cfg)
 
@@ -170,8 +200,8 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
     for step in range(start + 1, end + 1):
       batch = put_batch(next(it), tc.grad_accum, batch_sh)
       if step == start + 1:  # ahead-of-time compile: report memory before the first step runs
-        train_step = compile_and_report(train_step, state, batch, logger, step)
-      state, metrics = train_step(state, batch)
+        train_step = compile_and_report(train_step, (state, batch, run), logger, step)
+      state, metrics = train_step(state, batch, run)
       report(deferred.push(step, metrics))
       if tc.eval_every and step % tc.eval_every == 0 and step < end:
         logger.log_eval(step, evaluate(eval_step, state["params"], val, eval_loops, bytes_per_token, eval_sh))
@@ -199,10 +229,10 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
   return summary
 
 
-def compile_and_report(jitted, state, batch, logger, step):
+def compile_and_report(jitted, args, logger, step):
   """Lower and compile the train step once, log its memory analysis (GiB per device), return the executable."""
   t0 = time.time()
-  compiled = jitted.lower(state, batch).compile()
+  compiled = jitted.lower(*args).compile()
   row = {"kind": "compile", "compile_s": time.time() - t0}
   mem = compiled.memory_analysis()
   for name in ("argument", "output", "temp", "generated_code"):

@@ -148,11 +148,12 @@ def param_routes(params, name: str = "muon_adamw") -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------------- hyper-parameters
 
-def hyperparams_at(cfg, step, total_steps: int, schedule=None) -> dict:
-  """Per-step rates (jit-friendly in step): AdamW lr and wd, Muon lr, momentum and wd."""
-  schedule = schedule or schedules.make_schedule(cfg, total_steps)
+def hyperparams_at(cfg, step, run: dict) -> dict:
+  """Per-step rates (jit-friendly in step and run): AdamW lr and wd, Muon lr, momentum and wd.
+  run: the run length, ``schedules.run_length(cfg, total_steps)`` (ints or int32 scalars)."""
   step_f = jnp.asarray(step, jnp.float32)
-  mult = schedule(step_f)
+  mult = schedules.multiplier(cfg, step_f, run)
+  total = run["total_steps"]
   w = cfg.muon_momentum_warmup_steps
   ramp = jnp.minimum(1.0, step_f / w) if w > 0 else jnp.ones_like(step_f)
   return dict(
@@ -160,7 +161,7 @@ def hyperparams_at(cfg, step, total_steps: int, schedule=None) -> dict:
       weight_decay=jnp.asarray(cfg.weight_decay, jnp.float32),
       muon_lr=cfg.muon_lr * mult,
       muon_momentum=cfg.muon_momentum_start + (cfg.muon_momentum - cfg.muon_momentum_start) * ramp,
-      muon_wd=cfg.muon_wd * jnp.maximum(0.0, (total_steps - step_f) / total_steps),
+      muon_wd=cfg.muon_wd * jnp.maximum(0.0, (total - step_f) / total),
   )
 
 
@@ -256,11 +257,14 @@ class OptState(NamedTuple):
 METRIC_KEYS = ("lr", "muon_lr", "muon_momentum", "muon_wd", "grad_norm", "skipped")
 
 
-def make_optimizer(optim_cfg, params, total_steps: int) -> optax.GradientTransformationExtraArgs:
-  """MuonAdamW / AdamW with clipping and non-finite skipping. update(grads, state, params, loss=None)."""
+def make_optimizer(optim_cfg, params, total_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
+  """MuonAdamW / AdamW with clipping and non-finite skipping: update(grads, state, params, *, run=None,
+  loss=None). run: the run length (``schedules.run_length``), ints or int32 scalars; the trainer passes it as
+  an argument of the jitted step so the compiled program does not depend on it. Without it, update uses
+  the run length of ``total_steps``."""
   cfg = optim_cfg
   validate_optim_config(cfg)
-  schedule = schedules.make_schedule(cfg, total_steps)
+  default_run = None if total_steps is None else schedules.run_length(cfg, total_steps)
   routes = [grp for _, grp in param_routes(params, cfg.name)]
   ortho_dtype = ORTHO_DTYPES[cfg.muon_ortho_dtype]
 
@@ -279,16 +283,20 @@ def make_optimizer(optim_cfg, params, total_steps: int) -> optax.GradientTransfo
     return OptState(step=zero_i, count=zero_i, mu=treedef.unflatten(mu), nu=treedef.unflatten(nu),
                     skipped_total=zero_i, metrics={k: zero_f for k in METRIC_KEYS})
 
-  def update(grads, state, params=None, *, loss=None, **unused_extra_args):
+  def update(grads, state, params=None, *, run=None, loss=None, **unused_extra_args):
     if params is None:
       raise ValueError("MuonAdamW needs the parameters: call update(grads, state, params).")
+    run = default_run if run is None else run
+    if run is None:
+      raise ValueError("the optimizer needs the run length: pass update(..., run=schedules.run_length(cfg, "
+                       "steps)) or make_optimizer(cfg, params, total_steps).")
     g_leaves, g_treedef = jax.tree.flatten(grads)
     p_leaves, m_leaves, v_leaves = (jax.tree.leaves(t) for t in (params, state.mu, state.nu))
     check(g_leaves, "grads")
     check(p_leaves, "params")
     g_leaves = [g.astype(jnp.float32) for g in g_leaves]
     g_leaves, grad_norm = clip_by_global_norm(g_leaves, cfg.grad_clip)
-    hp = hyperparams_at(cfg, state.step, total_steps, schedule)
+    hp = hyperparams_at(cfg, state.step, run)
     count = (state.count + 1).astype(jnp.float32)
     outs = []
     for g, p, m, v, r in zip(g_leaves, p_leaves, m_leaves, v_leaves, routes):

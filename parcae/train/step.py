@@ -53,9 +53,11 @@ def stage_norms(params, updates):
 
 
 def make_train_step(graphdef, optimizer, train_cfg):
-  """train_step(state, batch) -> (state, metrics). batch arrays are [accum, micro, seq]."""
+  """train_step(state, batch, run) -> (state, metrics). batch arrays are [accum, micro, seq]; run is the run
+  length (``schedules.run_length``) as int32 scalars: an argument, not a constant, so runs that differ only
+  in length compile to the same program."""
 
-  def train_step(state, batch):
+  def train_step(state, batch, run):
     accum, micro = batch["inputs"].shape[:2]
     skey = jax.random.fold_in(state["key"], state["step"])
     model = nnx.merge(graphdef, state["params"])
@@ -74,7 +76,7 @@ def make_train_step(graphdef, optimizer, train_cfg):
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
     (grads, loss), (aux, n_exec) = jax.lax.scan(accumulate, (zeros, jnp.float32(0.0)),
                                                 (batch, n, k, jnp.arange(accum)))
-    updates, opt = optimizer.update(grads, state["opt"], state["params"], loss=loss)
+    updates, opt = optimizer.update(grads, state["opt"], state["params"], run=run, loss=loss)
     params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
     metrics = {"loss": loss, **{k_: v.mean() for k_, v in aux.items()}}
     metrics["n_exec_mean"] = n_exec.astype(jnp.float32).mean()
