@@ -63,3 +63,33 @@ def test_train_then_eval_json(tmp_path, capsys):
   assert all(r["val_loss"] > 0 and r["bpb"] > 0 for r in rows)
   assert len(traces) == 1  # traced once: one compilation serves all five loop counts
   assert os.path.getsize(tmp_path / "p.png") > 1000
+
+
+def _config_files(sub=""):
+  root = os.path.join(os.path.dirname(__file__), "..", "configs", sub)
+  return sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("path", _config_files(), ids=os.path.basename)
+def test_every_config_file_is_a_runnable_recipe(path, capsys):
+  """Each file loads and validates through the CLI, its docstring holds the command and the expected
+  result, and a reference size has the reference's exact parameter count."""
+  from parcae.config import load_module
+  doc = load_module(path).__doc__ or ""
+  assert "parcae " in doc and "Expected" in doc, f"{path}: docstring lacks the command or the expected result"
+  assert cli_main(["info", "--config", path, "--json"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  from test_model_params import REFERENCE
+  name = os.path.basename(path)[:-3]  # e.g. parcae_small_140m
+  kind, size = name.split("_")[:2]
+  if (kind, size) in REFERENCE:
+    assert info["params_total"] == REFERENCE[(kind, size)][0]
+
+
+@pytest.mark.parametrize("path", _config_files("sweeps"), ids=os.path.basename)
+def test_every_sweep_config_plans(path):
+  from parcae.config import load_module
+  from parcae.scaling import sweep
+  assert "parcae sweep" in (load_module(path).__doc__ or "")
+  plans = sweep.plan_runs(sweep.load_sweep_config(path))
+  assert plans and all(p["steps"] >= 1 for p in plans)
