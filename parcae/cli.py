@@ -36,16 +36,23 @@ def cmd_info(argv):
   p = argparse.ArgumentParser(prog="parcae info", description="Parameter counts and FLOPs per token.")
   p.add_argument("--config", required=True)
   p.add_argument("--json", action="store_true")
+  p.add_argument("--compile", action="store_true",
+                 help="also compile the train step for the config's mesh on this machine's devices (no array is "
+                      "allocated) and report its memory per device: does it fit, before a run starts")
   args, overrides = _parse(p, argv)
   from parcae.config import load_config
   from parcae.scaling.info import model_info
   cfg = load_config(args.config, overrides)
   info = model_info(cfg)
+  if args.compile:
+    from parcae.train.loop import aot_compile
+    info.update({f"compile.{k}": v for k, v in aot_compile(cfg).items()})
   if args.json:
     print(json.dumps(info, indent=2))
   else:
     for k, v in info.items():
-      print(f"{k:42s} {v:,}" if isinstance(v, int) else f"{k:42s} {v}")
+      print(f"{k:42s} {v:,}" if isinstance(v, int) else
+            f"{k:42s} {v:.3f}" if isinstance(v, float) and k.startswith("compile.") else f"{k:42s} {v}")
   return 0
 
 

@@ -93,3 +93,30 @@ def test_every_sweep_config_plans(path):
   assert "parcae sweep" in (load_module(path).__doc__ or "")
   plans = sweep.plan_runs(sweep.load_sweep_config(path))
   assert plans and all(p["steps"] >= 1 for p in plans)
+
+
+def test_info_compile_reports_the_step_memory_without_allocating(tmp_path, capsys):
+  """`parcae info --compile`: the train step compiled from abstract shapes on the config's mesh (8 CPU devices,
+  data parallel). XLA's argument bytes per device are the whole train state (replicated) less the optimizer's
+  last-call metrics (read by nothing, so jit drops them), one device's share of the batch and the three
+  run-length scalars; every state byte is donated to the output (alias)."""
+  import jax
+  from parcae.train import mesh as pmesh
+  from parcae.train.loop import init_state
+  cfg = tiny_config(str(tmp_path / "no_data_needed"))
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text("import ml_collections, json\n"
+                      f"def get_config():\n  return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
+  assert cli_main(["info", "--config", str(cfg_file), "--json", "--compile", "--config.mesh.data=8"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["compile.devices"] == 8 and info["compile.mesh"]["data"] == 8
+  cfg.mesh.data = 8
+  abstract = init_state(cfg, pmesh.make_mesh(cfg.mesh, jax.devices()))[3]
+  nbytes = lambda t: sum((jax.eval_shape(jax.random.key_data, x).size * 4 if jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x.size * x.dtype.itemsize) for x in jax.tree.leaves(t))
+  state, unread = nbytes(abstract), nbytes(abstract["opt"].metrics)
+  tc = cfg.train
+  batch = 2 * tc.grad_accum * tc.micro_batch_size * tc.seq_len * 4 // 8
+  assert info["compile.argument_gib"] * 2**30 == state - unread + batch + 3 * 4
+  assert info["compile.alias_gib"] * 2**30 == state - unread
+  assert info["compile.peak_estimate_gib"] > info["compile.argument_gib"] + info["compile.temp_gib"] * 0.99

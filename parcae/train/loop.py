@@ -92,6 +92,13 @@ def run_length_arrays(cfg, mesh):
   return jax.device_put({k: np.int32(v) for k, v in run.items()}, NamedSharding(mesh, P()))
 
 
+def check_batch(cfg, mesh):
+  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  if cfg.train.micro_batch_size % n_data:
+    raise ValueError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be divisible by the "
+                     f"data-parallel devices (mesh data*fsdp = {n_data}); change it or mesh.data/mesh.fsdp")
+
+
 def put_batch(batch, accum, sharding):
   """Host batch [micro*accum (local), S] -> global device arrays [accum, micro, S]."""
   out = {}
@@ -131,10 +138,7 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
   run = run_length_arrays(cfg, mesh)
   tc = cfg.train
   global_batch = tc.micro_batch_size * tc.grad_accum
-  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
-  if tc.micro_batch_size % n_data:
-    raise ValueError(f"train.micro_batch_size={tc.micro_batch_size} must be divisible by the data-parallel "
-                     f"devices (mesh data*fsdp = {n_data}); change it or mesh.data/mesh.fsdp")
+  check_batch(cfg, mesh)
 
   # ---- data
   if cfg.data.kind == "embedded":
@@ -233,14 +237,42 @@ def compile_and_report(jitted, args, logger, step):
   """Lower and compile the train step once, log its memory analysis (GiB per device), return the executable."""
   t0 = time.time()
   compiled = jitted.lower(*args).compile()
-  row = {"kind": "compile", "compile_s": time.time() - t0}
+  logger.log(step, {"kind": "compile", "compile_s": time.time() - t0, **memory_row(compiled)})
+  return compiled
+
+
+def memory_row(compiled) -> dict:
+  """XLA's memory analysis of a compiled step in GiB per device: arguments, outputs, the donated bytes
+  outputs reuse (alias), temporaries, generated code, and peak_estimate = their sum less the alias (before
+  allocator fragmentation)."""
   mem = compiled.memory_analysis()
-  for name in ("argument", "output", "temp", "generated_code"):
+  row = {}
+  for name in ("argument", "output", "alias", "temp", "generated_code"):
     value = getattr(mem, f"{name}_size_in_bytes", None) if mem is not None else None
     if value is not None:
       row[f"{name}_gib"] = value / 2**30
-  logger.log(step, row)
-  return compiled
+  if all(f"{n}_gib" in row for n in ("argument", "output", "alias", "temp")):
+    row["peak_estimate_gib"] = (row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"]
+                                + row.get("generated_code_gib", 0.0))
+  return row
+
+
+def aot_compile(cfg, devices=None) -> dict:
+  """Compiles cfg's train step for its mesh on `devices` (default: all) from abstract shapes, allocating no
+  array, and returns the compile time and `memory_row`: whether a config fits, before a run starts."""
+  mesh = pmesh.make_mesh(cfg.mesh, devices)
+  check_batch(cfg, mesh)
+  graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
+  step, batch_sh = jit_train_step(graphdef, optimizer, cfg.train, shardings, mesh)
+  tc = cfg.train
+  shape = (tc.grad_accum, tc.micro_batch_size, tc.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
+  t0 = time.time()
+  compiled = step.lower(ckpt.abstract_like(abstract, shardings), batch, run_length_arrays(cfg, mesh)).compile()
+  limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+  return {"devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind,
+          "mesh": dict(mesh.shape), "compile_s": time.time() - t0, **memory_row(compiled),
+          "device_limit_gib": limit / 2**30 if limit else None}
 
 
 def _add_mfu(m, cfg, seq_len, peak):
