@@ -13,7 +13,7 @@ from parcae import config as config_lib
 from parcae.scaling import fit as fit_lib
 from parcae.scaling import flops as flops_lib
 from parcae.scaling import results as results_lib
-from parcae.scaling import sweep
+from parcae.scaling import launch, sweep
 from train_helpers import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,7 +235,7 @@ def test_partial_runs_resume(micro_sweep, tmp_path):
     with open(path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
     assert not sweep.is_finished(plans[run], os.path.join(work, "runs", run))
-  res = sweep.run_local(cfg, work, log=lambda *_: None)
+  res = launch.run_local(cfg, work, log=lambda *_: None)
   assert sorted(res["trained"]) == sorted([a, b]) and len(res["skipped"]) == 2
   # A was evaluated, not retrained; B resumed from step 15 (its early steps are logged once)
   rows_a = [json.loads(l) for l in open(os.path.join(work, "runs", a, "metrics.jsonl"))]
@@ -250,6 +250,35 @@ def test_partial_runs_resume(micro_sweep, tmp_path):
   # A's re-evaluated final rows equal the original ones (deterministic evaluation of the same checkpoint)
   sel = lambda t: t.select((t["run"] == a) & (t["step"] == plans[a]["steps"]))
   np.testing.assert_allclose(sel(new)["val_loss"], sel(old)["val_loss"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_parallel_children_give_the_sequential_results(micro_sweep, tmp_path, capsys):
+  """local.parallel=2: the runs train two at a time in child processes, each pinned to its own GPU slot
+  (CUDA_VISIBLE_DEVICES), with the same results as the in-process sweep; a run that fails (its directory holds
+  another config) is reported with exit code 1 while the others finish, and `--run` names bad runs."""
+  out, argv = micro_sweep
+  work = str(tmp_path / "sweep")
+  plans = {p["run"]: p for p in sweep.plan_runs(sweep.load_sweep_config(MICRO, [a for a in argv if "--config." in a]))}
+  bad = "mu2_C6e08"
+  os.makedirs(os.path.join(work, "runs", bad))
+  with open(os.path.join(work, "runs", bad, "config.json"), "w") as f:
+    f.write(json.dumps({"train": {"seed": 12345}}))
+  par = [a if a != out else work for a in argv] + ["--config.local.parallel=2", "--config.local.gpus_per_run=1"]
+  capsys.readouterr()
+  assert sweep.sweep_main(par) == 1
+  assert f"1 runs failed: ['{bad}']" in capsys.readouterr().err
+  logs = os.path.join(work, "launch", "logs")
+  assert "different config" in open(os.path.join(logs, bad + ".log")).read()
+  slots = {open(os.path.join(logs, r + ".log")).readline().split("CUDA_VISIBLE_DEVICES=")[1].strip() for r in plans}
+  assert slots == {"0", "1"}
+  key = lambda t: sorted(zip(t["run"], t["step"], t["loops"], t["val_loss"]))
+  old = [r for r in key(results_lib.load_results(os.path.join(out, "results.csv"))) if r[0] != bad]
+  new = key(results_lib.load_results(os.path.join(work, "results.csv")))
+  assert [r[:3] for r in new] == [r[:3] for r in old]
+  np.testing.assert_array_equal([r[3] for r in new], [r[3] for r in old])  # same programs, same numbers
+  assert sweep.sweep_main(argv[:2] + ["--out", work, "--run", "mu9"] + argv[4:]) == 2
+  assert "not a run of this sweep" in capsys.readouterr().err
 
 
 def test_run_configs_written_before_a_new_field_still_match(tmp_path):

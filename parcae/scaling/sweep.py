@@ -9,10 +9,12 @@ train.seq_len; executed: the work a train step does, with the sampler's expected
 train.steps = ceil(D / tokens_per_step), rounded *up* so every run spends at least its budget (the overshoot is
 less than one step). The table records the tokens and FLOPs actually used (steps * tokens_per_step [* F]).
 
-Modes (`--launch`):
-  local  train the runs one after another in `<out>/runs/<run>/`. A run is finished when its eval rows exist
-         for every requested loop count at its final step; finished runs are skipped, partly trained runs
-         resume from their checkpoints (the trainer's resume). results.csv is rewritten after every run.
+Modes (`--launch`; how each is carried out: `launch.py`):
+  local  train the runs in `<out>/runs/<run>/`: one after another in this process, or `local.parallel` at a
+         time in child processes, each pinned to its own GPUs (`local.gpus_per_run`). A run is finished when
+         its eval rows exist for every requested loop count at its final step; finished runs are skipped,
+         partly trained runs resume from their checkpoints (the trainer's resume). results.csv is rewritten
+         after every run. `--run NAME` trains that one run only.
   slurm  write `<out>/launch/sweep.sbatch` (a SLURM array, one task per run, `parcae train` under srun, so a
          task may span several hosts) and `<out>/launch/runs.txt` (one `parcae train` command per line), run
          nothing. After the array job: `parcae sweep --config X --out D --collect` writes the table.
@@ -33,7 +35,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import ml_collections
 
@@ -62,6 +63,9 @@ def default_sweep_config() -> ml_collections.ConfigDict:
   c.intermediate_evals = 2  # in-training validations per run: every floor(steps / (n + 1)) steps (n or n + 1)
   c.min_steps = 10  # refuse a budget that gives a run fewer optimizer steps than this
   c.out = "runs/sweep"  # output directory (--out overrides)
+  c.local = ml_collections.ConfigDict()
+  c.local.parallel = 1  # runs trained at once by --launch local: 1 = in this process; N = N child processes
+  c.local.gpus_per_run = 0  # with parallel > 1: GPUs per child (CUDA_VISIBLE_DEVICES); 0 = no pinning (CPU)
   c.slurm = ml_collections.ConfigDict()
   c.slurm.nodes = 1  # hosts per run (the trainer initializes jax.distributed from the SLURM variables)
   c.slurm.gpus_per_node = 8  # GPUs per host (0 = no --gpus-per-node line)
@@ -88,8 +92,8 @@ def _merge(user) -> ml_collections.ConfigDict:
       _fail(key, "unknown field", f"did you mean {close[0]!r}?" if close else f"known fields: {sorted(merged)}")
     value = user[key]
     merged[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
-    if key == "slurm":
-      merged[key] = {**default_sweep_config().slurm.to_dict(), **merged[key]}
+    if key in ("local", "slurm"):
+      merged[key] = {**default_sweep_config()[key].to_dict(), **merged[key]}
   return ml_collections.ConfigDict(merged)
 
 
@@ -166,6 +170,10 @@ def validate_sweep_config(cfg) -> None:
   parse_eval_loops(cfg.eval_loops, 1)
   if not isinstance(cfg.slurm.nodes, int) or cfg.slurm.nodes < 1:
     _fail("slurm.nodes", f"{cfg.slurm.nodes!r} must be an integer >= 1", "e.g. slurm.nodes=2")
+  if not isinstance(cfg.local.parallel, int) or cfg.local.parallel < 1:
+    _fail("local.parallel", f"{cfg.local.parallel!r} must be an integer >= 1", "e.g. local.parallel=8")
+  if not isinstance(cfg.local.gpus_per_run, int) or cfg.local.gpus_per_run < 0:
+    _fail("local.gpus_per_run", f"{cfg.local.gpus_per_run!r} must be an integer >= 0", "e.g. local.gpus_per_run=1")
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -390,80 +398,7 @@ def write_results(rows: list[dict], out_dir: str) -> list[str]:
   return paths + [os.path.join(out_dir, "results.parquet")]
 
 
-# ------------------------------------------------------------------------------------------ launch
-def _shell_quote(s: str) -> str:
-  return "'" + s.replace("'", "'\\''") + "'"
-
-
-def write_launch(cfg, plans, out_dir: str) -> dict:
-  """Per-run config files, runs.txt (one `parcae train` command per run) and the SLURM array script."""
-  out_dir = os.path.abspath(out_dir)
-  launch = os.path.join(out_dir, "launch")
-  os.makedirs(os.path.join(launch, "configs"), exist_ok=True)
-  os.makedirs(os.path.join(launch, "logs"), exist_ok=True)
-  commands = []
-  for p in plans:
-    stem = os.path.join(launch, "configs", p["run"])
-    with open(stem + ".json", "w") as f:
-      f.write(p["cfg"].to_json_best_effort(indent=2))
-    with open(stem + ".py", "w") as f:
-      f.write(_RUN_CONFIG_PY.format(run=p["run"]))
-    commands.append(f"{cfg.slurm.command} train --config {_shell_quote(stem + '.py')} --workdir "
-                    f"{_shell_quote(os.path.join(out_dir, 'runs', p['run']))} --no-progress")
-  runs_txt = os.path.join(launch, "runs.txt")
-  with open(runs_txt, "w") as f:
-    f.write("\n".join(commands) + "\n")
-  sl = cfg.slurm
-  throttle = f"%{sl.max_parallel}" if sl.max_parallel else ""
-  lines = ["#!/bin/bash", f"#SBATCH --job-name=parcae-sweep", f"#SBATCH --array=0-{len(plans) - 1}{throttle}",
-           f"#SBATCH --nodes={sl.nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={sl.time}",
-           f"#SBATCH --output={launch}/logs/%A_%a.out"]
-  lines += [f"#SBATCH --gpus-per-node={sl.gpus_per_node}"] if sl.gpus_per_node else []
-  lines += [f"#SBATCH --partition={sl.partition}"] if sl.partition else []
-  lines += [f"#SBATCH --account={sl.account}"] if sl.account else []
-  lines += ["# One array task per run (line SLURM_ARRAY_TASK_ID + 1 of runs.txt); srun starts one process per",
-            "# host and the trainer joins them with jax.distributed from the SLURM variables.",
-            "set -euo pipefail", sl.setup,
-            f'CMD=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {_shell_quote(runs_txt)})',
-            "export JAX_COORDINATOR_PORT=$((12355 + SLURM_ARRAY_TASK_ID % 1000))",
-            'srun --ntasks-per-node=1 bash -c "$CMD"', ""]
-  sbatch = os.path.join(launch, "sweep.sbatch")
-  with open(sbatch, "w") as f:
-    f.write("\n".join(lines))
-  return {"sbatch": sbatch, "runs_txt": runs_txt, "commands": commands}
-
-
-_RUN_CONFIG_PY = '''"""Run {run} of a `parcae sweep` (generated; edit the sweep config and rerun `parcae sweep`, not this)."""
-import json
-import os
-
-from parcae.train.config import with_defaults
-
-
-def get_config():
-  with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "{run}.json")) as f:
-    return with_defaults(json.load(f))  # fields added to the framework since: their defaults
-'''
-
-
-# ------------------------------------------------------------------------------------------- local
-def run_local(cfg, out_dir: str, log=print) -> dict:
-  """Train every unfinished run in order; rewrite results.csv after each. Returns trained/skipped names."""
-  plans = plan_runs(cfg)
-  done = {"trained": [], "skipped": []}
-  start = time.time()
-  for i, p in enumerate(plans):
-    workdir = os.path.join(out_dir, "runs", p["run"])
-    t0 = time.time()
-    status = run_one(p, workdir)
-    done[status].append(p["run"])
-    log(f"[{i + 1}/{len(plans)}] {p['run']}: {status} (steps {p['steps']}, {time.time() - t0:.0f} s)")
-    write_results(collect_rows(plans, out_dir), out_dir)
-  done["wall_s"] = time.time() - start
-  done["results"] = os.path.join(out_dir, "results.csv")
-  return done
-
-
+# ---------------------------------------------------------------------------------------------- CLI
 def _parser():
   p = argparse.ArgumentParser(prog="parcae sweep", description="Train a mu x FLOP-budget grid; write results.csv.")
   p.add_argument("--config", required=True, help="sweep config, e.g. configs/sweeps/small_cpu.py")
@@ -471,6 +406,7 @@ def _parser():
   p.add_argument("--launch", default="local", choices=LAUNCH_MODES, help="local: train here; slurm/print: "
                  "write launch scripts only")
   p.add_argument("--collect", action="store_true", help="train nothing; write results.csv from finished runs")
+  p.add_argument("--run", default=None, help="train only this run (a name from the plan), in this process")
   return p
 
 
@@ -490,19 +426,33 @@ def sweep_main(argv) -> int:
       unfinished = [p["run"] for p in plans if not is_finished(p, os.path.join(out_dir, "runs", p["run"]))]
       print(f"wrote {paths or 'nothing (no run has eval rows yet)'}; unfinished runs: {unfinished or 'none'}")
       return 0
+    if args.run is not None:
+      by_name = {p["run"]: p for p in plans}
+      if args.run not in by_name:
+        raise ValueError(f"--run {args.run!r} is not a run of this sweep; its runs: {sorted(by_name)}")
+      print(f"{args.run}: {run_one(by_name[args.run], os.path.join(out_dir, 'runs', args.run))}")
+      return 0
+    from parcae.scaling import launch
     if args.launch != "local":
-      info = write_launch(cfg, plans, out_dir)
+      info = launch.write_launch(cfg, plans, out_dir)
       if args.launch == "print":
         print("\n".join(info["commands"]))
       print(f"wrote {info['sbatch']} and {info['runs_txt']} ({len(plans)} runs). Submit: sbatch {info['sbatch']}; "
             f"then: parcae sweep --config {args.config} --out {out_dir} --collect", file=sys.stderr)
       return 0
-    done = run_local(cfg, out_dir)
+    if cfg.local.parallel > 1:
+      done = launch.run_parallel(cfg, out_dir, ["--config", args.config, *overrides])
+    else:
+      done = launch.run_local(cfg, out_dir)
   except (ValueError, FileNotFoundError) as err:
     print(f"parcae sweep: error: {err}", file=sys.stderr)
     return 2
   print(f"sweep done in {done['wall_s']:.0f} s: trained {len(done['trained'])}, skipped {len(done['skipped'])} "
         f"(finished earlier); results: {done['results']}")
+  if done["failed"]:
+    print(f"parcae sweep: {len(done['failed'])} runs failed: {done['failed']} (logs in {out_dir}/launch/logs; "
+          "rerun the sweep to resume them)", file=sys.stderr)
+    return 1
   return 0
 
 
