@@ -73,30 +73,33 @@ def test_loss_guard_stops_before_the_checkpoint_of_the_guarded_step(data, tmp_pa
 
 
 def test_run_length_is_an_argument_of_the_compiled_step(data):
-  """Runs that differ only in train.steps (a data-budget sweep) lower to one program, and that program
+  """Runs that differ only in train.steps (a data-budget sweep) lower to one program, and that one executable
   follows the run length it is given (fails if the schedule's lengths are baked in as constants)."""
   import jax.numpy as jnp
   from parcae.train import mesh as pmesh
   from parcae.train import schedules
   from parcae.train.loop import init_state, jit_train_step, run_length_arrays
-  texts, lrs = [], []
+  texts, built = [], {}
   for steps in (6, 50):
     cfg = tiny_config(data, steps=steps)
     cfg.optim.warmup_fraction = 0.1  # warm-up 0 steps at 6, 5 steps at 50
     mesh = pmesh.make_mesh(cfg.mesh, one_device())
     graphdef, optimizer, create, abstract, shardings = init_state(cfg, mesh)
     step, batch_sh = jit_train_step(graphdef, optimizer, cfg.train, shardings, mesh, donate=False)
-    run = run_length_arrays(cfg, mesh)
     shape = (cfg.train.grad_accum, cfg.train.micro_batch_size, cfg.train.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
-    texts.append(step.lower(abstract, batch, run).as_text())
-    if steps == 6:
-      state = jax.jit(create, out_shardings=shardings)()
-      ones = {k: jnp.ones(shape, jnp.int32) for k in ("inputs", "targets")}
-    lrs.append(float(step(state, ones, run)[1]["opt/lr"]))
+    texts.append(step.lower(abstract, batch, run_length_arrays(cfg, mesh)).as_text())
+    built[steps] = (cfg, mesh, step, create, shardings, shape)
+  assert texts[0] == texts[1]
+  cfg, mesh, step, create, shardings, shape = built[6]
+  state = jax.jit(create, out_shardings=shardings)()
+  ones = {k: jnp.ones(shape, jnp.int32) for k in ("inputs", "targets")}
+  lrs = []
+  for steps in (6, 50):  # the steps=6 executable, given each run length
+    cfg.train.steps = steps
+    lrs.append(float(step(state, ones, run_length_arrays(cfg, mesh))[1]["opt/lr"]))
     want = cfg.optim.lr * float(schedules.multiplier(cfg.optim, 0, schedules.run_length(cfg.optim, steps)))
     assert lrs[-1] == pytest.approx(want, rel=1e-6)
-  assert texts[0] == texts[1]
   assert lrs[1] == pytest.approx(lrs[0] / 5, rel=1e-6)
 
 
