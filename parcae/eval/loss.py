@@ -12,7 +12,7 @@ from parcae import data as pdata
 from parcae.train import checkpoint as ckpt
 from parcae.train import mesh as pmesh
 from parcae.train.config import with_defaults
-from parcae.train.loop import evaluate, init_state
+from parcae.train.loop import evaluate, init_state, use_compile_cache
 from parcae.train.step import make_eval_step
 
 
@@ -46,6 +46,7 @@ def load_params(cfg, workdir: str, step=None):
 def evaluate_run(workdir: str, loops=None, num_batches=None, step=None) -> list[dict]:
   """Deterministic validation loss and bpb per loop count (one compilation for all loop counts)."""
   cfg = load_run_config(workdir)
+  use_compile_cache(cfg.train.compile_cache_dir)
   graphdef, params, mesh, step = load_params(cfg, workdir, step)
   if loops is None:
     loops = list(range(1, 2 * cfg.model.mean_recurrence + 1)) if cfg.model.kind == "parcae" else [1]
