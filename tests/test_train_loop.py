@@ -119,6 +119,12 @@ def test_compile_cache_dir_is_used_unless_jax_already_has_one(tmp_path):
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == str(theirs) and os.listdir(theirs)
   assert not (tmp_path / "unused").exists()
+  del env["JAX_COMPILATION_CACHE_DIR"]  # a directory that cannot be made: a warning naming the field, no cache
+  (tmp_path / "file").write_text("")
+  out = subprocess.run([sys.executable, "-c", prog, str(tmp_path / "file" / "cache")], env=env,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "None" and "train.compile_cache_dir" in out.stderr
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,12 @@ def use_compile_cache(path: str) -> str | None:
   if current or not path:
     return current
   path = os.path.expanduser(path)
-  os.makedirs(path, exist_ok=True)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as err:  # e.g. a read-only home on a cluster: train anyway, without the cache
+    warnings.warn(f"train.compile_cache_dir={path!r} cannot be created ({err}); compiling without a persistent "
+                  "cache. Set it to a writable directory, or to '' to turn it off.")
+    return None
   jax.config.update("jax_compilation_cache_dir", path)
   return path
 
