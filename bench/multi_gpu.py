@@ -128,7 +128,7 @@ def layout_loss(cfg, layout, n, ck, graphdef, devices):
   # [1, micro, seq] with micro split over the n devices; [0] -> [micro, seq], the same tokens on every layout
   batch = tt.random_batch(cfg, NamedSharding(mesh, P(None, pmesh.BATCH_AXES, None)), seed=1)
   batch = {k: v[0] for k, v in batch.items()}
-  total, count = jax.jit(make_eval_step(graphdef, cfg.train.loss_chunk))(
+  total, count, _ = jax.jit(make_eval_step(graphdef, cfg.train.loss_chunk))(
       state["params"], batch, jnp.int32(cfg.model.mean_recurrence))
   return float(total) / float(count), state
 

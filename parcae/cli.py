@@ -69,7 +69,8 @@ def cmd_eval(argv):
   loops = [int(x) for x in args.loops.split(",") if x.strip()] if args.loops else None
   rows = evaluate_run(args.workdir, loops=loops, num_batches=args.batches, step=args.step)
   for r in rows:
-    print(json.dumps(r) if args.json else f"loops {r['loops']:3d}  val_loss {r['val_loss']:.4f}  bpb {r['bpb']}")
+    tel = "".join(f"  {k} {r[k]:.4g}" for k in ("rel_residual", "state_norm") if k in r)
+    print(json.dumps(r) if args.json else f"loops {r['loops']:3d}  val_loss {r['val_loss']:.4f}  bpb {r['bpb']}{tel}")
   if args.plot:
     from parcae.eval.loss import plot_loss_vs_loops
     plot_loss_vs_loops(rows, args.plot)

@@ -193,6 +193,8 @@ def test_micro_sweep_table_loads_and_fits(micro_sweep):
   rows = table.select((table["run"] == run) & (table["step"] == plans[run]["steps"]))
   for r in fresh:
     np.testing.assert_allclose(rows["val_loss"][rows["loops"] == r["loops"]], r["val_loss"], rtol=1e-6)
+    for k in ("rel_residual", "state_norm"):  # the loop telemetry of each evaluation reaches the table
+      np.testing.assert_allclose(rows[k][rows["loops"] == r["loops"]], r[k], rtol=1e-6)
   fits = fit_lib.fit_testtime(table, n_boot=5, n_starts=16)
   assert len(fits) == 4 and all(np.isfinite(f["L_inf"]) for f in fits)
   assert fit_lib.fit_main(["--results", os.path.join(out, "results.csv"), "--law", "testtime", "--n-boot", "0"]) == 0

@@ -103,6 +103,43 @@ def test_run_length_is_an_argument_of_the_compiled_step(data):
   assert lrs[1] == pytest.approx(lrs[0] / 5, rel=1e-6)
 
 
+def test_eval_rows_carry_the_loop_telemetry(data):
+  """Each loop count's eval row holds the final loop state's norm and the last iteration's relative update,
+  averaged over the batches. From a zero loop state one iteration's update is the whole state: exactly 1;
+  a GPT has no loop and no such fields."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from parcae import data as pdata
+  from parcae.model import build
+  from parcae.train.loop import evaluate
+  from parcae.train.step import make_eval_step
+  for kind in ("parcae", "gpt"):
+    cfg = tiny_config(data)
+    cfg.model.kind, cfg.model.state_init = kind, "zero"
+    graphdef, params = nnx.split(build(cfg.model, jax.random.key(0)), nnx.Param)
+    val = pdata.eval_batches(cfg.data, split="val", seq_len=16, batch_size=4, num_batches=2)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    rows = evaluate(jax.jit(make_eval_step(graphdef)), params, val, [1, 3], None, sharding)
+    if kind == "gpt":
+      assert set(rows[0]) == {"loops", "val_loss", "bpb"}
+      continue
+    assert rows[0]["rel_residual"] == pytest.approx(1.0, abs=1e-6)
+    model = nnx.merge(graphdef, params)
+    for row, t in zip(rows, (1, 3)):  # the batch mean of what the model reports for each batch
+      aux = [model.hidden(jnp.asarray(b["inputs"]), jnp.full((4,), t), jnp.zeros((4,), jnp.int32), grad_steps=0)[1]
+             for b in val]
+      for k in ("state_norm", "rel_residual"):
+        assert row[k] == pytest.approx(np.mean([float(a[k]) for a in aux]), rel=1e-5), (t, k)
+    assert rows[1]["rel_residual"] != rows[0]["rel_residual"]
+  # At init the loop state barely depends on the tokens (batch means agree to ~1e-5), so the averaging is
+  # checked with a stand-in step whose telemetry is known per batch and loop count.
+  fake = lambda params, b, loops: (jnp.float32(1.0), jnp.float32(1.0),
+                                   {"state_norm": b["inputs"][0, 0].astype(jnp.float32) * loops})
+  firsts = [float(b["inputs"][0, 0]) for b in val]
+  rows = evaluate(fake, None, val, [2, 5], None, sharding)
+  assert [r["state_norm"] for r in rows] == pytest.approx([np.mean(firsts) * t for t in (2, 5)], rel=1e-12)
+
+
 def test_compile_cache_dir_is_used_unless_jax_already_has_one(tmp_path):
   """train.compile_cache_dir: compiled programs land there; a directory set through JAX's own variable wins."""
   prog = ("import sys, jax, jax.numpy as jnp; from parcae.train.loop import use_compile_cache; "

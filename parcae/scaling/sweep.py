@@ -46,7 +46,8 @@ CONVENTIONS = ("reference", "executed")
 LAUNCH_MODES = ("local", "slurm", "print")
 REQUIRED = ("base", "mu", "budgets")
 FIRST_COLUMNS = ("run", "model", "quant_recipe", "mu", "s", "budget", "params", "tokens", "flops", "loops",
-                 "val_loss", "bpb", "step", "steps", "tokens_per_step", "flops_per_token", "flops_convention")
+                 "val_loss", "bpb", "rel_residual", "state_norm", "step", "steps", "tokens_per_step", "flops_per_token",
+                 "flops_convention")
 
 
 def default_sweep_config() -> ml_collections.ConfigDict:
@@ -366,7 +367,8 @@ def collect_rows(plans, out_dir: str) -> list[dict]:
                "s": p["s"], "budget": p["budget"], "params": p["params"], "tokens": tokens,
                "flops": tokens * p["flops_per_token"], "loops": loops,
                "val_loss": float("nan") if r.get("val_loss") is None else r["val_loss"],
-               "bpb": float("nan") if bpb is None else bpb, "step": step, "steps": p["steps"],
+               "bpb": float("nan") if bpb is None else bpb,
+               **{k: r.get(k, float("nan")) for k in ("rel_residual", "state_norm")}, "step": step, "steps": p["steps"],
                "tokens_per_step": p["tokens_per_step"], "flops_per_token": p["flops_per_token"],
                "flops_convention": p["flops_convention"]}
         for k, values in varying.items():

@@ -115,18 +115,21 @@ def put_batch(batch, accum, sharding):
 
 
 def evaluate(eval_step, params, batches, loops_list, bytes_per_token, sharding):
-  """Validation loss (nats/token) and bits per byte at each loop count; one compilation serves all."""
+  """Validation loss (nats/token), bits per byte and the loop telemetry (`step.EVAL_TELEMETRY`, averaged over
+  the batches) at each loop count; one compilation serves all."""
   rows = []
   device_batches = [{k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in b.items()}
                     for b in batches]
   for loops in loops_list:
-    total, count = 0.0, 0.0
+    total, count, telemetry = 0.0, 0.0, {}
     for b in device_batches:
-      s, c = eval_step(params, b, jnp.int32(loops))
+      s, c, tel = eval_step(params, b, jnp.int32(loops))
       total, count = total + float(s), count + float(c)
+      for k, v in tel.items():
+        telemetry[k] = telemetry.get(k, 0.0) + float(v) / len(device_batches)
     loss = total / count
     bpb = loss / math.log(2) / bytes_per_token if bytes_per_token else None
-    rows.append({"loops": int(loops), "val_loss": loss, "bpb": bpb})
+    rows.append({"loops": int(loops), "val_loss": loss, "bpb": bpb, **telemetry})
   return rows
 
 

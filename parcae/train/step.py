@@ -87,15 +87,20 @@ def make_train_step(graphdef, optimizer, train_cfg):
   return train_step
 
 
+EVAL_TELEMETRY = ("state_norm", "rel_residual")  # per loop count: is the loop state settling at this depth?
+
+
 def make_eval_step(graphdef, chunk: int = 0):
-  """eval_step(params, batch, loops) -> (sum of token NLL, token count); `loops` is traced: one compile."""
+  """eval_step(params, batch, loops) -> (sum of token NLL, token count, telemetry); `loops` is traced: one
+  compile. telemetry (looped models; {} otherwise): the batch means of the final loop state's norm ||h_T||
+  and of the last iteration's relative update ||h_T - h_{T-1}|| / ||h_T|| per token."""
 
   def eval_step(params, batch, loops):
     model = nnx.merge(graphdef, params)
     b = batch["inputs"].shape[0]
     n_B = jnp.full((b,), loops, jnp.int32)
-    y, _ = model.hidden(batch["inputs"], n_B, jnp.zeros((b,), jnp.int32), key=jax.random.key(0), grad_steps=0)
+    y, aux = model.hidden(batch["inputs"], n_B, jnp.zeros((b,), jnp.int32), key=jax.random.key(0), grad_steps=0)
     nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, chunk)
-    return nll.sum(), jnp.float32(nll.size)
+    return nll.sum(), jnp.float32(nll.size), {k: aux[k] for k in EVAL_TELEMETRY if k in aux}
 
   return eval_step
