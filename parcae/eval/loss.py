@@ -100,9 +100,11 @@ def run_demo(config_path: str, workdir: str, overrides=()):
   plot = os.path.join(workdir, "val_loss_vs_loops.png")
   plot_loss_vs_loops(rows, plot, train_mean=mu)
   unigram = unigram_entropy(cfg.data)
-  print("\nloops  val_loss  bpb")
+  print("\nloops  val_loss  bpb     rel_residual  state_norm")
   for r in rows:
-    print(f"{r['loops']:5d}  {r['val_loss']:.4f}  {r['bpb'] if r['bpb'] is None else round(r['bpb'], 4)}")
+    bpb = "-" if r["bpb"] is None else f"{r['bpb']:.4f}"
+    print(f"{r['loops']:5d}  {r['val_loss']:.4f}  {bpb:6s}  {r.get('rel_residual', float('nan')):12.4g}  "
+          f"{r.get('state_norm', float('nan')):10.4g}")
   print(f"unigram entropy of the training split: {unigram:.4f} nats/token "
         f"(a model that ignores context cannot go below it)")
   with open(os.path.join(workdir, "loops_eval.json"), "w") as f:
