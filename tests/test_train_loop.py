@@ -140,6 +140,26 @@ def test_eval_rows_carry_the_loop_telemetry(data):
   assert [r["state_norm"] for r in rows] == pytest.approx([np.mean(firsts) * t for t in (2, 5)], rel=1e-12)
 
 
+def test_tokens_per_s_counts_training_only(data, tmp_path, monkeypatch):
+  """An evaluation (here made to last 1.5 s) and a checkpoint save between two steps do not enter the next
+  step's tokens_per_s: the rates logged after them are of the same order as the others."""
+  import parcae.train.loop as loop_mod
+  real = loop_mod.evaluate
+
+  def slow(*a, **k):
+    time.sleep(1.5)
+    return real(*a, **k)
+  monkeypatch.setattr(loop_mod, "evaluate", slow)
+  cfg = tiny_config(data, steps=8, eval_every=3)
+  cfg.checkpoint.every_steps = 5
+  train(cfg, str(tmp_path / "run"), progress=False, devices=one_device())
+  rows = train_rows(tmp_path / "run")
+  rates = {s: rows[s]["tokens_per_s"] for s in range(2, 9)}
+  typical = float(np.median(list(rates.values())))
+  # without the exclusion, the rows of the evaluated steps (3, 6) are ~100x lower
+  assert all(r > typical / 5 for r in rates.values()), rates
+
+
 def test_compile_cache_dir_is_used_unless_jax_already_has_one(tmp_path):
   """train.compile_cache_dir: compiled programs land there; a directory set through JAX's own variable wins."""
   prog = ("import sys, jax, jax.numpy as jnp; from parcae.train.loop import use_compile_cache; "

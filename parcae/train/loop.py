@@ -214,15 +214,21 @@ def train(cfg, workdir: str, *, progress: bool = True, max_steps: int | None = N
       batch = put_batch(next(it), tc.grad_accum, batch_sh)
       if step == start + 1:  # ahead-of-time compile: report memory before the first step runs
         train_step = compile_and_report(train_step, (state, batch, run), logger, step)
+        last_time = time.time()  # tokens_per_s counts training only: not the compile, evaluations or saves
       state, metrics = train_step(state, batch, run)
       report(deferred.push(step, metrics))
       if tc.eval_every and step % tc.eval_every == 0 and step < end:
+        jax.block_until_ready(state)  # this step's compute stays in its own rate
+        t0 = time.time()
         logger.log_eval(step, evaluate(eval_step, state["params"], val, eval_loops, bytes_per_token, eval_sh))
+        last_time += time.time() - t0
       if checkpointer.should_save(step) or preempt.requested:
         # Step `step`'s metrics are logged before its checkpoint exists: a kill after the save loses no row
         # (a resumed run starts at step + 1), and a non-finite loss is caught before it is saved.
         report(deferred.flush())
+        t0 = time.time()
         checkpointer.save(step, state, it.get_state(), {"config": cfg.to_dict()}, force=preempt.requested)
+        last_time += time.time() - t0
       if preempt.requested:
         stopped = f"signal {preempt.signal}"
         break
