@@ -63,17 +63,25 @@ def evaluate_run(workdir: str, loops=None, num_batches=None, step=None) -> list[
 
 
 def plot_loss_vs_loops(rows, path: str, train_mean: int | None = None):
+  """Validation loss against the test-time loop count and, for a looped model, the last iteration's
+  relative update beside it (log scale: a settling loop state falls geometrically)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot([r["loops"] for r in rows], [r["val_loss"] for r in rows], "o-")
-  if train_mean:
-    ax.axvline(train_mean, color="gray", ls="--", label=f"training mean ({train_mean})")
-    ax.legend()
-  ax.set_xlabel("test-time loop count T")
-  ax.set_ylabel("validation loss (nats/token)")
-  ax.grid(alpha=0.3)
+  looped = all("rel_residual" in r for r in rows)
+  fig, axes = plt.subplots(1, 2 if looped else 1, figsize=(10 if looped else 5, 3.5), squeeze=False)
+  loops = [r["loops"] for r in rows]
+  panels = [("val_loss", "validation loss (nats/token)", "linear")]
+  panels += [("rel_residual", "relative update |h_T - h_(T-1)| / |h_T|", "log")] if looped else []
+  for ax, (key, label, scale) in zip(axes[0], panels):
+    ax.plot(loops, [r[key] for r in rows], "o-")
+    ax.set_yscale(scale)
+    if train_mean:
+      ax.axvline(train_mean, color="gray", ls="--", label=f"training mean ({train_mean})")
+      ax.legend()
+    ax.set_xlabel("test-time loop count T")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
