@@ -129,8 +129,8 @@ def layout_loss(cfg, layout, n, ck, graphdef, devices):
   batch = tt.random_batch(cfg, NamedSharding(mesh, P(None, pmesh.BATCH_AXES, None)), seed=1)
   batch = {k: v[0] for k, v in batch.items()}
   total, count, _ = jax.jit(make_eval_step(graphdef, cfg.train.loss_chunk))(
-      state["params"], batch, jnp.int32(cfg.model.mean_recurrence))
-  return float(total) / float(count), state
+      state["params"], batch, jnp.asarray([cfg.model.mean_recurrence], jnp.int32))
+  return float(total[0]) / float(count), state
 
 
 def max_abs_diff(a, b):

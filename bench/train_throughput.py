@@ -194,10 +194,10 @@ def run_one(name, args):
 
   eval_step = jax.jit(make_eval_step(graphdef, tc.loss_chunk))
   eb = {k: v[0] for k, v in batch.items()}
-  jax.block_until_ready(eval_step(state["params"], eb, jnp.int32(8)))
+  jax.block_until_ready(eval_step(state["params"], eb, jnp.asarray([8], jnp.int32)))
   t0 = time.time()
   for _ in range(args.steps):
-    out = eval_step(state["params"], eb, jnp.int32(8))
+    out = eval_step(state["params"], eb, jnp.asarray([8], jnp.int32))
   jax.block_until_ready(out)
   eval_tps = tc.micro_batch_size * tc.seq_len * args.steps / (time.time() - t0)
   f_eval = executed_flops_per_token(cfg.model, tc.seq_len, n=8, k=0, train=False) if kind == "parcae" else \

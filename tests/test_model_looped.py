@@ -205,6 +205,38 @@ def test_inference_is_deterministic_and_key_dependent():
   assert np.abs(np.asarray(m(ids, key=jax.random.key(1))) - np.asarray(m(ids))).max() > 0
 
 
+@pytest.mark.parametrize("kind,split", [("parcae", 1), ("parcae", 2), ("gpt", 1)])
+def test_hidden_at_gives_hidden_at_every_count_in_one_pass(kind, split):
+  """hidden_at runs the loop once to the largest count and reads out at each requested one: the hidden states
+  and telemetry equal hidden()'s at that count (compiled both ways; the same operations, so to float32
+  rounding); a GPT gives its one output at every count."""
+  cfg = tiny_cfg(no_grad_split=split, kind=kind)
+  m = perturbed_model(cfg, seed=5)
+  graphdef, state = nnx.split(m)
+  ids = jax.random.randint(jax.random.key(9), (4, S), 0, V)
+  loops = [1, 2, 3, 5, 8]
+
+  @jax.jit
+  def at(state, loops_K):
+    readout = lambda y, aux: (y, aux.get("rel_residual", 0.0), aux.get("state_norm", 0.0))
+    return nnx.merge(graphdef, state).hidden_at(ids, loops_K, readout)
+
+  @jax.jit
+  def one(state, t):
+    n_B = jnp.full((4,), t, jnp.int32)
+    return nnx.merge(graphdef, state).hidden(ids, n_B, jnp.zeros((4,), jnp.int32), grad_steps=0)
+
+  ys, rel, norm = at(state, jnp.asarray(loops, jnp.int32))
+  assert ys.shape == (len(loops), 4, S, D)
+  for i, t in enumerate(loops):
+    y, tel = one(state, jnp.int32(t))
+    np.testing.assert_allclose(np.asarray(ys[i]), np.asarray(y), rtol=1e-6, atol=1e-6)
+    if kind == "parcae":
+      assert float(rel[i]) == pytest.approx(float(tel["rel_residual"]), rel=1e-6)
+      assert float(norm[i]) == pytest.approx(float(tel["state_norm"]), rel=1e-6)
+  assert (kind == "gpt") == np.array_equal(np.asarray(ys[0]), np.asarray(ys[-1]))
+
+
 def test_rel_residual_telemetry_is_each_sequences_last_step():
   """rel_residual = mean over tokens of |h_t - h_(t-1)| / |h_t| at each sequence's own depth t = n + k."""
   cfg = tiny_cfg(state_init="zero")  # h0 = 0 whatever the batch shape, so loop_state can replay each row

@@ -133,8 +133,8 @@ def test_eval_rows_carry_the_loop_telemetry(data):
     assert rows[1]["rel_residual"] != rows[0]["rel_residual"]
   # At init the loop state barely depends on the tokens (batch means agree to ~1e-5), so the averaging is
   # checked with a stand-in step whose telemetry is known per batch and loop count.
-  fake = lambda params, b, loops: (jnp.float32(1.0), jnp.float32(1.0),
-                                   {"state_norm": b["inputs"][0, 0].astype(jnp.float32) * loops})
+  fake = lambda params, b, loops_K: (jnp.ones(loops_K.shape), jnp.float32(1.0),
+                                     {"state_norm": b["inputs"][0, 0].astype(jnp.float32) * loops_K})
   firsts = [float(b["inputs"][0, 0]) for b in val]
   rows = evaluate(fake, None, val, [2, 5], None, sharding)
   assert [r["state_norm"] for r in rows] == pytest.approx([np.mean(firsts) * t for t in (2, 5)], rel=1e-12)

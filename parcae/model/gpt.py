@@ -38,3 +38,8 @@ class GPT(nnx.Module):
     x = layers.run_stage(self.blocks, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.blocks], quant_key,
                          cfg.block_remat, cfg.block_remat_first)
     return self.final_norm(x), {}
+
+  def hidden_at(self, ids_BxS, loops_K, readout, *, key=None):
+    """The looped models' interface: readout(y, {}) once, repeated on a leading K axis (no loop)."""
+    out = readout(self.hidden(ids_BxS)[0], {})
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, loops_K.shape + jnp.shape(x)), out)

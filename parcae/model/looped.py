@@ -27,6 +27,17 @@ def _norm(x):
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
 
 
+def _keyed(quant_key, phase, i):
+  """The stochastic-rounding key of loop iteration i of a phase (None without a quant key)."""
+  return None if quant_key is None else jax.random.fold_in(jax.random.fold_in(quant_key, phase), i)
+
+
+def _update(live_B, new, h, d_BxS):
+  """The masked loop update and the per-token norm of the live sequences' change (telemetry)."""
+  sg = jax.lax.stop_gradient
+  return jnp.where(live_B[:, None, None], new, h), jnp.where(live_B[:, None], _norm(sg(new) - sg(h)), d_BxS)
+
+
 class Parcae(nnx.Module):
   def __init__(self, cfg, key, quant: str = "bf16"):
     cd = jnp.dtype(cfg.compute_dtype)
@@ -82,21 +93,46 @@ class Parcae(nnx.Module):
     (default: the config's grad depth; 0 for inference). key: PRNG key of the loop-state init
     (None = a fixed key, so inference is deterministic). quant_key: key for stochastic-rounding recipes.
     """
-    cfg = self.cfg
-    grad_steps = grad_depth(cfg) if grad_steps is None else grad_steps
-    key = jax.random.key(0) if key is None else key
+    grad_steps = grad_depth(self.cfg) if grad_steps is None else grad_steps
     qk = (lambda i: None) if quant_key is None else (lambda i: jax.random.fold_in(quant_key, i))
-    s = ids_BxS.shape[1]
-    rope = layers.rope_tables(s, cfg.d_model // cfg.n_heads, cfg.rope_base)
-    e = self._prelude(ids_BxS, rope, qk(0))
-    h0 = sampler.init_state(key, e.shape, cfg.state_init, cfg.d_model)
-    ctx = self.injection.prepare(e)
-    ves = [b.attn.lookup_ve(ids_BxS) for b in self.core]
+    rope, h0, ctx, ves = self._encode(ids_BxS, key, qk(0))
     h, step_BxS = self._loop(h0, ctx, ves, rope, n_B, k_B, grad_steps, qk(1))
+    return self._decode(h, ids_BxS, rope, qk(2)), self._telemetry(h, step_BxS, n_B, k_B)
+
+  def hidden_at(self, ids_BxS, loops_K, readout, *, key=None):
+    """readout(y, aux) at each loop count of the ascending int32 loops_K [K] (values traced, K static) in one
+    pass: the loop runs once to loops_K[-1], and C -> coda -> final norm -> readout at each requested count,
+    so T = 1..16 costs 16 core iterations instead of 136. y and aux are hidden()'s at that count
+    (inference: n_B = T, no grad phase). Returns readout's outputs stacked on a leading K axis."""
+    rope, h0, ctx, ves = self._encode(ids_BxS, key, None)
+    sg = jax.lax.stop_gradient
+    no_grad = self._no_grad_fn(rope, None)
+    b = ids_BxS.shape[0]
+    zeros_B = jnp.zeros((b,), jnp.int32)
+
+    def advance(carry, t):
+      done, h, d_BxS = carry
+      n_B = jnp.full((b,), t, jnp.int32)
+      h, d_BxS = no_grad(h, d_BxS, sg(ctx), sg(ves), n_B, done, t)
+      return (t, h, d_BxS), readout(self._decode(h, ids_BxS, rope, None), self._telemetry(h, d_BxS, n_B, zeros_B))
+
+    d0 = jnp.zeros(h0.shape[:2], jnp.float32)
+    return jax.lax.scan(advance, (jnp.int32(0), sg(h0), d0), loops_K)[1]
+
+  def _encode(self, ids_BxS, key, quant_key):
+    """(rope tables, initial loop state h0, the injection's context of the prelude output, core VE lookups)."""
+    cfg = self.cfg
+    rope = layers.rope_tables(ids_BxS.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_base)
+    e = self._prelude(ids_BxS, rope, quant_key)
+    h0 = sampler.init_state(jax.random.key(0) if key is None else key, e.shape, cfg.state_init, cfg.d_model)
+    return rope, h0, self.injection.prepare(e), [b.attn.lookup_ve(ids_BxS) for b in self.core]
+
+  def _decode(self, h, ids_BxS, rope, quant_key):
+    """C -> coda -> final norm of a loop state: the hidden states the head reads."""
     y = self.C(h).astype(jnp.float32)
-    y = layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], qk(2),
-                         cfg.block_remat, cfg.block_remat_first)
-    return self.final_norm(y), self._telemetry(h, step_BxS, n_B, k_B)
+    y = layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], quant_key,
+                         self.cfg.block_remat, self.cfg.block_remat_first)
+    return self.final_norm(y)
 
   def _core_fn(self):
     """A pure step (core_state, h, ctx, ves, key) -> h' so the same code serves frozen and live weights."""
@@ -108,29 +144,31 @@ class Parcae(nnx.Module):
       return layers.run_stage(core, inject(h, ctx), rope, ves, key)
     return step
 
+  def _no_grad_fn(self, rope, quant_key):
+    """no_grad(h, d_BxS, ctx, ves, n_B, start, stop): phase-1 iterations start..stop-1 with the core's
+    parameters frozen; sequence b changes only while i < n_b (see `_loop`)."""
+    step = self._core_fn()
+    frozen = jax.lax.stop_gradient(nnx.state(self.core))
+
+    def no_grad(h, d_BxS, ctx, ves, n_B, start, stop):
+      def body(carry):
+        i, h, d_BxS = carry
+        new = step(frozen, h, ctx, ves, rope, _keyed(quant_key, 0, i))
+        return (i + 1,) + _update(i < n_B, new, h, d_BxS)
+      return jax.lax.while_loop(lambda c: c[0] < stop, body, (start, h, d_BxS))[1:]
+    return no_grad
+
   def _loop(self, h0, ctx, ves, rope, n_B, k_B, grad_steps, quant_key):
     """(h, |h - h_prev| per token): the final state and the norm of each sequence's last live update
     (telemetry; a [B, S] carry instead of the whole previous state, so no iteration writes one)."""
     step = self._core_fn()
     state = nnx.state(self.core)
     sg = jax.lax.stop_gradient
-    frozen = (sg(state), sg(ctx), sg(ves))
-    def keyed(phase, i):
-      return None if quant_key is None else jax.random.fold_in(jax.random.fold_in(quant_key, phase), i)
-
-    def update(live_B, new, h, d_BxS):
-      live = live_B[:, None, None]
-      return jnp.where(live, new, h), jnp.where(live_B[:, None], _norm(sg(new) - sg(h)), d_BxS)
-
-    def no_grad(h, d_BxS, ctx, ves, n_B, start, stop):
-      def body(carry):
-        i, h, d_BxS = carry
-        new = step(frozen[0], h, ctx, ves, rope, keyed(0, i))
-        return (i + 1,) + update(i < n_B, new, h, d_BxS)
-      return jax.lax.while_loop(lambda c: c[0] < stop, body, (start, h, d_BxS))[1:]
+    frozen = (sg(ctx), sg(ves))
+    no_grad = self._no_grad_fn(rope, quant_key)
 
     d0 = jnp.zeros(h0.shape[:2], jnp.float32)
-    h, d_BxS = _split_no_grad(no_grad, sg(h0), d0, frozen[1], frozen[2], n_B, self.cfg.no_grad_split)
+    h, d_BxS = _split_no_grad(no_grad, sg(h0), d0, frozen[0], frozen[1], n_B, self.cfg.no_grad_split)
     if grad_steps == 0:
       return h, d_BxS
     unroll = self.cfg.grad_unroll
@@ -138,8 +176,8 @@ class Parcae(nnx.Module):
 
     def grad_body(carry, i):
       h, d_BxS = carry
-      new = live_step(state, h, ctx, ves, rope, keyed(1, i))
-      return update(i < k_B, new, h, d_BxS), None
+      new = live_step(state, h, ctx, ves, rope, _keyed(quant_key, 1, i))
+      return _update(i < k_B, new, h, d_BxS), None
 
     if not unroll:
       return jax.lax.scan(grad_body, (h, d_BxS), jnp.arange(grad_steps))[0]

@@ -116,20 +116,21 @@ def put_batch(batch, accum, sharding):
 
 def evaluate(eval_step, params, batches, loops_list, bytes_per_token, sharding):
   """Validation loss (nats/token), bits per byte and the loop telemetry (`step.EVAL_TELEMETRY`, averaged over
-  the batches) at each loop count; one compilation serves all."""
+  the batches) at each loop count: one pass over the loop per batch serves every count."""
+  loops = sorted(set(int(t) for t in loops_list))
+  loops_K = jnp.asarray(loops, jnp.int32)
+  sums, count, telemetry = np.zeros(len(loops)), 0.0, {}
+  for b in batches:
+    b = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in b.items()}
+    s, c, tel = jax.device_get(eval_step(params, b, loops_K))
+    sums, count = sums + np.asarray(s, np.float64), count + float(c)
+    for k, v in tel.items():
+      telemetry[k] = telemetry.get(k, 0.0) + np.asarray(v, np.float64) / len(batches)
   rows = []
-  device_batches = [{k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in b.items()}
-                    for b in batches]
-  for loops in loops_list:
-    total, count, telemetry = 0.0, 0.0, {}
-    for b in device_batches:
-      s, c, tel = eval_step(params, b, jnp.int32(loops))
-      total, count = total + float(s), count + float(c)
-      for k, v in tel.items():
-        telemetry[k] = telemetry.get(k, 0.0) + float(v) / len(device_batches)
-    loss = total / count
+  for i, t in enumerate(loops):
+    loss = float(sums[i] / count)
     bpb = loss / math.log(2) / bytes_per_token if bytes_per_token else None
-    rows.append({"loops": int(loops), "val_loss": loss, "bpb": bpb, **telemetry})
+    rows.append({"loops": t, "val_loss": loss, "bpb": bpb, **{k: float(v[i]) for k, v in telemetry.items()}})
   return rows
 
 

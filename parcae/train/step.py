@@ -91,16 +91,19 @@ EVAL_TELEMETRY = ("state_norm", "rel_residual")  # per loop count: is the loop s
 
 
 def make_eval_step(graphdef, chunk: int = 0):
-  """eval_step(params, batch, loops) -> (sum of token NLL, token count, telemetry); `loops` is traced: one
-  compile. telemetry (looped models; {} otherwise): the batch means of the final loop state's norm ||h_T||
-  and of the last iteration's relative update ||h_T - h_{T-1}|| / ||h_T|| per token."""
+  """eval_step(params, batch, loops_K) -> (sum of token NLL [K], token count, telemetry {name: [K]}) at each
+  loop count of the ascending int32 loops_K, in one pass over the loop (`hidden_at`); the values of loops_K
+  are traced, so one compile serves every list of K counts. telemetry (looped models; {} otherwise): batch
+  means of the final loop state's norm ||h_T|| and of the last iteration's relative update per token."""
 
-  def eval_step(params, batch, loops):
+  def eval_step(params, batch, loops_K):
     model = nnx.merge(graphdef, params)
-    b = batch["inputs"].shape[0]
-    n_B = jnp.full((b,), loops, jnp.int32)
-    y, aux = model.hidden(batch["inputs"], n_B, jnp.zeros((b,), jnp.int32), key=jax.random.key(0), grad_steps=0)
-    nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, chunk)
-    return nll.sum(), jnp.float32(nll.size), {k: aux[k] for k in EVAL_TELEMETRY if k in aux}
+
+    def readout(y, aux):
+      nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, chunk)
+      return nll.sum(), {k: aux[k] for k in EVAL_TELEMETRY if k in aux}
+
+    sums, telemetry = model.hidden_at(batch["inputs"], loops_K, readout, key=jax.random.key(0))
+    return sums, jnp.float32(batch["targets"].size), telemetry
 
   return eval_step
