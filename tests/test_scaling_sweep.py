@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -281,6 +282,38 @@ def test_parallel_children_give_the_sequential_results(micro_sweep, tmp_path, ca
   np.testing.assert_array_equal([r[3] for r in new], [r[3] for r in old])  # same programs, same numbers
   assert sweep.sweep_main(argv[:2] + ["--out", work, "--run", "mu9"] + argv[4:]) == 2
   assert "not a run of this sweep" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_sweep_checkpoints_its_children(micro_sweep, tmp_path):
+  """SIGTERM to the parent of a parallel sweep reaches the children: each saves a checkpoint at the step it
+  was on and exits, unfinished; the parent starts no other run and exits with 1 once they are done."""
+  import subprocess
+  import sys
+  import time
+  out, argv = micro_sweep
+  work = str(tmp_path / "sweep")
+  args = [a if a != out else work for a in argv] + ["--config.local.parallel=2", "--config.budgets=(2e10,)",
+                                                    "--config.intermediate_evals=0"]
+  plans = sweep.plan_runs(sweep.load_sweep_config(MICRO, [a for a in args if a.startswith("--config.")]))
+  assert len(plans) == 2 and min(p["steps"] for p in plans) > 300  # runs long enough to be caught midway
+  parent = subprocess.Popen([sys.executable, "-m", "parcae.cli", "sweep", *args], stderr=subprocess.PIPE, text=True)
+
+  def rows(p):
+    path = os.path.join(work, "runs", p["run"], "metrics.jsonl")
+    return [r for r in sweep._read_jsonl(path) if r.get("kind") is None] if os.path.exists(path) else []
+  deadline = time.time() + 180
+  while not all(rows(p) and rows(p)[-1]["step"] >= 10 for p in plans):
+    assert parent.poll() is None and time.time() < deadline, "the children did not start training"
+    time.sleep(0.5)
+  parent.send_signal(signal.SIGTERM)
+  _, err = parent.communicate(timeout=180)
+  assert parent.returncode == 1 and "2 stopped by a signal" in err, err
+  for p in plans:
+    workdir = os.path.join(work, "runs", p["run"])
+    assert not sweep.is_finished(p, workdir)
+    last = rows(p)[-1]["step"]
+    assert 10 <= last < p["steps"] and sweep._checkpoint_steps(workdir)[-1] == last  # saved where it stopped
 
 
 def test_run_configs_written_before_a_new_field_still_match(tmp_path):

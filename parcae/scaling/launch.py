@@ -5,12 +5,14 @@ on a SLURM cluster from generated scripts. The plan, run status and results tabl
   run_parallel  --launch local, local.parallel = N > 1: N child processes at a time, each `parcae sweep ...
                 --run NAME` (the same `run_one`), pinned to its own GPUs with local.gpus_per_run, its output in
                 <out>/launch/logs/<run>.log. A failed run is reported and the others go on; rerunning the sweep
-                resumes it. The parent never touches an accelerator.
+                resumes it. SIGTERM to the parent reaches the children (each checkpoints and exits). The parent
+                never touches an accelerator.
   write_launch  --launch slurm | print: per-run config files, runs.txt and a SLURM array script.
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from parcae.scaling import sweep
 def run_local(cfg, out_dir: str, log=print) -> dict:
   """Train every unfinished run in order; rewrite results.csv after each. Returns trained/skipped names."""
   plans = sweep.plan_runs(cfg)
-  done = {"trained": [], "skipped": [], "failed": []}
+  done = {"trained": [], "skipped": [], "failed": [], "stopped": []}
   start = time.time()
   for i, p in enumerate(plans):
     t0 = time.time()
@@ -35,18 +37,28 @@ def run_local(cfg, out_dir: str, log=print) -> dict:
 
 def run_parallel(cfg, out_dir: str, sweep_argv: list[str], log=print) -> dict:
   """Train the unfinished runs cfg.local.parallel at a time, each in a child `parcae sweep <sweep_argv> --out
-  out_dir --run NAME`; rewrite results.csv after each. Returns trained / skipped / failed run names."""
+  out_dir --run NAME`; rewrite results.csv after each. SIGTERM is passed on to the children (each saves a
+  checkpoint and exits); SIGTERM or SIGINT (which a terminal sends to the children itself) starts no new run.
+  Returns trained / skipped / failed / stopped run names."""
   plans = sweep.plan_runs(cfg)
-  done = {"trained": [], "skipped": [], "failed": []}
+  done = {"trained": [], "skipped": [], "failed": [], "stopped": []}
   todo = []
   for p in plans:
     (done["skipped"] if sweep.is_finished(p, _workdir(out_dir, p)) else todo).append(p)
   logs = os.path.join(out_dir, "launch", "logs")
   os.makedirs(logs, exist_ok=True)
-  free, running, start = list(range(cfg.local.parallel)), {}, time.time()
+  free, running, start, signals = list(range(cfg.local.parallel)), {}, time.time(), []
+
+  def on_signal(signum, frame):
+    signals.append(signum)
+    if signum == signal.SIGTERM:
+      for proc in running:
+        proc.send_signal(signum)
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    while todo or running:
-      while todo and free:
+    while (todo and not signals) or running:
+      while todo and free and not signals:
         p, slot = todo.pop(0), free.pop(0)
         proc, log_file = _start_child(p, slot, cfg.local.gpus_per_run, out_dir, sweep_argv, logs)
         running[proc] = (p, slot, log_file, time.time())
@@ -55,14 +67,17 @@ def run_parallel(cfg, out_dir: str, sweep_argv: list[str], log=print) -> dict:
         p, slot, log_file, t0 = running.pop(proc)
         log_file.close()
         free.append(slot)
-        ok = proc.returncode == 0
-        done["trained" if ok else "failed"].append(p["run"])
-        log(f"{p['run']}: {'trained' if ok else f'FAILED (exit {proc.returncode})'} on slot {slot} "
+        status = "trained" if proc.returncode == 0 else "stopped" if signals else "failed"
+        done[status].append(p["run"])
+        log(f"{p['run']}: {status if status != 'failed' else f'FAILED (exit {proc.returncode})'} on slot {slot} "
             f"(steps {p['steps']}, {time.time() - t0:.0f} s; log {os.path.join(logs, p['run'] + '.log')})")
         sweep.write_results(sweep.collect_rows(plans, out_dir), out_dir)
-  finally:  # interrupted: the children got the same signal and checkpoint; wait for them
-    for proc in running:
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    for proc in running:  # an exception here: let the children finish their checkpoint
       proc.wait()
+  done["stopped"] += [p["run"] for p in todo] if signals else []
   return _finish(done, start, out_dir)
 
 

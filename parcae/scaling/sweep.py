@@ -451,9 +451,9 @@ def sweep_main(argv) -> int:
     return 2
   print(f"sweep done in {done['wall_s']:.0f} s: trained {len(done['trained'])}, skipped {len(done['skipped'])} "
         f"(finished earlier); results: {done['results']}")
-  if done["failed"]:
-    print(f"parcae sweep: {len(done['failed'])} runs failed: {done['failed']} (logs in {out_dir}/launch/logs; "
-          "rerun the sweep to resume them)", file=sys.stderr)
+  if done["failed"] or done["stopped"]:
+    print(f"parcae sweep: {len(done['failed'])} runs failed: {done['failed']}, {len(done['stopped'])} stopped by a "
+          f"signal: {done['stopped']} (logs in {out_dir}/launch/logs; rerun the sweep to resume them)", file=sys.stderr)
     return 1
   return 0
 
