@@ -255,6 +255,13 @@ def test_partial_runs_resume(micro_sweep, tmp_path):
   np.testing.assert_allclose(sel(new)["val_loss"], sel(old)["val_loss"], rtol=1e-6)
 
 
+def test_gpu_slots_count_within_the_parents_visible_gpus():
+  assert [launch.gpu_ids(s, 2, None) for s in range(3)] == ["0,1", "2,3", "4,5"]
+  assert [launch.gpu_ids(s, 2, "4,5,6,7") for s in range(2)] == ["4,5", "6,7"]
+  with pytest.raises(ValueError, match="local.gpus_per_run"):
+    launch.gpu_ids(2, 2, "4,5,6,7")
+
+
 @pytest.mark.slow
 def test_parallel_children_give_the_sequential_results(micro_sweep, tmp_path, capsys):
   """local.parallel=2: the runs train two at a time in child processes, each pinned to its own GPU slot

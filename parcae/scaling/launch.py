@@ -1,5 +1,5 @@
-"""How a sweep's runs are executed: here one after another, here several at once in child processes, or
-on a SLURM cluster from generated scripts. The plan, run status and results table are `sweep.py`'s.
+"""How a sweep's runs are executed: one after another in this process, several at once in child processes,
+or on a SLURM cluster from generated scripts. The plan, run status and results table are `sweep.py`'s.
 
   run_local     --launch local, local.parallel = 1: each run trained in this process (`sweep.run_one`).
   run_parallel  --launch local, local.parallel = N > 1: N child processes at a time, each `parcae sweep ...
@@ -45,6 +45,7 @@ def run_parallel(cfg, out_dir: str, sweep_argv: list[str], log=print) -> dict:
   todo = []
   for p in plans:
     (done["skipped"] if sweep.is_finished(p, _workdir(out_dir, p)) else todo).append(p)
+  gpu_ids(cfg.local.parallel - 1, cfg.local.gpus_per_run, os.environ.get("CUDA_VISIBLE_DEVICES"))  # enough GPUs?
   logs = os.path.join(out_dir, "launch", "logs")
   os.makedirs(logs, exist_ok=True)
   free, running, start, signals = list(range(cfg.local.parallel)), {}, time.time(), []
@@ -81,10 +82,21 @@ def run_parallel(cfg, out_dir: str, sweep_argv: list[str], log=print) -> dict:
   return _finish(done, start, out_dir)
 
 
+def gpu_ids(slot: int, gpus_per_run: int, visible: str | None) -> str:
+  """CUDA_VISIBLE_DEVICES of the child in `slot`: its gpus_per_run GPUs, counted within the parent's own
+  CUDA_VISIBLE_DEVICES when that is set (a job given GPUs 4-7 hands out 4-7, not 0-3)."""
+  pool = visible.split(",") if visible else None
+  lo, hi = slot * gpus_per_run, (slot + 1) * gpus_per_run
+  if pool is not None and hi > len(pool):
+    raise ValueError(f"local.parallel x local.gpus_per_run needs {hi} GPUs but CUDA_VISIBLE_DEVICES={visible} "
+                     f"lists {len(pool)}; lower local.parallel or local.gpus_per_run")
+  return ",".join(pool[lo:hi] if pool is not None else [str(i) for i in range(lo, hi)])
+
+
 def _start_child(plan, slot, gpus_per_run, out_dir, sweep_argv, logs):
   env = dict(os.environ)
   if gpus_per_run:
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * gpus_per_run + i) for i in range(gpus_per_run))
+    env["CUDA_VISIBLE_DEVICES"] = gpu_ids(slot, gpus_per_run, os.environ.get("CUDA_VISIBLE_DEVICES"))
   log = open(os.path.join(logs, plan["run"] + ".log"), "a")
   log.write(f"# parcae sweep: run {plan['run']} on slot {slot}, "
             f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '(unset)')}\n")
