@@ -23,6 +23,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# A directory shared by every process of this pytest session (the xdist workers included), for fixtures that
+# are built once per session whichever worker asks first (see `shared_once`); removed when the session ends.
+if not os.environ.get("PARCAE_TEST_SHARED_DIR"):
+  os.environ["PARCAE_TEST_SHARED_DIR"] = tempfile.mkdtemp(prefix="parcae-test-shared-")
+  atexit.register(shutil.rmtree, os.environ["PARCAE_TEST_SHARED_DIR"], ignore_errors=True)
+
+
+def shared_once(name, build):
+  """build(path) once per pytest session across xdist workers; returns path. A file lock makes the other
+  workers wait for the first build; a build that raised is retried by the next caller."""
+  from filelock import FileLock
+  path = os.path.join(os.environ["PARCAE_TEST_SHARED_DIR"], name)
+  with FileLock(path + ".lock"):
+    if not os.path.exists(path + ".done"):
+      shutil.rmtree(path, ignore_errors=True)
+      os.makedirs(path)
+      build(path)
+      open(path + ".done", "w").close()
+  return path
+
 if not os.environ.get("PARCAE_TEST_NO_COMPILE_CACHE"):
   if not os.environ.get("PARCAE_TEST_CACHE_DIR"):  # the first process of this session
     os.environ["PARCAE_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="parcae-jax-cache-")
