@@ -106,14 +106,14 @@ class Parcae(nnx.Module):
     (inference: n_B = T, no grad phase). Returns readout's outputs stacked on a leading K axis."""
     rope, h0, ctx, ves = self._encode(ids_BxS, key, None)
     sg = jax.lax.stop_gradient
-    no_grad = self._no_grad_fn(rope, None)
+    no_grad, ctx, ves = self._no_grad_fn(rope, None), sg(ctx), sg(ves)
     b = ids_BxS.shape[0]
     zeros_B = jnp.zeros((b,), jnp.int32)
 
     def advance(carry, t):
       done, h, d_BxS = carry
       n_B = jnp.full((b,), t, jnp.int32)
-      h, d_BxS = no_grad(h, d_BxS, sg(ctx), sg(ves), n_B, done, t)
+      h, d_BxS = no_grad(h, d_BxS, ctx, ves, n_B, done, t)
       return (t, h, d_BxS), readout(self._decode(h, ids_BxS, rope, None), self._telemetry(h, d_BxS, n_B, zeros_B))
 
     d0 = jnp.zeros(h0.shape[:2], jnp.float32)
