@@ -14,10 +14,10 @@ quantizer and times bench/quant_gemm.py's layer (fwd + bwd) for each named varia
            fwht:    butterflies (slices + concatenates) in place
   operand barrier: materialize each quantized GEMM operand (optimization_barrier before the dot), in
            case XLA folds the quantizer into a GEMM's operand loads and recomputes it per output tile
-  hash     1: the library's stochastic-rounding uniforms (rng.uniform_from_index): one lowbias32 round
-              of index * (s1 | 1) + s0, u from the bits (no int-to-float conversion)
-           2: the hash of 2026-11-30, triple32(triple32(index + s0) ^ s1) and a converted u: about
-              three times the integer work (kept to measure what the cheaper hashes saved: the SR
+  hash     1: the library's stochastic-rounding hash (rng._hash): one lowbias32 round of
+              pair index * (s1 | 1) + s0, one hash per two elements
+           2: the 2026-11-30 mixer, triple32(triple32(pair index + s0) ^ s1): about three times
+              the integer work per hash (kept to measure what the cheaper hashes saved: the SR
               kernels are bound by it)
   --impl auto runs the layer through the Triton kernels on a GPU (they read the patched hash too).
 The library keeps the winner; this script records why (bench/RESULTS.md). Writes
@@ -42,7 +42,7 @@ from parcae.quant import quantize as Q  # noqa: E402
 from parcae.quant import dense as D  # noqa: E402
 from parcae.quant import rng as R  # noqa: E402
 
-ORIG = {"to_blocks": Q.to_blocks, "rotate": H.rotate, "uniform_from_index": R.uniform_from_index}
+ORIG = {"to_blocks": Q.to_blocks, "rotate": H.rotate, "hash": R._hash}  # pylint: disable=protected-access
 
 
 def _triple32(x):
@@ -55,9 +55,8 @@ def _triple32(x):
   return x ^ (x >> 14)
 
 
-def uniform_two_rounds(idx, s0, s1):
-  h = _triple32(_triple32(idx + s0) ^ s1)
-  return (h >> 8).astype(jnp.int32).astype(jnp.float32) * jnp.float32(2.0**-24)
+def hash_two_rounds(p, s0, s1):
+  return _triple32(_triple32(p + s0) ^ s1)
 
 
 def inplace_blocks(x, ax, block, block_2d):
@@ -156,7 +155,7 @@ def apply(blocks, barrier, rot, operand_barrier, hash_rounds):
   H.rotate = ROT[rot]
   D.jnp = DENSE_BARRIER["jnp"] if operand_barrier else jnp
   D.jax = DENSE_BARRIER["jax"] if operand_barrier else jax
-  R.uniform_from_index = ORIG["uniform_from_index"] if hash_rounds == 1 else uniform_two_rounds
+  R._hash = ORIG["hash"] if hash_rounds == 1 else hash_two_rounds  # pylint: disable=protected-access
 
 
 def main(argv=None):

@@ -278,6 +278,7 @@ def test_quartet_train_step_lowers_for_cuda_with_per_device_kernels(block_remat,
   cfg.model.compute_dtype, cfg.quant.recipe, cfg.quant.impl = "bfloat16", "quartet", "pallas"
   cfg.model.block_remat = block_remat
   tc = cfg.train
+  tc.micro_batch_size *= 4  # a device's token rows (128) a multiple of 64: both 32-row blocks of each SR pair
   rows = set()  # the rows of every operand handed to the kernels (the token operands' are one device's)
   real = rotq.rotate_quantize
   monkeypatch.setattr(rotq, "rotate_quantize", lambda x, *a, **kw: rows.add(x.shape[0]) or real(x, *a, **kw))

@@ -139,7 +139,8 @@ def _pallas_operand(x, op: Operand, axis, key, rotation, want_mask, tokens, act)
             two_level=op.two_level, want_mask=want_mask, act=act)
   axes, n = _row_axes(x.shape[0]) if tokens else ((), 1)
   local = (x.shape[0] // n, x.shape[1])
-  if not axes or not rotq.supported(jax.ShapeDtypeStruct(local, x.dtype), op.fmt, axis, rotation):
+  if not axes or not rotq.supported(jax.ShapeDtypeStruct(local, x.dtype), op.fmt, axis, rotation,
+                                    rounding=op.rounding):
     return rotq.rotate_quantize(x, op.fmt, axis, **kw)
   inputs = rotq.operand_inputs(x, op.fmt, op.rounding, key, rotation, op.two_level, axis, act)  # whole operand
   spec = P(axes, None)
@@ -165,7 +166,8 @@ def quantize_operand(x, op: Operand | None, axis: int, key, *, rotation=None, wa
   (x, g; not w), split over ROW_AXES."""
   if op is None:
     return _rot(Q.activate(x, act), rotation, axis), None
-  if resolve_impl(impl) == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search):
+  if resolve_impl(impl) == "pallas" and rotq.supported(x, op.fmt, axis, rotation, op.block_2d, op.search,
+                                                       op.rounding):
     return _pallas_operand(x, op, axis, key, rotation, want_mask, tokens, act)  # mask: int8
   x = _rot(Q.activate(x, act), rotation, axis)
   if op.search:

@@ -227,7 +227,7 @@ def _qdq_jnp(x, f, ax, scale_mode, rounding, key, tensor_scale, two_level, block
   xb, baxis, back = to_blocks(x32, ax, f.block, block_2d)
   u = None
   if rounding == "stochastic":
-    u = to_blocks(R.uniform_moved(R.seed(key), x.shape, x.ndim - 1 if block_2d else ax),
+    u = to_blocks(R.uniform_moved(R.seed(key), x.shape, x.ndim - 1 if block_2d else ax, f.block),
                   ax, f.block, block_2d)[0]  # the moved layout's index, however x is blocked
   consts = None
   if f.scale == "e4m3":

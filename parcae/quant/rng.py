@@ -6,15 +6,20 @@ reads a [.., K] float32 array of randoms. The index is the element's row-major p
 "moved" layout (quantization axis last), so every path (jnp, whatever its blocking; the Pallas
 kernels, whatever their tiling) draws the same number for the same element, bit for bit.
 
-Hash: an affine map of the index by the two seed words, idx * (s1 | 1) + s0 (a bijection of uint32:
-one multiply-add), then Wellons' `lowbias32` (a full-avalanche bijection, two multiplies and three
-xor-shifts). u is built from the hash's top 23 bits as a float in [1, 2) (an OR into the bits of 1.0)
-minus 1: on the grid k / 2^23 in [0, 1), so P(u < f) = f to within 2^-23 for every f32 fraction f.
-No int-to-float conversion (a quarter-rate instruction on the GPU) and one multiply fewer than the
-`triple32` hash used before: the stochastic-rounding kernels are bound by this integer work
-(bench/RESULTS.md, 2026-12-01, session 8). The odd multiplier scatters each tensor's index window over
-the whole uint32 range differently per key, so two keys' streams are not shifts of each other (an added
-seed alone would make them so).
+Pairs: one hash serves two elements. Elements are paired block by block (`unit` = the quantization block
+size): block 2m with block 2m + 1 of the moved layout, element j of one with element j of the other. The
+pair's index p = m * unit + j is hashed once; the first block's element takes the hash's high 16 bits, the
+second's the low 16 bits. A kernel that holds both blocks of a pair hashes half as many indices: the
+stochastic-rounding kernels are bound by this integer work (bench/RESULTS.md, 2026-12-01, session 8).
+
+Hash: an affine map of the pair index by the two seed words, p * (s1 | 1) + s0 (a bijection of uint32: one
+multiply-add), then Wellons' `lowbias32` (a full-avalanche bijection, two multiplies and three
+xor-shifts). u is built from 16 of its bits as a float in [1, 2) (an OR into the bits of 1.0) minus 1: on
+the grid k / 2^16 in [0, 1), so P(u < f) = f to within 2^-16 for every fraction f: stochastic rounding's
+bias is at most 2^-16 of a grid step (the hardware's `cvt.rs` conversions to FP4 / FP8 take one 32-bit
+random word for four values). No int-to-float conversion (a quarter-rate instruction on the GPU). The
+odd multiplier scatters each tensor's index window over the whole uint32 range differently per key, so
+two keys' streams are not shifts of each other (an added seed alone would make them so).
 """
 from __future__ import annotations
 
@@ -37,11 +42,35 @@ def _lowbias32(x):
   return x ^ (x >> 16)
 
 
-def uniform_from_index(idx, s0, s1):
-  """f32 uniforms in [0, 1) (grid 2^-23) from uint32 indices and two uint32 seed words."""
-  h = _lowbias32(idx * (s1 | jnp.uint32(1)) + s0)
-  one_to_two = jax.lax.bitcast_convert_type((h >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+def _u16(bits):
+  """f32 in [0, 1) on the grid 2^-16 from uint32 values below 2^16."""
+  one_to_two = jax.lax.bitcast_convert_type((bits << 7) | jnp.uint32(0x3F800000), jnp.float32)
   return one_to_two - jnp.float32(1.0)
+
+
+def _hash(p, s0, s1):
+  return _lowbias32(p * (s1 | jnp.uint32(1)) + s0)
+
+
+def uniform_pair(p, s0, s1):
+  """(first block's u, second block's u) for uint32 pair indices p: one hash each (module doc)."""
+  h = _hash(p, s0, s1)
+  return _u16(h >> 16), _u16(h & jnp.uint32(0xFFFF))
+
+
+def pair_index(idx, unit: int):
+  """(pair index, 1 where idx is in the pair's second block) of uint32 element indices; unit: a power of 2."""
+  lg = unit.bit_length() - 1
+  if unit != 1 << lg:
+    raise ValueError(f"the pairing unit {unit} must be a power of two (a quantization block size)")
+  return ((idx >> (lg + 1)) << lg) | (idx & jnp.uint32(unit - 1)), (idx >> lg) & jnp.uint32(1)
+
+
+def uniform_from_index(idx, s0, s1, unit: int):
+  """f32 uniforms in [0, 1) (grid 2^-16) from uint32 element indices, blocks of `unit` paired."""
+  p, second = pair_index(idx, unit)
+  h = _hash(p, s0, s1)
+  return _u16(jnp.where(second == 1, h & jnp.uint32(0xFFFF), h >> 16))
 
 
 def check_size(shape):
@@ -69,6 +98,6 @@ def moved_index(shape, ax):
   return idx
 
 
-def uniform_moved(sd, shape, ax):
-  """Uniforms of `shape` drawn as if the array had axis `ax` last (see module doc)."""
-  return uniform_from_index(moved_index(shape, ax), sd[0], sd[1])
+def uniform_moved(sd, shape, ax, unit: int):
+  """Uniforms of `shape` drawn as if the array had axis `ax` last, blocks of `unit` paired (module doc)."""
+  return uniform_from_index(moved_index(shape, ax), sd[0], sd[1], unit)

@@ -4,7 +4,8 @@ The input is viewed as [blocks, block_size] (quantization axis moved last, block
 each program handles `block_rows` blocks with `quantize.qdq_blocks`, the same function the jnp
 path uses, so results are bit-identical. Stochastic rounding computes its uniforms in the kernel
 from each element's index and the key's seed words (`parcae.quant.rng`), the same numbers the jnp
-path draws: no uniform array is read.
+path draws: no uniform array is read. With stochastic rounding a kernel row holds the two blocks of
+an `rng` pair ([blocks / 2, 2 * block_size], a free reshape), so one hash serves both.
 
 GPU: the Triton backend (H100 / sm_90). Triton's f32 `/` is approximate (div.full.f32), so the
 few divisions (block amax / 6, / s_g, amax / max_elem for rceil) use inline PTX div.rn.f32.
@@ -23,9 +24,10 @@ from parcae.quant import rng as R
 
 N_CONSTS = 16  # nv_consts (9 values) padded to a power of two for Triton
 # GPU launch shape (scale type, rounding) -> (blocks per program, warps), measured on the H200 with
-# `bench/quant_kernels.py --quick --block-rows 128,256 --warps 2,4,8` (bench/RESULTS.md).
+# `bench/quant_kernels.py --quick --block-rows 128,256 --warps 2,4,8` (bench/RESULTS.md; stochastic NVFP4
+# re-swept 2026-12-05 with the paired SR uniforms).
 TUNING = {("e8m0", "nearest"): (256, 8), ("e4m3", "nearest"): (256, 4),
-          ("e8m0", "stochastic"): (128, 8), ("e4m3", "stochastic"): (128, 8)}
+          ("e8m0", "stochastic"): (128, 8), ("e4m3", "stochastic"): (128, 2)}
 
 
 def _div_rn_ptx(x, y):
@@ -39,16 +41,21 @@ def _div_rn_ptx(x, y):
 
 
 def _kernel(x_ref, c_ref, s_ref, o_ref, *, fmt, scale_mode, two_level, stochastic, div):
-  u = None
-  if stochastic:  # element index in the [blocks, block] view = moved-layout row-major index
-    rows, block = x_ref.shape
+  """x_ref: [rows, pairs * block], each row `pairs` consecutive blocks (2 with stochastic rounding: the
+  two blocks of an `rng` pair, whose uniforms come from one hash of the pair index; else 1)."""
+  rows, width = x_ref.shape
+  b = fmt.block
+  us = [None] * (width // b)
+  if stochastic:  # pair index: the row's index in the [pairs, 2 * block] view times block + column
     first = (pl.program_id(0) * rows).astype(jnp.uint32)
-    r = jax.lax.broadcasted_iota(jnp.int32, (rows, block), 0).astype(jnp.uint32)
-    c = jax.lax.broadcasted_iota(jnp.int32, (rows, block), 1).astype(jnp.uint32)
-    u = R.uniform_from_index((first + r) * jnp.uint32(block) + c, s_ref[0], s_ref[1])
+    r = jax.lax.broadcasted_iota(jnp.int32, (rows, b), 0).astype(jnp.uint32)
+    c = jax.lax.broadcasted_iota(jnp.int32, (rows, b), 1).astype(jnp.uint32)
+    us = R.uniform_pair((first + r) * jnp.uint32(b) + c, s_ref[0], s_ref[1])
   consts = [c_ref[i] for i in range(9)]
-  deq = Q.qdq_blocks(x_ref[...].astype(jnp.float32), fmt, scale_mode, u, consts, two_level, div)
-  o_ref[...] = deq.astype(o_ref.dtype)
+  for h, u in enumerate(us):
+    part = (slice(None), pl.ds(h * b, b))
+    deq = Q.qdq_blocks(x_ref[part].astype(jnp.float32), fmt, scale_mode, u, consts, two_level, div)
+    o_ref[part] = deq.astype(o_ref.dtype)
 
 
 def kernel_inputs(x, f, rounding, key, two_level, tensor_scale=None):
@@ -96,24 +103,27 @@ def qdq_pallas(x, fmt, *, axis=-1, scale_mode="floor", rounding="nearest", key=N
   interpret, div, params = backend(interpret, num_warps or warps_def)
   xm = jnp.moveaxis(x, ax, -1)
   shape = xm.shape
+  pairs = 2 if rounding == "stochastic" else 1  # blocks per kernel row (the `rng` pairs)
   xb = xm.reshape(-1, f.block)
   nb = xb.shape[0]
-  rows = _pick_rows(nb, block_rows or rows_def)
-  pad = (-nb) % rows
+  rows = max(_pick_rows(nb, block_rows or rows_def) // pairs, 1)  # kernel rows per program
+  pad = (-nb) % (rows * pairs)
   if pad:
     xb = jnp.pad(xb, ((0, pad), (0, 0)))
+  xb = xb.reshape(-1, pairs * f.block)
   consts, sd = kernel_inputs(x, f, rounding, key, two_level, tensor_scale)
-  spec = pl.BlockSpec((rows, f.block), lambda i: (i, 0))
+  spec = pl.BlockSpec((rows, pairs * f.block), lambda i: (i, 0))
   kernel = functools.partial(
       _kernel, fmt=f, scale_mode=scale_mode, two_level=two_level,
       stochastic=rounding == "stochastic", div=div)
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((nb + pad, f.block), x.dtype),
-      grid=((nb + pad) // rows,),
+      out_shape=jax.ShapeDtypeStruct(xb.shape, x.dtype),
+      grid=(xb.shape[0] // rows,),
       in_specs=[spec] + [pl.BlockSpec((N_CONSTS,), lambda i: (0,))] * 2,
       out_specs=spec,
       interpret=interpret,
       **params,
   )(xb, consts, sd)
+  out = out.reshape(-1, f.block)
   return jnp.moveaxis(out[:nb].reshape(shape), -1, ax)
