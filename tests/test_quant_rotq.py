@@ -56,6 +56,23 @@ def test_unsupported_shapes_are_refused_with_a_reason():
     rotq.rotate_quantize(jnp.ones((8, 64)), "mxfp4", 1)
 
 
+def test_stochastic_rounding_needs_whole_pairs():
+  """With SR a tile holds both blocks of each rng pair: along axis 0 the rows must be a multiple of two
+  blocks, along axis 1 the blocks of the [blocks, block] view must pair up. quantize_operand then takes the
+  jnp path, with the same values the kernel would give."""
+  from parcae.quant.dense import Operand, quantize_operand
+  x = jax.random.normal(jax.random.key(0), (32, 48), jnp.float32)  # one 32-row block along axis 0
+  assert rotq.supported(x, "mxfp4", 0, None) and not rotq.supported(x, "mxfp4", 0, None, rounding="stochastic")
+  assert rotq.supported(jnp.ones((32, 96)), "mxfp4", 1, None, rounding="stochastic")  # 96 view rows: 48 pairs
+  assert not rotq.supported(jnp.ones((16, 32)), "mxfp4", 1, None, rounding="stochastic")  # 16: 8 pairs < a tile
+  with pytest.raises(ValueError, match="stochastic rounding"):
+    rotq.rotate_quantize(x, "mxfp4", 0, rounding="stochastic", key=jax.random.key(1))
+  op = Operand("mxfp4", rounding="stochastic")
+  got = quantize_operand(x, op, 0, jax.random.key(1), impl="pallas")[0]
+  want = Q.quantize_dequantize(x, "mxfp4", axis=0, rounding="stochastic", key=jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("axis", [0, 1])
 def test_launch_shape_does_not_change_values(rounding, axis):
