@@ -12,6 +12,7 @@ import pytest
 from parcae.cli import main as cli_main
 from parcae.train.loop import train
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import shared_once  # noqa: E402
 from train_helpers import tiny_config, train_rows, write_dataset  # noqa: E402
 
 
@@ -184,6 +185,17 @@ def test_compile_cache_dir_is_used_unless_jax_already_has_one(tmp_path):
   assert out.stdout.strip() == "None" and "train.compile_cache_dir" in out.stderr
 
 
+def single_device_reference(data):
+  """The workdir of a 3-step run on one device with Muon's orthogonalization in float32, the reference of the
+  sharded and the multi-process runs below; trained once per session (whichever test asks first)."""
+  def build(path):
+    cfg = tiny_config(data, steps=3)
+    cfg.mesh.data = 1
+    cfg.optim.muon_ortho_dtype = "float32"
+    train(cfg, path, progress=False, devices=one_device())
+  return shared_once("train_loop_single_device_reference", build)
+
+
 @pytest.mark.slow
 def test_sharded_run_matches_single_device(data, tmp_path):
   # Muon's orthogonalization runs in float32 here: in bf16 (the default) a reduction-order difference of
@@ -192,11 +204,7 @@ def test_sharded_run_matches_single_device(data, tmp_path):
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   cfg.optim.muon_ortho_dtype = "float32"
   train(cfg, str(tmp_path / "mesh"), progress=False)
-  cfg1 = tiny_config(data, steps=3)
-  cfg1.mesh.data = 1
-  cfg1.optim.muon_ortho_dtype = "float32"
-  train(cfg1, str(tmp_path / "single"), progress=False, devices=one_device())
-  a, b = train_rows(tmp_path / "mesh"), train_rows(tmp_path / "single")
+  a, b = train_rows(tmp_path / "mesh"), train_rows(single_device_reference(data))
   np.testing.assert_allclose([a[s]["loss"] for s in (1, 2, 3)], [b[s]["loss"] for s in (1, 2, 3)], rtol=2e-5)
   # The parameters really are sharded as the table says.
   from parcae.eval.loss import load_params, load_run_config
@@ -299,7 +307,9 @@ def test_bad_input_gives_one_clear_message(data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(data, tmp_path):
-  """launch/local_multiprocess.sh: 2 processes x 2 CPU devices equal 1 process x 4 devices (same mesh)."""
+  """launch/local_multiprocess.sh: 2 processes x 2 CPU devices (a data-parallel mesh of 4) equal one process
+  on one device (the run test_sharded_run_matches_single_device compares its (2, 2, 2) mesh with, trained
+  once per session)."""
   cfg = tiny_config(data, steps=3)
   cfg.optim.muon_ortho_dtype = "float32"  # see test_sharded_run_matches_single_device
   cfg_file = tmp_path / "cfg.py"
@@ -311,8 +321,7 @@ def test_two_processes_match_one_process(data, tmp_path):
   subprocess.run(["bash", os.path.join(root, "launch", "local_multiprocess.sh"), "2", str(cfg_file),
                   str(tmp_path / "multi"), "--no-progress"], env=env, check=True, timeout=600,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  train(cfg, str(tmp_path / "single"), progress=False, devices=jax.devices()[:4])
-  a, b = train_rows(tmp_path / "multi"), train_rows(tmp_path / "single")
+  a, b = train_rows(tmp_path / "multi"), train_rows(single_device_reference(data))
   np.testing.assert_allclose([a[s]["loss"] for s in (1, 2, 3)], [b[s]["loss"] for s in (1, 2, 3)], rtol=2e-5)
 
 
