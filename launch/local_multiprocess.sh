@@ -29,7 +29,9 @@ for ((i = N - 1; i >= 0; i--)); do  # workers first, process 0 (the coordinator)
     first=$((i * GPUS_PER_PROCESS))
     env_vars+=(CUDA_VISIBLE_DEVICES="$(seq -s, "$first" $((first + GPUS_PER_PROCESS - 1)))")
   else
-    env_vars+=(JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${CPU_DEVICES_PER_PROCESS:-1}")
+    # the caller's other XLA flags are kept; a device count among them is replaced
+    other_flags=$(sed -E 's/--xla_force_host_platform_device_count=[^ ]*//g' <<< "${XLA_FLAGS:-}")
+    env_vars+=(JAX_PLATFORMS=cpu XLA_FLAGS="$other_flags --xla_force_host_platform_device_count=${CPU_DEVICES_PER_PROCESS:-1}")
   fi
   if [[ $i -eq 0 ]]; then
     env "${env_vars[@]}" "${CMD[@]}" train --config "$CONFIG" --workdir "$WORKDIR" "$@" &

@@ -126,6 +126,20 @@ def test_pallas_rope_impl_refuses_shapes_it_cannot_run():
     M.validate_model_config(cfg)
 
 
+def _equal_but_rare_last_bit(a, b):
+  """bf16 a == b except at most 1 in 10,000 elements, and those by one bf16 ulp. Why not bit for bit: each
+  device's interpreted kernel sees a block of another shape (half the rows, half the heads) and XLA's CPU code
+  for its norm's float32 sum depends on that shape at LLVM -O0 (the tests' level, see conftest): 2 of 65,536
+  outputs moved by one ulp there, none at XLA's default level. A small output of the rotation's cancellation
+  (x cos - y sin) carries the float32 rounding of its operands, so the bound is one bf16 ulp of the element or
+  8 float32 ulps of the tensor's largest element, whichever is larger. A sharding bug (wrong rows, heads or
+  rotation) moves most elements by far more."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  tol = np.maximum(np.abs(b) * 2.0**-7, np.abs(b).max() * 2.0**-20)
+  bad = a != b
+  assert bad.mean() <= 1e-4 and np.all(np.abs(a - b)[bad] <= tol[bad]), (bad.sum(), np.abs(a - b).max())
+
+
 def test_kernels_run_per_device_under_a_mesh_and_lower_for_cuda(cuda_lowering, monkeypatch):
   """Under a (data 2, tensor 2) mesh the kernels get each device's rows and heads (shard_map), give the
   unsharded values (also for heads that do not divide the tensor axis), and both lower through Triton."""
@@ -143,11 +157,11 @@ def test_kernels_run_per_device_under_a_mesh_and_lower_for_cuda(cuda_lowering, m
   with jax.set_mesh(mesh):
     got = jax.jit(f)(ys)
     for a, b in zip(got, want):
-      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+      _equal_but_rare_last_bit(a, b)
     # 3 heads do not divide the tensor axis: Attention then gives y one shard (T = 1), whole on every device
     got3 = jax.jit(f3)(jax.device_put(y3, NamedSharding(mesh, P("data", None, None, None, None))))
     for a, b in zip(got3, want3):
-      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+      _equal_but_rare_last_bit(a, b)
     shapes = []
     real = rope_norm._local
     monkeypatch.setattr(rope_norm, "_local", lambda y2, *a: shapes.append(y2.shape) or real(y2, *a))

@@ -9,6 +9,8 @@ import pytest
 
 from parcae.train import distributed as dist
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -96,7 +98,7 @@ def test_two_processes_on_localhost_psum(tmp_path):
     for pid in (1, 0):
         env = dict(os.environ, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_DISTRIBUTED_TIMEOUT="60",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                   XLA_FLAGS=xla_flags(2))
         procs.append(subprocess.Popen([sys.executable, "-c", _WORKER.format(repo=REPO)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []

@@ -12,7 +12,7 @@ import pytest
 from parcae.cli import main as cli_main
 from parcae.train.loop import train
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import shared_once  # noqa: E402
+from conftest import shared_once, xla_flags  # noqa: E402
 from train_helpers import tiny_config, train_rows, write_dataset  # noqa: E402
 
 
@@ -259,7 +259,7 @@ def test_sigkill_resumes_from_last_complete_checkpoint(data, tmp_path):
   cfg_file = tmp_path / "cfg.py"
   cfg_file.write_text("import ml_collections, json\n"
                       f"def get_config():\n  return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   cmd = [sys.executable, "-m", "parcae.cli", "train", "--config", str(cfg_file), "--workdir", str(workdir),
          "--no-progress", "--config.mesh.data=1"]
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -333,7 +333,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
   cfg_file.write_text("import ml_collections, json\n"
                       f"def get_config():\n  return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
   workdir = tmp_path / "run"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   proc = subprocess.Popen([sys.executable, "-m", "parcae.cli", "train", "--config", str(cfg_file), "--workdir",
                            str(workdir), "--no-progress", "--config.mesh.data=1"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
