@@ -72,6 +72,8 @@ VARIANTS = {
     "parcae_medium_split1": ("parcae", "medium", {"model.no_grad_split": 1}),
     "parcae_small_quartet_split1": ("parcae", "small", {"quant.recipe": "quartet", "model.no_grad_split": 1}),
     "gpt_medium": ("gpt", "medium", {}),
+    # twice the tokens per optimizer step: the step's fixed cost (optimizer, clipping) from the difference
+    "gpt_medium_accum16": ("gpt", "medium", {"_accum": 16}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB
