@@ -93,12 +93,19 @@ def bench_batch(model, b, loops, prompt_len, new, runs, stepwise):
     ready(cache)
     return time.perf_counter() - t0, jnp.stack(toks, 1)
 
+  log = lambda what: print(f"  batch {b}: {what} ({time.perf_counter() - t_start:.1f} s)", flush=True)
+  t_start = time.perf_counter()
   pre, pre_first, pre_all = median_time(run_prefill, runs)
+  log("prefill timed")
   dec, dec_first, dec_all = median_time(run_decode, runs)
+  log("decode loop timed")
   step, _, _ = median_time(run_steps, max(1, runs // 2))
+  log("decode_step calls timed")
   n_check = min(CHECK_TOKENS, stepwise, new)
   fused_tokens = run_decode()[1][0][:, :n_check]
   step_tokens = run_steps()[1][:, :n_check]
+  split = split_check(model, prompt, loops)
+  log("split check done")
   slot_bytes = 2 * b * max_len * model.cfg.d_model * jnp.dtype(model.cd).itemsize
   return {
       "batch": b, "loops": loops, "prompt": prompt_len, "new_tokens": new,
@@ -108,17 +115,17 @@ def bench_batch(model, b, loops, prompt_len, new, runs, stepwise):
       "stepwise_ms_per_step": step / stepwise * 1e3,
       "cache_mb": G.num_slots(model, loops) * slot_bytes / 2**20,
       "fused_equals_stepwise": bool(np.array_equal(np.asarray(fused_tokens), np.asarray(step_tokens))),
-      **split_check(model, prompt, loops),
+      **split,
   }
 
 
 def float32_copy(model):
-  """The same weights with compute_dtype float32: the reference the bf16 paths are measured against."""
+  """The same weights with compute_dtype float32: the reference the bf16 paths are measured against (the
+  float32 module's structure comes from an abstract build, so nothing is initialised twice)."""
   cfg = model.cfg.copy_and_resolve_references()
   cfg.compute_dtype = "float32"
-  m32 = M.build(cfg, jax.random.key(0))
-  nnx.update(m32, nnx.state(model))
-  return m32
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: M.build(cfg, jax.random.key(0))))
+  return nnx.merge(graphdef, nnx.state(model))
 
 
 def split_paths(model, prompt, loops, k):
