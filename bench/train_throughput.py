@@ -2,8 +2,8 @@
 
 Each variant runs in its own process (clean peak-memory counter), builds the reference size, checks the loss is
 finite and falls, then times train steps (depth sampling per sequence, depth grouping across micro-batches)
-and an eval forward + loss at T = 8. The recipe of parcae.train.config.reference_config (loss chunk 2048, ...)
-with cuDNN attention; a variant overrides fields. Random tokens, as the reference's measurement.
+and an eval forward + loss at T = 8. The recipe of parcae.train.config.reference_config (loss chunk 2048; 8192 for
+parcae-small, 4096 for gpt-medium; ...) with cuDNN attention; a variant overrides fields. Random tokens, as the reference's measurement.
 
   python bench/train_throughput.py                      # all default variants, table at the end
   python bench/train_throughput.py --only parcae_small  # variants whose name starts with this
