@@ -158,8 +158,9 @@ def split_check(model, prompt, loops):
   std = float(whole32.std())
   rel = lambda a, b: float(np.abs(a - b).max()) / std
   split_rel, noise_rel, f32_rel = rel(whole, split), rel(whole, whole32), rel(whole32, split32)
+  finite = all(np.isfinite(x).all() for x in (whole, split, whole32, split32))
   return {"split_rel_diff": split_rel, "rounding_rel_diff": noise_rel, "split_rel_diff_f32": f32_rel,
-          "split_ok": f32_rel <= SPLIT_F32_TOL and split_rel <= noise_rel}
+          "split_ok": bool(finite and f32_rel <= SPLIT_F32_TOL and split_rel <= noise_rel)}
 
 
 def main(argv=None):
