@@ -97,7 +97,6 @@ SHAPES = {
     "embed/embedding": (11, D),
     "core/0/attn/q/kernel": (D, 12),       # torch 12x8: tall
     "core/0/attn/k/kernel": (D, D),        # square
-    "core/0/attn/v/kernel": (D, D),        # square again: orthogonalized in one stack with k
     "core/0/attn/o/kernel": (12, D),       # torch 8x12: wide
     "core/0/attn/ve_gate/kernel": (32, 2),  # torch 2x32: wide gate
     "core/0/mlp/fc/kernel": (D, 4 * D),    # torch 32x8: tall, lr x2
@@ -207,22 +206,6 @@ def test_polar_express_bf16_close_to_float64():
     assert 0.84 < sv.min() and sv.max() < 1.16, (shape, sv.min(), sv.max())
     x32 = np.asarray(optim.polar_express(jnp.asarray(g, jnp.float32), 5, jnp.float32), np.float64)
     assert _rel(x32, x64) < 1e-5, shape
-
-
-def test_same_shape_matrices_are_orthogonalized_together_with_the_same_result():
-  """orthogonalize stacks same-shape matrices into one batched Polar Express: one loop per distinct shape, and
-  each matrix's result that of polar_express alone (bf16 iterations, the reference's; bit for bit on the CPU:
-  a batched GEMM computes each matrix as the single one does)."""
-  rng = np.random.default_rng(1)
-  shapes = [(32, 16), (16, 32), (32, 16), (32, 16), (16, 32), (24, 8)]
-  xs = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
-  got = optim.orthogonalize(xs, 5, jnp.bfloat16)
-  for x, y in zip(xs, got):
-    want = optim.polar_express(x, 5, jnp.bfloat16)
-    assert y.shape == x.shape and y.dtype == want.dtype
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))  # bit for bit here
-  hlo = jax.jit(lambda xs: optim.orthogonalize(xs, 5, jnp.bfloat16)).lower(xs).as_text()
-  assert hlo.count("stablehlo.while") == 3, hlo.count("stablehlo.while")  # 3 distinct shapes
 
 
 def test_muon_adamw_bf16_path_close_to_float64_reference():

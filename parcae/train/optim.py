@@ -215,34 +215,15 @@ def polar_express(g_RxC, ns_steps: int, dtype):
   return jax.lax.scan(iteration, x, coeffs)[0]
 
 
-def orthogonalize(xs_RxC: list, ns_steps: int, dtype) -> list:
-  """polar_express of each matrix, with same-shape matrices stacked into one batched iteration: one scan
-  per distinct shape instead of one per matrix (per matrix the same arithmetic; fewer, larger GEMMs)."""
-  groups: dict = {}
-  for i, x in enumerate(xs_RxC):
-    groups.setdefault((x.shape, x.dtype), []).append(i)
-  out = [None] * len(xs_RxC)
-  for idx in groups.values():
-    if len(idx) == 1:
-      out[idx[0]] = polar_express(xs_RxC[idx[0]], ns_steps, dtype)
-      continue
-    # Stacked in `dtype` (polar_express's first rounding), so the stack costs half the float32 bytes.
-    ys = polar_express(jnp.stack([xs_RxC[i].astype(dtype) for i in idx]), ns_steps, dtype)
-    for j, i in enumerate(idx):
-      out[i] = ys[j]
-  return out
+def muon_leaf(g, p, m, v, *, lr, momentum, beta2, wd, ns_steps, ortho_dtype):
+  """One Muon step for one [..., in, out] kernel; returns (update, m, v) in our layout (see module doc).
 
-
-def muon_input(g, m, momentum):
-  """(new momentum buffer, the matrix to orthogonalize in torch layout [..., R, C]): Nesterov momentum."""
-  m = momentum * m + (1.0 - momentum) * g
-  return m, jnp.swapaxes((1.0 - momentum) * g + momentum * m, -1, -2)
-
-
-def muon_finish(o_RxC, p, v, *, lr, beta2, wd):
-  """NorMuon's per-row / per-column scaling of the orthogonalized o, then (update, v) in our layout."""
+  m is param-shaped; v is the NorMuon second moment in our layout with keepdims: [..., 1, out] when the
+  torch-layout matrix has rows >= cols (per-row stats), else [..., in, 1].
+  """
   t = lambda a: jnp.swapaxes(a, -1, -2)  # our [in, out] <-> torch [out, in] = [R, C]
-  x_RxC = o_RxC.astype(jnp.float32)
+  m = momentum * m + (1.0 - momentum) * g
+  x_RxC = polar_express(t((1.0 - momentum) * g + momentum * m), ns_steps, ortho_dtype).astype(jnp.float32)
   rows, cols = x_RxC.shape[-2:]
   red = -1 if rows >= cols else -2
   v_mean = jnp.mean(jnp.square(x_RxC), axis=red, keepdims=True)
@@ -254,19 +235,7 @@ def muon_finish(o_RxC, p, v, *, lr, beta2, wd):
   lr_eff = lr * max(1.0, rows / cols) ** 0.5
   p_RxC = t(p).astype(jnp.float32)
   decay = jnp.where(u_RxC * p_RxC >= 0, p_RxC, 0.0)
-  return t(-lr_eff * u_RxC - lr_eff * wd * decay), t(v_RxC)
-
-
-def muon_leaf(g, p, m, v, *, lr, momentum, beta2, wd, ns_steps, ortho_dtype):
-  """One Muon step for one [..., in, out] kernel; returns (update, m, v) in our layout (see module doc).
-
-  m is param-shaped; v is the NorMuon second moment in our layout with keepdims: [..., 1, out] when the
-  torch-layout matrix has rows >= cols (per-row stats), else [..., in, 1]. (The optimizer runs the same three
-  stages over all kernels at once, orthogonalizing same-shape kernels together.)
-  """
-  m, x_RxC = muon_input(g, m, momentum)
-  u, v = muon_finish(polar_express(x_RxC, ns_steps, ortho_dtype), p, v, lr=lr, beta2=beta2, wd=wd)
-  return u, m, v
+  return t(-lr_eff * u_RxC - lr_eff * wd * decay), m, t(v_RxC)
 
 
 def _muon_nu_shape(shape):
@@ -329,14 +298,12 @@ def make_optimizer(optim_cfg, params, total_steps: int | None = None) -> optax.G
     g_leaves, grad_norm = clip_by_global_norm(g_leaves, cfg.grad_clip)
     hp = hyperparams_at(cfg, state.step, run)
     count = (state.count + 1).astype(jnp.float32)
-    muon = [i for i, r in enumerate(routes) if r == "muon"]
-    inputs = {i: muon_input(g_leaves[i], m_leaves[i], hp["muon_momentum"]) for i in muon}
-    ortho = dict(zip(muon, orthogonalize([inputs[i][1] for i in muon], cfg.muon_ns_steps, ortho_dtype)))
     outs = []
-    for i, (g, p, m, v, r) in enumerate(zip(g_leaves, p_leaves, m_leaves, v_leaves, routes)):
+    for g, p, m, v, r in zip(g_leaves, p_leaves, m_leaves, v_leaves, routes):
       if r == "muon":
-        u, v_new = muon_finish(ortho[i], p, v, lr=hp["muon_lr"], beta2=cfg.muon_beta2, wd=hp["muon_wd"])
-        outs.append((u, inputs[i][0], v_new))
+        outs.append(muon_leaf(g, p, m, v, lr=hp["muon_lr"], momentum=hp["muon_momentum"],
+                              beta2=cfg.muon_beta2, wd=hp["muon_wd"], ns_steps=cfg.muon_ns_steps,
+                              ortho_dtype=ortho_dtype))
       else:
         wd = hp["weight_decay"] if p.ndim >= 2 else 0.0
         outs.append(adamw_leaf(g, p.astype(jnp.float32), m, v, count=count, lr=hp["lr"], b1=cfg.b1,
