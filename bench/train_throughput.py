@@ -77,6 +77,7 @@ VARIANTS = {
     # larger loss-head chunks than the recipes' 2048 (speed against the float32 logit memory)
     "gpt_medium_chunk4k": ("gpt", "medium", {"train.loss_chunk": 4096}),
     "parcae_small_chunk4k": ("parcae", "small", {"train.loss_chunk": 4096}),
+    "parcae_medium_chunk8k": ("parcae", "medium", {"train.loss_chunk": 8192}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB

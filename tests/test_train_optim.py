@@ -97,6 +97,7 @@ SHAPES = {
     "embed/embedding": (11, D),
     "core/0/attn/q/kernel": (D, 12),       # torch 12x8: tall
     "core/0/attn/k/kernel": (D, D),        # square
+    "core/0/attn/v/kernel": (D, D),        # square again (same shape as k)
     "core/0/attn/o/kernel": (12, D),       # torch 8x12: wide
     "core/0/attn/ve_gate/kernel": (32, 2),  # torch 2x32: wide gate
     "core/0/mlp/fc/kernel": (D, 4 * D),    # torch 32x8: tall, lr x2
