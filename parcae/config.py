@@ -96,6 +96,19 @@ def validate(cfg) -> None:
         raise ValueError(f"train.{f}={cfg.train[f]} must be >= 1")
     if cfg.train.seq_len > cfg.model.max_seq_len:
       raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    _check_loss_chunk(cfg.train)
+
+
+def _check_loss_chunk(tc) -> None:
+  """The chunked loss head splits each batch's tokens into loss_chunk-sized chunks (a chunk at least the batch
+  means no chunking): check it against the training and the validation batches before anything runs."""
+  chunk = tc.get("loss_chunk", 0)
+  for what, seqs in (("train.micro_batch_size", tc.micro_batch_size), ("train.eval_batch_size",
+                                                                        tc.get("eval_batch_size", 0))):
+    n = seqs * tc.seq_len
+    if 0 < chunk < n and n % chunk:
+      raise ValueError(f"train.loss_chunk={chunk} does not divide the {n} tokens of a batch of {what}={seqs} "
+                       f"x train.seq_len={tc.seq_len}; set train.loss_chunk to a divisor of {n} (or 0: no chunks)")
 
 
 def load_config(path: str, overrides=()) -> ml_collections.ConfigDict:

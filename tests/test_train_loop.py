@@ -303,6 +303,11 @@ def test_bad_input_gives_one_clear_message(data, tmp_path, capsys):
   assert "model.injection='concat'" in capsys.readouterr().err
   assert cli_main(base + ["--config.model.mean_backprop_depth=0"]) == 2
   assert "model.mean_backprop_depth=0" in capsys.readouterr().err
+  # a loss chunk that splits neither batch evenly fails before training, not at the first evaluation
+  assert cli_main(base + ["--config.train.loss_chunk=48"]) == 2
+  assert "train.loss_chunk=48 does not divide the 128 tokens" in capsys.readouterr().err
+  assert cli_main(base + ["--config.train.loss_chunk=64", "--config.train.eval_batch_size=6"]) == 2
+  assert "train.eval_batch_size=6" in capsys.readouterr().err
 
 
 @pytest.mark.slow
