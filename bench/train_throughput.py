@@ -78,6 +78,10 @@ VARIANTS = {
     "gpt_medium_chunk4k": ("gpt", "medium", {"train.loss_chunk": 4096}),
     "parcae_small_chunk4k": ("parcae", "small", {"train.loss_chunk": 4096}),
     "parcae_medium_chunk8k": ("parcae", "medium", {"train.loss_chunk": 8192}),
+    # the loss head's log-sum-exp as XLA's two passes instead of the one-pass kernel (model.lse_impl)
+    "parcae_small_lse_xla": ("parcae", "small", {"model.lse_impl": "xla"}),
+    "gpt_medium_lse_xla": ("gpt", "medium", {"model.lse_impl": "xla"}),
+    "gpt_small_lse_xla": ("gpt", "small", {"model.lse_impl": "xla"}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB

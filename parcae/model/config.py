@@ -14,7 +14,7 @@ SAMPLING_SCHEMES = ("poisson-truncated-full", "poisson-full", "fixed")
 SAMPLING_GRANULARITIES = ("per-sequence", "per-batch")
 REMAT_POLICIES = ("full", "dots", "none")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-ROPE_IMPLS = ("auto", "xla", "pallas")
+KERNEL_IMPLS = ("auto", "xla", "pallas")  # rope_impl, lse_impl
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
 # name: (d_model, n_heads, prelude, core, coda); GPT uses n_layers = prelude + core + coda.
@@ -61,6 +61,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   # RoPE + QK-norm: "auto" = one Pallas kernel each way on a GPU where the shape allows (else the jnp path,
   # "xla"); "pallas" forces the kernels (interpreted on a CPU; an error where they cannot run, e.g. decode steps)
   c.rope_impl = "auto"
+  # Loss head's log-sum-exp: "auto" = one Pallas pass over the logits on a GPU where the chunk allows (else the
+  # two-pass jnp formula, "xla"); "pallas" forces the kernel (interpreted on a CPU; an error where it cannot run)
+  c.lse_impl = "auto"
   return c
 
 
@@ -91,7 +94,8 @@ def validate_model_config(cfg) -> None:
   _choice(cfg, "remat", REMAT_POLICIES)
   _choice(cfg, "block_remat", REMAT_POLICIES)
   _choice(cfg, "attention_impl", ATTENTION_IMPLS)
-  _choice(cfg, "rope_impl", ROPE_IMPLS)
+  _choice(cfg, "rope_impl", KERNEL_IMPLS)
+  _choice(cfg, "lse_impl", KERNEL_IMPLS)
   _choice(cfg, "no_grad_split", (1, 2))
   _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
   positive = ["vocab_size", "d_model", "n_heads", "ffn_mult", "max_seq_len"]

@@ -35,7 +35,7 @@ def micro_loss(params, graphdef, batch, n_B, k_B, keys, train_cfg):
   steps = grad_depth(cfg) if cfg.kind == "parcae" else 0
   y, aux = model.hidden(batch["inputs"], n_B, k_B, key=keys[0], grad_steps=steps,
                         quant_key=None if model.quant == "bf16" else keys[1])
-  nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, train_cfg.loss_chunk)
+  nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, train_cfg.loss_chunk, cfg.lse_impl)
   return nll.mean(), aux
 
 
@@ -100,7 +100,7 @@ def make_eval_step(graphdef, chunk: int = 0):
     model = nnx.merge(graphdef, params)
 
     def readout(y, aux):
-      nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, chunk)
+      nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, chunk, model.cfg.lse_impl)
       return nll.sum(), {k: aux[k] for k in EVAL_TELEMETRY if k in aux}
 
     sums, telemetry = model.hidden_at(batch["inputs"], loops_K, readout, key=jax.random.key(0))

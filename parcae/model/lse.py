@@ -1,0 +1,93 @@
+"""Row-wise log-sum-exp of the loss head's logits in one read: a Pallas kernel and a tiny combine.
+
+XLA evaluates logsumexp over a [tokens, V] chunk of bf16 logits as two passes that each read every logit (the
+row max, then the sum of exponentials; bench/RESULTS.md, session 16: ~1.7% of gpt-medium's step, both at
+bandwidth). Here each program reads one [ROWS, cols] tile once and writes the tile's max m and its sum
+s = sum exp(x - m); the combine over a row's V / cols tiles is
+  lse = M + log(sum_j s_j exp(m_j - M)),   M = max_j m_j
+(in jnp: [V / cols, tokens] floats, ~1/500 of the logits' bytes). Same math as the two-pass formula up to the
+order of the float32 sums. Under the trainer's mesh it runs per device (shard_map; XLA cannot partition a
+kernel call): rows over the batch axes, the vocabulary over "tensor" (vocab-parallel logits), with the
+per-device results combined across "tensor" by the same formula.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+# GPU launch shape: rows per program, widest column tile, Triton warps (bench/lse.py sweeps them).
+ROWS, MAX_COLS, WARPS = 16, 1024, 8
+BATCH_AXES = ("data", "fsdp")  # the trainer's mesh axes that split the batch (parcae.train.mesh)
+
+
+def _cols(v: int) -> int:
+  """Widest power-of-two tile width <= MAX_COLS dividing v (0: none >= 64)."""
+  c = MAX_COLS
+  while c >= 64 and v % c:
+    c //= 2
+  return c if c >= 64 else 0
+
+
+def supported(n: int, v: int) -> bool:
+  """The kernel needs whole row blocks and a vocabulary that a tile width of 64 or more divides."""
+  return n % ROWS == 0 and _cols(v) > 0
+
+
+def _kernel(x_ref, m_ref, s_ref):
+  x = x_ref[...].astype(jnp.float32)
+  m = jnp.max(x, axis=1)
+  m_ref[...] = m
+  s_ref[...] = jnp.sum(jnp.exp(x - m[:, None]), axis=1)
+
+
+def combine(m_JxN, s_JxN, axis=0):
+  """lse from per-tile maxima m and sums s = sum exp(x - m) along `axis`."""
+  big = jnp.max(m_JxN, axis=axis, keepdims=True)
+  return jnp.squeeze(big, axis) + jnp.log(jnp.sum(s_JxN * jnp.exp(m_JxN - big), axis=axis))
+
+
+def _backend(interpret):
+  from parcae.quant.kernels import qdq  # the kernels' shared backend choice (interpret on a CPU)
+  interpret, _, params = qdq.backend(interpret, WARPS)
+  return interpret, params
+
+
+def _local(x_NxV, interpret):
+  """Per-tile (m, s) of one device's logits, [V / cols, N] each."""
+  interpret, params = _backend(interpret)
+  n, v = x_NxV.shape
+  cols = _cols(v)
+  part = jax.ShapeDtypeStruct((v // cols, n), jnp.float32)
+  out = pl.BlockSpec((None, ROWS), lambda i, j: (j, i))
+  return pl.pallas_call(_kernel, out_shape=(part, part), grid=(n // ROWS, v // cols),
+                        in_specs=[pl.BlockSpec((ROWS, cols), lambda i, j: (i, j))], out_specs=(out, out),
+                        interpret=interpret, **params)(x_NxV)
+
+
+def row_lse(x_NxV, interpret=None):
+  """log(sum(exp(x), axis=1)) in float32 for x [N, V] (any float dtype), N a multiple of ROWS."""
+  n, v = x_NxV.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else tuple(
+      a for a in BATCH_AXES + ("tensor",) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+  batch = tuple(a for a in axes if a != "tensor") or None
+  if batch and (n // math.prod(mesh.shape[a] for a in batch)) % ROWS:
+    batch = None  # rows that do not split into whole row blocks per device: all rows on every device
+  tensor = "tensor" if "tensor" in axes and _cols(v // mesh.shape["tensor"]) and not v % mesh.shape["tensor"] else None
+  if not (batch or tensor):
+    return combine(*_local(x_NxV, interpret))
+
+  def per_device(x):
+    lse = combine(*_local(x, interpret))
+    if tensor:  # each device holds a slice of the vocabulary
+      big = jax.lax.pmax(lse, tensor)
+      lse = big + jnp.log(jax.lax.psum(jnp.exp(lse - big), tensor))
+    return lse
+
+  return jax.shard_map(per_device, in_specs=P(batch, tensor), out_specs=P(batch),
+                       axis_names=set(a for a in (*(batch or ()), tensor) if a), check_vma=False)(x_NxV)
