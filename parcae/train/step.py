@@ -28,15 +28,15 @@ def sample_step_depths(model, key, global_batch: int, accum: int, grouping: bool
   return n.reshape(accum, -1), k.reshape(accum, -1)
 
 
-def micro_loss(params, graphdef, batch, n_B, k_B, keys, train_cfg):
-  """Mean token NLL of one micro-batch and the model's loop telemetry."""
+def micro_loss(params, graphdef, batch, n_B, k_B, keys, train_cfg, scale=1.0):
+  """Mean token NLL of one micro-batch times `scale`, and the model's loop telemetry."""
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
   steps = grad_depth(cfg) if cfg.kind == "parcae" else 0
   y, aux = model.hidden(batch["inputs"], n_B, k_B, key=keys[0], grad_steps=steps,
                         quant_key=None if model.quant == "bf16" else keys[1])
   nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, train_cfg.loss_chunk, cfg.lse_impl)
-  return nll.mean(), aux
+  return nll.mean() * scale, aux
 
 
 def _tree_norm(tree):
@@ -65,13 +65,17 @@ def make_train_step(graphdef, optimizer, train_cfg):
                               train_cfg.depth_grouping)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    # The mean over micro-batches scales each one's loss (so its gradients come out scaled) and the gradients
+    # are summed as they are: the embedding tables' gradients, scatter-adds into zeros, then become scatter-adds
+    # straight into the accumulator (XLA rewrites acc + scatter(0, ...), not acc + scatter(0, ...) / accum),
+    # with no [V, D] zero fill and add per table and micro-batch.
     def accumulate(carry, xs):
       grads_acc, loss_acc = carry
       mb, n_B, k_B, i = xs
       keys = (jax.random.fold_in(jax.random.fold_in(skey, 1), i), jax.random.fold_in(jax.random.fold_in(skey, 2), i))
-      (loss, aux), grads = grad_fn(state["params"], graphdef, mb, n_B, k_B, keys, train_cfg)
-      grads_acc = jax.tree.map(lambda a, g: a + g / accum, grads_acc, grads)
-      return (grads_acc, loss_acc + loss / accum), (aux, aux.get("n_exec", jnp.max(n_B).astype(jnp.float32)))
+      (loss, aux), grads = grad_fn(state["params"], graphdef, mb, n_B, k_B, keys, train_cfg, 1.0 / accum)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      return (grads_acc, loss_acc + loss), (aux, aux.get("n_exec", jnp.max(n_B).astype(jnp.float32)))
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
     (grads, loss), (aux, n_exec) = jax.lax.scan(accumulate, (zeros, jnp.float32(0.0)),
