@@ -82,6 +82,10 @@ VARIANTS = {
     "parcae_small_lse_xla": ("parcae", "small", {"model.lse_impl": "xla"}),
     "gpt_medium_lse_xla": ("gpt", "medium", {"model.lse_impl": "xla"}),
     "gpt_small_lse_xla": ("gpt", "small", {"model.lse_impl": "xla"}),
+    # memory for gpt-medium: recompute only ReLU^2's output in the first N blocks (the recipe had "dots" on one)
+    "gpt_medium_mlp_act2": ("gpt", "medium", {"model.block_remat": "mlp_act", "model.block_remat_first": 2}),
+    "gpt_medium_mlp_act3": ("gpt", "medium", {"model.block_remat": "mlp_act", "model.block_remat_first": 3}),
+    "gpt_medium_dots1": ("gpt", "medium", {"model.block_remat": "dots", "model.block_remat_first": 1}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB

@@ -299,12 +299,12 @@ def _saved_activation_bytes(fn, *args, lead=(2, S)):
 def test_block_remat_keeps_less_and_changes_nothing(kind):
   """model.block_remat: GPT's blocks (Parcae's prelude and coda) recompute in the backward pass: the
   gradients are those without remat, and autodiff keeps a fraction of the activations ("dots": the
-  matmul outputs, "full": the block inputs)."""
+  matmul outputs, "full": the block inputs, "mlp_act": all but the MLP's activation)."""
   ids = jax.random.randint(jax.random.key(8), (2, S), 0, V)
   targets = jax.random.randint(jax.random.key(9), (2, S), 0, V)
   grads, kept = {}, {}
   stages = {"prelude_layers": 2, "coda_layers": 2}  # two blocks per non-looped stage (GPT: n_layers)
-  for policy in ("none", "dots", "full"):
+  for policy in ("none", "dots", "full", "mlp_act"):
     gd, st = nnx.split(perturbed_model(tiny_cfg(kind=kind, n_layers=4, block_remat=policy, **stages), seed=4),
                        nnx.Param)
 
@@ -320,9 +320,12 @@ def test_block_remat_keeps_less_and_changes_nothing(kind):
     return model_loss(s, gd, ids, targets, jax.random.key(0), jnp.array([1, 2]), jnp.array([1, 2]))
   grads["first1"] = jax.tree.map(np.asarray, nnx.to_pure_dict(jax.grad(loss1)(st)))
   kept["first1"] = _saved_activation_bytes(loss1, st)
-  for policy in ("dots", "full", "first1"):
+  for policy in ("dots", "full", "first1", "mlp_act"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), grads[policy], grads["none"])
   assert kept["full"] < kept["dots"] < kept["none"], kept
+  # "mlp_act": exactly one [B, S, F] float32 array (ReLU^2's output) less per block, 4 blocks
+  cfg = tiny_cfg()
+  assert kept["none"] - kept["mlp_act"] == 4 * 2 * S * cfg.ffn_mult * cfg.d_model * 4, kept
   assert kept["full"] < 0.5 * kept["none"], kept
   assert kept["full"] < kept["first1"] < kept["none"], kept
 

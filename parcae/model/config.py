@@ -13,6 +13,7 @@ STATE_INITS = ("like-init", "zero", "normal", "embed", "unit")
 SAMPLING_SCHEMES = ("poisson-truncated-full", "poisson-full", "fixed")
 SAMPLING_GRANULARITIES = ("per-sequence", "per-batch")
 REMAT_POLICIES = ("full", "dots", "none")
+BLOCK_REMAT_POLICIES = REMAT_POLICIES + ("mlp_act",)  # mlp_act: recompute only the MLP activation
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNEL_IMPLS = ("auto", "xla", "pallas")  # rope_impl, lse_impl
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -55,7 +56,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.grad_unroll = False  # unroll the grad phase: grad_depth copies of the core (no stacked residuals; compile grows)
   # no-grad loop: 1 = the whole batch to max(n_B); 2 = each batch shard's deeper half alone for the last iterations
   c.no_grad_split = 1
-  c.block_remat = "none"  # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots
+  # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots | mlp_act (ReLU^2's
+  # output only: one MLP-sized array less per block for one elementwise pass)
+  c.block_remat = "none"
   c.block_remat_first = 0  # block_remat only for the first N blocks of each of those stages (0 = every block)
   c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"
   # RoPE + QK-norm: "auto" = one Pallas kernel each way on a GPU where the shape allows (else the jnp path,
@@ -92,7 +95,7 @@ def validate_model_config(cfg) -> None:
   _choice(cfg, "sampling_scheme", SAMPLING_SCHEMES)
   _choice(cfg, "sampling_granularity", SAMPLING_GRANULARITIES)
   _choice(cfg, "remat", REMAT_POLICIES)
-  _choice(cfg, "block_remat", REMAT_POLICIES)
+  _choice(cfg, "block_remat", BLOCK_REMAT_POLICIES)
   _choice(cfg, "attention_impl", ATTENTION_IMPLS)
   _choice(cfg, "rope_impl", KERNEL_IMPLS)
   _choice(cfg, "lse_impl", KERNEL_IMPLS)

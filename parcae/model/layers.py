@@ -234,9 +234,15 @@ class MLP(nnx.Module):
     self.fc = Linear(init.kernel(key, d, f, init.std_for(d)), cd, quant)
     self.proj = Linear(init.zeros(f, d), cd, quant)
 
-  def __call__(self, x_BxSxD, key=None):
+  def __call__(self, x_BxSxD, key=None, recompute_act=False):
+    """recompute_act: the backward pass recomputes ReLU^2(h) from the kept h instead of keeping it (one
+    MLP-sized array less per block for an elementwise pass; block_remat "mlp_act")."""
     k1, k2 = (None, None) if key is None else jax.random.split(key)
-    return self.proj(self.fc(x_BxSxD, k1), k2, act=relu2)  # quantized: ReLU^2 inside proj's quantizer
+    h_BxSxF = self.fc(x_BxSxD, k1)
+    if not recompute_act:
+      return self.proj(h_BxSxF, k2, act=relu2)  # quantized: ReLU^2 inside proj's quantizer
+    proj = jax.checkpoint(lambda h, w: self.proj.matmul(h, w, k2, relu2), policy=REMAT["full"])
+    return proj(h_BxSxF, self.proj.kernel[...])
 
 
 class Block(nnx.Module):
@@ -249,10 +255,10 @@ class Block(nnx.Module):
     self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.mlp = MLP(cfg, k2, cd=cd, quant=quant)
 
-  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
+  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None, recompute_act=False):
     k1, k2 = (None, None) if key is None else jax.random.split(key)
     x = x_BxSxD + self.attn(self.norm1(x_BxSxD), rope, ve_BxSxD, k1).astype(jnp.float32)
-    return x + self.mlp(self.norm2(x), k2).astype(jnp.float32)
+    return x + self.mlp(self.norm2(x), k2, recompute_act).astype(jnp.float32)
 
 
 def make_stage(cfg, key, ve_flags, cd, quant):
@@ -261,12 +267,13 @@ def make_stage(cfg, key, ve_flags, cd, quant):
 
 
 def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int = 0):
-  """The blocks in order; each rematerialized with the named policy (`REMAT`) unless "none"; with first > 0
-  only the first `first` blocks are (a memory / speed trade finer than all or nothing)."""
+  """The blocks in order; each rematerialized with the named policy (`REMAT`) unless "none" (or, for
+  "mlp_act", recomputing only its MLP's activation); with first > 0 only the first `first` blocks are (a
+  memory / speed trade finer than all or nothing)."""
   for i, blk in enumerate(blocks):
     k = None if key is None else jax.random.fold_in(key, i)
-    if policy == "none" or 0 < first <= i:
-      x = blk(x, rope, ves[i], k)
+    if policy in ("none", "mlp_act") or 0 < first <= i:
+      x = blk(x, rope, ves[i], k, recompute_act=policy == "mlp_act" and not 0 < first <= i)
       continue
     graphdef, state = nnx.split(blk)
     x = remat(lambda st, x, rope, ve, k: nnx.merge(graphdef, st)(x, rope, ve, k), policy)(
