@@ -14,25 +14,13 @@ import argparse
 import itertools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from parcae.model import lse
-
-
-def timed(fn, *args, iters):
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(iters)]
-    jax.block_until_ready(outs)
-    ts.append((time.perf_counter() - t0) / iters)
-  return statistics.median(ts)
+from rope_norm import timed  # bench/rope_norm.py: calls back to back, median of 5
 
 
 def main():
