@@ -12,7 +12,6 @@ per-device results combined across "tensor" by the same formula.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -20,9 +19,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
+from parcae.model.rope_norm import kernel_axes
+
 # GPU launch shape: rows per program, widest column tile, Triton warps (bench/lse.py sweeps them).
 ROWS, MAX_COLS, WARPS = 16, 1024, 8
-BATCH_AXES = ("data", "fsdp")  # the trainer's mesh axes that split the batch (parcae.train.mesh)
 
 
 def _cols(v: int) -> int:
@@ -73,10 +73,10 @@ def row_lse(x_NxV, interpret=None):
   """log(sum(exp(x), axis=1)) in float32 for x [N, V] (any float dtype), N a multiple of ROWS."""
   n, v = x_NxV.shape
   mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh.empty else tuple(
-      a for a in BATCH_AXES + ("tensor",) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+  axes = kernel_axes(mesh)
   batch = tuple(a for a in axes if a != "tensor") or None
-  if batch and (n // math.prod(mesh.shape[a] for a in batch)) % ROWS:
+  shards = math.prod(mesh.shape[a] for a in batch or ())
+  if batch and (n % shards or (n // shards) % ROWS):
     batch = None  # rows that do not split into whole row blocks per device: all rows on every device
   tensor = "tensor" if "tensor" in axes and _cols(v // mesh.shape["tensor"]) and not v % mesh.shape["tensor"] else None
   if not (batch or tensor):

@@ -33,6 +33,13 @@ ROWS, WARPS = 32, 8
 BATCH_AXES = ("data", "fsdp")  # the trainer's mesh axes that split the batch (parcae.train.mesh)
 
 
+def kernel_axes(mesh):
+  """The trainer's axes (batch axes, then "tensor") of size > 1 that a kernel call must run per device under
+  (none already manual in a caller's shard_map); () without a mesh."""
+  return () if mesh.empty else tuple(
+      a for a in BATCH_AXES + ("tensor",) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+
+
 def supported(y_shape, k: int) -> bool:
   """The kernels need a power-of-two head_dim >= 32 and sequences that are whole row blocks."""
   return k >= 32 and k & (k - 1) == 0 and y_shape[1] % ROWS == 0
@@ -186,8 +193,7 @@ def rope_qk_norm(y_BxSxTx3xG, cos_SxK2, sin_SxK2, *, n_heads: int, norm: bool, i
     return tuple(o.reshape(bl, s, -1, k) for o in outs)
 
   mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh.empty else tuple(
-      a for a in BATCH_AXES + ("tensor",) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+  axes = kernel_axes(mesh)
   if not axes:
     return per_device(y_BxSxTx3xG, cos, sin)
   batch = tuple(a for a in axes if a != "tensor") or None
