@@ -95,3 +95,21 @@ def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch
     monkeypatch.setattr(lse, "_backend", lambda interpret: (False, qdq.backend(False, lse.WARPS)[2]))
     text = jax.jit(lse.row_lse).trace(x).lower(lowering_platforms=("cuda",)).as_text()
   assert len(triton_calls(text)) == 1
+
+
+def test_sharded_train_step_lowers_with_the_kernel_per_device(cuda_lowering, monkeypatch):
+  """The whole train step with lse_impl "pallas" on a (2, 2, 2) mesh lowers for CUDA with the kernel in the
+  forward's loss head, each call on one device's rows (a quarter of a chunk) and half of the vocabulary."""
+  from conftest import triton_calls
+  from parcae.quant.kernels import qdq
+  from train_helpers import lower_sharded_step_for_cuda, tiny_config
+  cfg = tiny_config("unused", grad_accum=2, seq_len=64)
+  cfg.model.compute_dtype, cfg.model.lse_impl, cfg.model.rope_impl = "bfloat16", "pallas", "xla"
+  cfg.train.loss_chunk = 256
+  shapes = set()
+  real = lse._local
+  monkeypatch.setattr(lse, "_local", lambda x, i: shapes.add(x.shape) or real(x, i))
+  monkeypatch.setattr(lse, "_backend", lambda interpret: (False, qdq.backend(False, lse.WARPS)[2]))
+  text = lower_sharded_step_for_cuda(cfg)
+  assert len(triton_calls(text)) >= 1
+  assert shapes == {(256 // 4, cfg.model.vocab_size // 2)}, shapes
