@@ -40,6 +40,7 @@ def test_kernel_matches_float64(n, v, dtype):
 def test_tile_width_and_support():
   assert lse._cols(32768) == lse.MAX_COLS and lse._cols(2048 + 64) == 64 and lse._cols(96) == 0
   assert lse.supported(2048, 32768) and not lse.supported(2048 + 8, 32768) and not lse.supported(32, 96)
+  assert lse.supported(32, 2048 + 64) and not lse.supported(32, 2048 + 64, min_cols=256)
 
 
 def loss_inputs(seed=0, b=2, s=32, d=32, v=256):

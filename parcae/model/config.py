@@ -64,8 +64,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   # RoPE + QK-norm: "auto" = one Pallas kernel each way on a GPU where the shape allows (else the jnp path,
   # "xla"); "pallas" forces the kernels (interpreted on a CPU; an error where they cannot run, e.g. decode steps)
   c.rope_impl = "auto"
-  # Loss head's log-sum-exp: "auto" = one Pallas pass over the logits on a GPU where the chunk allows (else the
-  # two-pass jnp formula, "xla"); "pallas" forces the kernel (interpreted on a CPU; an error where it cannot run)
+  # Loss head's log-sum-exp: "auto" = one Pallas pass over the logits on a GPU where chunk and vocabulary allow (else
+  # the two-pass jnp formula, "xla"); "pallas" forces the kernel (interpreted on a CPU; an error where it cannot run)
   c.lse_impl = "auto"
   return c
 

@@ -37,7 +37,7 @@ def _use_kernel(impl, n, v):
   if impl == "pallas" and not lse.supported(n, v):
     raise ValueError(f"model.lse_impl='pallas' needs loss chunks of a multiple of {lse.ROWS} tokens and a "
                      f"vocabulary divisible by 64 (chunk {n}, vocabulary {v}); use lse_impl='auto' or 'xla'")
-  return impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu" and lse.supported(n, v))
+  return impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu" and lse.supported(n, v, 256))
 
 
 def _logits(y_NxD, table_cd_VxD, cd):
