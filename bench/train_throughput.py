@@ -86,6 +86,9 @@ VARIANTS = {
     "gpt_medium_mlp_act2": ("gpt", "medium", {"model.block_remat": "mlp_act", "model.block_remat_first": 2}),
     "gpt_medium_mlp_act3": ("gpt", "medium", {"model.block_remat": "mlp_act", "model.block_remat_first": 3}),
     "gpt_medium_dots1": ("gpt", "medium", {"model.block_remat": "dots", "model.block_remat_first": 1}),
+    # the no-grad loop split in quarters (the recipes: halves)
+    "parcae_small_split4": ("parcae", "small", {"model.no_grad_split": 4}),
+    "parcae_medium_split4": ("parcae", "medium", {"model.no_grad_split": 4}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB

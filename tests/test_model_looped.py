@@ -136,7 +136,9 @@ def _float64_reference(pure, ids, targets, h0, n_list, k_list):
 @pytest.mark.parametrize("grad_unroll,split,n_list,k_list", [
     (False, 1, [2, 0, 3], [2, 1, 2]), (True, 1, [2, 0, 3], [2, 1, 2]),
     # the split no-grad loop: halves [0, 2] (to n = 2 together) and [1, 5] (alone from 2 to 5, n = 1 masked)
-    (True, 2, [0, 2, 1, 5], [2, 1, 2, 2])])
+    (True, 2, [0, 2, 1, 5], [2, 1, 2, 2]),
+    # split 4: [0, 2] to n = 2 together, then [1, 5] from 2: [1] (nothing left) and [5] alone to 5
+    (True, 4, [0, 2, 1, 5], [2, 1, 2, 2])])
 def test_truncated_backprop_matches_float64_unrolled(grad_unroll, split, n_list, k_list):
   cfg = tiny_cfg(grad_unroll=grad_unroll, no_grad_split=split)
   m = perturbed_model(cfg)
@@ -355,13 +357,14 @@ def test_block_remat_is_validated():
 
 
 def test_no_grad_split_runs_the_deeper_halves_alone():
-  """split=2: the no-grad loop's second while loop sees half the batch (each shard's deeper half), the hidden
-  states equal split=1's, and the executed-iteration count (MFU) is the shallower halves' deepest n plus half the
-  rest; under a (data 2) mesh the halves are per shard."""
+  """split=2: the no-grad loop's second while loop sees half the batch (each shard's deeper half), split=4 a
+  third one a quarter; the hidden states equal split=1's, and the executed-iteration count (MFU) is the
+  shallower halves' deepest n plus half of what the deeper halves execute; under a (data 2) mesh the halves
+  are per shard."""
   n_B, k_B = jnp.array([0, 1, 2, 5]), jnp.array([1, 1, 1, 1])
   ids = jax.random.randint(jax.random.key(1), (4, S), 0, V)
   outs, batches = {}, {}
-  for split in (1, 2):
+  for split in (1, 2, 4):
     m = perturbed_model(tiny_cfg(no_grad_split=split))
     seen = []
     real = m._core_fn
@@ -372,13 +375,19 @@ def test_no_grad_split_runs_the_deeper_halves_alone():
     m._core_fn = spy
     outs[split] = np.asarray(m.hidden(ids, n_B, k_B, grad_steps=1)[0])
     batches[split] = sorted(set(seen))
-  assert batches == {1: [4], 2: [2, 4]}, batches
+  assert batches == {1: [4], 2: [2, 4], 4: [1, 2, 4]}, batches
   np.testing.assert_allclose(outs[2], outs[1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(outs[4], outs[1], rtol=1e-6, atol=1e-6)
   assert float(M.looped.executed_no_grad_iters(n_B, 2)) == 1 + 0.5 * (5 - 1)
+  assert float(M.looped.executed_no_grad_iters(n_B, 4)) == 1 + 0.5 * ((2 - 1) + 0.5 * (5 - 2))
   assert float(M.looped.executed_no_grad_iters(n_B, 1)) == 5
   mesh = jax.make_mesh((2, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:2],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):  # shards [0, 1] and [2, 5]: shallower halves 0 and 2
     assert float(M.looped.executed_no_grad_iters(n_B, 2)) == 2 + 0.5 * (5 - 2)
+    assert float(M.looped.executed_no_grad_iters(n_B, 4)) == 2 + 0.5 * (5 - 2)  # one row per shard: no quarter
+    # 8 rows, shards [0 1 2 3 | 1 2 4 6]: all to 2 (lower halves [0 1], [1 2]), [2 3] and [4 6] to 4, [3] and [6] to 6
+    n8 = jnp.array([0, 1, 2, 3, 1, 2, 4, 6])
+    assert float(M.looped.executed_no_grad_iters(n8, 4)) == 2 + 0.5 * ((4 - 2) + 0.5 * (6 - 4))
   with pytest.raises(ValueError, match="model.no_grad_split=3"):
     M.validate_model_config(tiny_cfg(no_grad_split=3))

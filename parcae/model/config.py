@@ -54,7 +54,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "bfloat16"  # matmul dtype; "float32" for exact checks (params stay float32)
   c.remat = "full"  # recompute policy per grad loop iteration: full | dots | none (layers.REMAT)
   c.grad_unroll = False  # unroll the grad phase: grad_depth copies of the core (no stacked residuals; compile grows)
-  # no-grad loop: 1 = the whole batch to max(n_B); 2 = each batch shard's deeper half alone for the last iterations
+  # no-grad loop: 1 = the whole batch to max(n_B); 2 = each batch shard's deeper half alone for the last iterations;
+  # 4 = that half's deeper half alone again for the very last
   c.no_grad_split = 1
   # recompute policy per block of GPT and of Parcae's prelude / coda: none | full | dots | mlp_act (ReLU^2's
   # output only: one MLP-sized array less per block for one elementwise pass)
@@ -99,7 +100,7 @@ def validate_model_config(cfg) -> None:
   _choice(cfg, "attention_impl", ATTENTION_IMPLS)
   _choice(cfg, "rope_impl", KERNEL_IMPLS)
   _choice(cfg, "lse_impl", KERNEL_IMPLS)
-  _choice(cfg, "no_grad_split", (1, 2))
+  _choice(cfg, "no_grad_split", (1, 2, 4))
   _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
   positive = ["vocab_size", "d_model", "n_heads", "ffn_mult", "max_seq_len"]
   positive += ["n_layers"] if cfg.kind == "gpt" else ["core_layers", "mean_recurrence"]

@@ -6,7 +6,8 @@ The loop of `hidden`:
            `model.no_grad_split=2`: the loop runs the whole batch only to the deepest n of the shallower half
            of each batch shard's sequences, then that shard's deeper half alone to max(n_B) (half the batch:
            the same per-sequence iterations for less work when the sequences are grouped by depth; an NVFP4
-           recipe's tensor scale then spans the half batch in the second loop).
+           recipe's tensor scale then spans the half batch in the second loop); `=4` splits the deeper half
+           again (a third loop on a quarter of the batch).
   phase 2: `grad_depth` iterations (static) with gradient, a `scan` of a rematerialized step
            (`jax.checkpoint` per iteration); `model.grad_unroll` unrolls it into straight-line code, so the
            residuals the backward pass keeps are not stacked into [grad_depth, ...] loop buffers.
@@ -233,32 +234,33 @@ def _halves(b: int, split: int):
   return lower, upper, merge
 
 
-def _split_no_grad(no_grad, h, d_BxS, ctx, ves, n_B, split: int):
-  """Phase 1 (module doc): one while loop to max(n_B), or with split=2 the whole batch to the shallower
-  halves' deepest n and then the deeper halves alone (the same iterations for every sequence)."""
+def _split_no_grad(no_grad, h, d_BxS, ctx, ves, n_B, split: int, start=0):
+  """Phase 1 (module doc): one while loop from `start` to max(n_B), or with split > 1 the whole batch to the
+  shallower halves' deepest n and then the deeper halves alone, split again with split / 2 (the same
+  iterations for every sequence)."""
   b = n_B.shape[0]
   halves = _halves(b, split) if b else None
   if halves is None:
-    return no_grad(h, d_BxS, ctx, ves, n_B, jnp.int32(0), jnp.max(n_B) if b else 0)
+    return no_grad(h, d_BxS, ctx, ves, n_B, jnp.int32(start), jnp.max(n_B) if b else 0)
   lower, upper, merge = halves
-  n_lo = jnp.max(lower(n_B))
-  h, d_BxS = no_grad(h, d_BxS, ctx, ves, n_B, jnp.int32(0), n_lo)
+  n_lo = jnp.maximum(jnp.max(lower(n_B)), start)  # under a mesh a shard's deeper half may be shallower
+  h, d_BxS = no_grad(h, d_BxS, ctx, ves, n_B, jnp.int32(start), n_lo)
   per_seq = lambda a: upper(a) if a.ndim == 3 and a.shape[0] == b else a  # [B, S, D] inputs
-  h_hi, d_hi = no_grad(upper(h), upper(d_BxS), jax.tree.map(per_seq, ctx), jax.tree.map(per_seq, ves),
-                       upper(n_B), n_lo, jnp.max(n_B))
+  h_hi, d_hi = _split_no_grad(no_grad, upper(h), upper(d_BxS), jax.tree.map(per_seq, ctx),
+                              jax.tree.map(per_seq, ves), upper(n_B), split // 2, n_lo)
   return merge(lower(h), h_hi), merge(lower(d_BxS), d_hi)
 
 
-def executed_no_grad_iters(n_B, split: int):
+def executed_no_grad_iters(n_B, split: int, start=0):
   """No-grad loop iterations the batch executes, in whole-batch units (honest MFU): max(n_B), or with the
-  split the shallower halves' deepest n plus half the remaining iterations."""
+  split the shallower halves' deepest n plus half of what the deeper halves execute from there."""
   b = n_B.shape[0]
   halves = _halves(b, split) if b else None
   n_max = jnp.max(n_B).astype(jnp.float32) if b else jnp.float32(0)
   if halves is None:
-    return n_max
-  n_lo = jnp.max(halves[0](n_B)).astype(jnp.float32)
-  return n_lo + 0.5 * (n_max - n_lo)
+    return jnp.maximum(n_max - start, 0.0)
+  n_lo = jnp.maximum(jnp.max(halves[0](n_B)).astype(jnp.float32), start)
+  return n_lo - start + 0.5 * executed_no_grad_iters(halves[1](n_B), split // 2, n_lo)
 
 
 def _spectral_norm(w, iters: int = 8):
