@@ -39,14 +39,23 @@ def cmd_info(argv):
   p.add_argument("--compile", action="store_true",
                  help="also compile the train step for the config's mesh on this machine's devices (no array is "
                       "allocated) and report its memory per device: does it fit, before a run starts")
+  p.add_argument("--target", default=None,
+                 help="compile for GPUs this machine does not have (implies --compile): [HOSTSx]KIND[xDEVICES], "
+                      "KIND h100 or h200, e.g. h100x8; needs jax's CUDA plugin (jax-cuda13-plugin[with-cuda]), "
+                      "not a GPU")
   args, overrides = _parse(p, argv)
+  if args.target:
+    from parcae.train.targets import parse_target
+    parse_target(args.target)  # a bad target fails before the config is loaded
+    import jax
+    jax.config.update("jax_platforms", "cpu")  # compile-only GPU devices; no GPU backend is started here
   from parcae.config import load_config
   from parcae.scaling.info import model_info
   cfg = load_config(args.config, overrides)
   info = model_info(cfg)
-  if args.compile:
+  if args.compile or args.target:
     from parcae.train.loop import aot_compile
-    info.update({f"compile.{k}": v for k, v in aot_compile(cfg).items()})
+    info.update({f"compile.{k}": v for k, v in aot_compile(cfg, target=args.target).items()})
   if args.json:
     print(json.dumps(info, indent=2))
   else:
@@ -119,7 +128,7 @@ def main(argv=None) -> int:
     return 0 if argv and argv[0] in ("-h", "--help") else 2
   try:
     return COMMANDS[argv[0]](argv[1:]) or 0
-  except (ValueError, FileNotFoundError) as err:
+  except (ValueError, FileNotFoundError, ImportError) as err:
     if os.environ.get("PARCAE_TRACEBACK"):  # full traceback for debugging the framework itself
       raise
     print(f"parcae {argv[0]}: error: {err} (set PARCAE_TRACEBACK=1 for the traceback)", file=sys.stderr)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from parcae import compile_target
 from parcae.model import init, rope_norm
 
 VE_GATE_WIDTH = 32  # gate reads the first 32 channels of the normed block input
@@ -190,7 +191,7 @@ class Attention(nnx.Module):
         raise ValueError(f"model.rope_impl='pallas' needs a power-of-two head_dim >= 32 and a sequence length "
                          f"divisible by {rope_norm.ROWS} (q/k/v {y_shape}); use rope_impl='auto' or 'xla'")
       return True
-    return ok and jax.default_backend() == "gpu"
+    return ok and compile_target.platform() == "gpu"
 
   def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
     b, s, d = x_BxSxD.shape
@@ -201,7 +202,7 @@ class Attention(nnx.Module):
 
   def _impl(self):
     if self.impl == "auto":
-      use_cudnn = jax.default_backend() == "gpu" and self.cd in (jnp.bfloat16, jnp.float16)
+      use_cudnn = compile_target.platform() == "gpu" and self.cd in (jnp.bfloat16, jnp.float16)
       return "cudnn" if use_cudnn else None
     return None if self.impl == "xla" else self.impl
 

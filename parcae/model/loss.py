@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from parcae import compile_target
 from parcae.model import lse
 
 
@@ -37,7 +38,7 @@ def _use_kernel(impl, n, v):
   if impl == "pallas" and not lse.supported(n, v):
     raise ValueError(f"model.lse_impl='pallas' needs loss chunks of a multiple of {lse.ROWS} tokens and a "
                      f"vocabulary divisible by 64 (chunk {n}, vocabulary {v}); use lse_impl='auto' or 'xla'")
-  return impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu" and lse.supported(n, v, 256))
+  return impl == "pallas" or (impl == "auto" and compile_target.platform() == "gpu" and lse.supported(n, v, 256))
 
 
 def _logits(y_NxD, table_cd_VxD, cd):

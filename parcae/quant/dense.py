@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from parcae import compile_target
 from parcae.quant import hadamard as H
 from parcae.quant import quantize as Q
 from parcae.quant import scalesearch as S
@@ -87,7 +88,7 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"impl {impl!r} is not valid; use one of {IMPLS}")
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "jnp"
+    return "pallas" if compile_target.platform() == "gpu" else "jnp"
   return impl
 
 

@@ -273,22 +273,50 @@ def memory_row(compiled) -> dict:
   return row
 
 
-def aot_compile(cfg, devices=None) -> dict:
-  """Compiles cfg's train step for its mesh on `devices` (default: all) from abstract shapes, allocating no
-  array, and returns the compile time and `memory_row`: whether a config fits, before a run starts."""
-  mesh = pmesh.make_mesh(cfg.mesh, devices)
-  check_batch(cfg, mesh)
-  graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
-  step, batch_sh = jit_train_step(graphdef, optimizer, cfg.train, shardings, mesh)
-  tc = cfg.train
-  shape = (tc.grad_accum, tc.micro_batch_size, tc.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
-  t0 = time.time()
-  compiled = step.lower(ckpt.abstract_like(abstract, shardings), batch, run_length_arrays(cfg, mesh)).compile()
-  limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
-  return {"devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind,
-          "mesh": dict(mesh.shape), "compile_s": time.time() - t0, **memory_row(compiled),
-          "device_limit_gib": limit / 2**30 if limit else None}
+def compile_train_step(cfg, devices=None, target: str | None = None):
+  """(compiled train step, mesh, compile seconds): cfg's step for its mesh on `devices` (default: all),
+  compiled from abstract shapes without allocating an array. target: a GPU target such as "h100x8"
+  (`parcae.train.targets`) to compile for instead, on compile-only devices with the kernels a GPU run uses
+  (needs jax's CUDA plugin, not a GPU)."""
+  from parcae import compile_target  # pylint: disable=g-import-not-at-top
+  if target is not None:
+    from parcae.train.targets import target_devices  # pylint: disable=g-import-not-at-top
+    devices = target_devices(target)
+  with compile_target.compiling_for("gpu" if target is not None else compile_target.platform()):
+    mesh = pmesh.make_mesh(cfg.mesh, devices)
+    check_batch(cfg, mesh)
+    graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
+    step, batch_sh = jit_train_step(graphdef, optimizer, cfg.train, shardings, mesh)
+    tc = cfg.train
+    shape = (tc.grad_accum, tc.micro_batch_size, tc.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
+    run = {k: jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+           for k in schedules.run_length(cfg.optim, tc.steps)}
+    t0 = time.time()
+    compiled = step.lower(ckpt.abstract_like(abstract, shardings), batch, run).compile()
+  return compiled, mesh, time.time() - t0
+
+
+def aot_compile(cfg, devices=None, target: str | None = None) -> dict:
+  """`compile_train_step`'s compile time and `memory_row` per device, and the device's memory: whether a
+  config fits, before a run starts (on this machine's devices or, with `target`, on GPUs it does not have)."""
+  compiled, mesh, seconds = compile_train_step(cfg, devices, target)
+  limit = _memory_limit(mesh.devices.flat[0])
+  row = {"devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind,
+         "mesh": dict(mesh.shape), "compile_s": seconds, **memory_row(compiled),
+         "device_limit_gib": limit / 2**30 if limit else None}  # what jax's allocator may use here
+  if target is not None:  # the target GPU's whole memory (jax preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of it)
+    from parcae.train.targets import GPUS, parse_target  # pylint: disable=g-import-not-at-top
+    row["device_memory_gib"] = GPUS[parse_target(target)[0]][1] / 2**30
+  return row
+
+
+def _memory_limit(device):
+  """The device's memory limit in bytes, or None (a CPU, or a compile-only device that has no memory)."""
+  try:
+    return (device.memory_stats() or {}).get("bytes_limit")
+  except jax.errors.JaxRuntimeError:
+    return None
 
 
 def _add_mfu(m, cfg, seq_len, peak):

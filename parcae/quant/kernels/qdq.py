@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from parcae import compile_target
 from parcae.quant import quantize as Q
 from parcae.quant import rng as R
 
@@ -75,7 +76,7 @@ def backend(interpret, num_warps=4):
   """(interpret, division, pallas_call keyword arguments): CPU interprets; the GPU compiles with Triton
   with `num_warps` warps per program."""
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+    interpret = compile_target.platform() == "cpu"
   if interpret:
     return True, jnp.divide, {}
   from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
