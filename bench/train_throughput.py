@@ -82,7 +82,8 @@ VARIANTS = {
     "parcae_small_lse_xla": ("parcae", "small", {"model.lse_impl": "xla"}),
     "gpt_medium_lse_xla": ("gpt", "medium", {"model.lse_impl": "xla"}),
     "gpt_small_lse_xla": ("gpt", "small", {"model.lse_impl": "xla"}),
-    # memory for gpt-medium: recompute only ReLU^2's output in the first N blocks (the recipe had "dots" on one)
+    # memory for gpt-medium: recompute only ReLU^2's output in the first N blocks (the recipe: N = 2 since
+    # session 17; before, "dots" on the first block: gpt_medium_dots1)
     "gpt_medium_mlp_act2": ("gpt", "medium", {"model.block_remat": "mlp_act", "model.block_remat_first": 2}),
     "gpt_medium_mlp_act3": ("gpt", "medium", {"model.block_remat": "mlp_act", "model.block_remat_first": 3}),
     "gpt_medium_dots1": ("gpt", "medium", {"model.block_remat": "dots", "model.block_remat_first": 1}),

@@ -115,9 +115,11 @@ def reference_config(kind: str, size: str) -> ml_collections.ConfigDict:
     # (bench/RESULTS.md, "2026-12-01, session 8").
     c.model.no_grad_split = 2
   if kind == "gpt" and size == "medium":
-    # Rematerialize the first block's matmul-free work: 21.7 -> 21.2 GiB (the reference's peak is 21.5) for
-    # -1% speed; full per-block remat costs 8-20% (bench/RESULTS.md, "2026-12-01, session 6").
-    c.model.block_remat, c.model.block_remat_first = "dots", 1
+    # Without remat the peak is 21.7 GiB (the reference's: 21.5). Recomputing ReLU^2's output in the first two
+    # blocks keeps as little as "dots" on the first block (21.2 GiB measured; that cost ~1% speed, session
+    # 6) for less work: no recomputed attention, 6.8 GB less memory traffic per step (compiled for an H100
+    # on a CPU, bench/RESULTS.md, "2026-12-05, session 17"; predicted +0.6%, not yet timed on a GPU).
+    c.model.block_remat, c.model.block_remat_first = "mlp_act", 2
   c.train.eval_every = 500
   c.train.log_every = 10
   c.optim.lr, c.optim.muon_lr = lr, 8e-3

@@ -1,0 +1,114 @@
+"""A static profile of an optimized XLA GPU program (HLO text): what its kernels compute and move, per step.
+
+Every kernel launch of the program (fusions, library calls, collectives at the top level of the entry
+computation and of the loops it runs) with its bytes (operands read + results written, as declared) and, for
+cuBLAS GEMMs, its FLOPs; a loop body's kernels count as often as XLA's known trip count says (a loop whose
+count depends on data counts once and is reported). No GPU needed: with `parcae info --target` / bench/aot_gpu.py
+the program comes from a compile-only H100, so variants can be compared before device time is spent.
+Bytes are an upper bound of the DRAM traffic (a fusion may read an operand through a slice); use differences
+between variants, not absolute times.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+
+BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+         "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e8m0fnu": 1, "f4e2m1fn": 1}
+_ARRAY = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
+_COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
+KERNEL_OPS = {"fusion", "custom-call", "all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+              "collective-permute", "copy", "all-reduce-start", "all-gather-start", "collective-permute-start",
+              "reduce-scatter-start"}
+
+
+def shape_bytes(shape: str) -> int:
+  return sum(BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+             for t, dims in _ARRAY.findall(shape))
+
+
+def parse(hlo: str):
+  """{computation: [(name, shape, op, operand names, attributes)]} and the entry computation's name."""
+  comps, entry, cur = {}, None, None
+  for line in hlo.splitlines():
+    m = _COMP.match(line)
+    if m and not line.startswith(" "):
+      cur = m.group(2)
+      comps[cur] = []
+      entry = cur if m.group(1) else entry
+      continue
+    if cur is None or line.strip() == "}":
+      continue
+    m = _INSTR.match(line)
+    if m:
+      name, shape, op, args, attrs = m.groups()
+      comps[cur].append((name, shape, op, re.findall(r"%([\w.\-]+)", args), attrs))
+  return comps, entry
+
+
+def _gemm_flops(shape, operand_shapes, attrs):
+  dims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attrs)
+  arrays = _ARRAY.findall(shape)
+  if not dims or not arrays or not operand_shapes:
+    return 0
+  lhs = [int(d) for d in _ARRAY.findall(operand_shapes[0])[0][1].split(",") if d]
+  k = math.prod(lhs[int(i.strip('"'))] for i in dims.group(1).split(",") if i)
+  return 2 * k * math.prod(int(d) for d in arrays[0][1].split(",") if d)
+
+
+def kernels(hlo: str):
+  """[(kind, computation, name, count, bytes, flops)] of every kernel, counts multiplied by trip counts;
+  and the loops whose trip count is unknown."""
+  comps, entry = parse(hlo)
+  out, unknown = [], []
+
+  def walk(comp, mult):
+    shapes = {n: s for n, s, *_ in comps.get(comp, [])}
+    for name, shape, op, args, attrs in comps.get(comp, []):
+      if op == "while":
+        body = re.search(r"body=%([\w.\-]+)", attrs).group(1)
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+        if not trip:
+          unknown.append(f"{comp}/{name}")
+        walk(body, mult * (int(trip.group(1)) if trip else 1))
+      elif op in ("call", "conditional", "async-start"):
+        for callee in re.findall(r"(?:to_apply|calls|branch_computations=\{[^}]*)=?%([\w.\-]+)", attrs):
+          walk(callee, mult)
+      elif op in KERNEL_OPS:
+        operand_shapes = [shapes.get(a, "") for a in args]
+        nbytes = shape_bytes(shape) + sum(shape_bytes(s) for s in operand_shapes)
+        target = re.search(r'custom_call_target="([^"]+)"', attrs)
+        kind = target.group(1) if target else op
+        if op == "fusion":
+          kind = "triton-gemm" if "__triton_gemm" in attrs or "nested_gemm" in attrs else \
+              "fusion:" + re.search(r"kind=(\w+)", attrs).group(1)
+        flops = _gemm_flops(shape, operand_shapes, attrs) if "matmul" in kind or "gemm" in kind else 0
+        out.append((kind, comp, name, mult, nbytes, flops))
+
+  walk(entry, 1)
+  return out, unknown
+
+
+def summary(hlo: str) -> dict:
+  """Per kind of kernel: launches, GB moved and GEMM TFLOP per step (trip counts applied)."""
+  ks, unknown = kernels(hlo)
+  by = defaultdict(lambda: [0, 0.0, 0.0])
+  for kind, _, _, n, b, f in ks:
+    key = "cudnn-attention" if "cudnn" in kind else "triton-kernel" if "triton" in kind and "gemm" not in kind \
+        else "gemm" if "matmul" in kind or "gemm" in kind else kind
+    by[key][0] += n
+    by[key][1] += n * b / 1e9
+    by[key][2] += n * f / 1e12
+  return {"kinds": {k: {"launches": v[0], "GB": round(v[1], 3), "TFLOP": round(v[2], 4)} for k, v in by.items()},
+          "total_GB": round(sum(v[1] for v in by.values()), 3),
+          "gemm_TFLOP": round(sum(v[2] for v in by.values()), 4), "loops_with_unknown_trip_count": unknown}
+
+
+if __name__ == "__main__":
+  import gzip
+  import sys
+  text = (gzip.open if sys.argv[1].endswith(".gz") else open)(sys.argv[1], "rt").read()
+  print(json.dumps(summary(text), indent=1))
