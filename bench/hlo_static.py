@@ -79,9 +79,12 @@ def kernels(hlo: str):
           walk(callee, mult)
       elif op in KERNEL_OPS:
         operand_shapes = [shapes.get(a, "") for a in args]
-        nbytes = shape_bytes(shape) + sum(shape_bytes(s) for s in operand_shapes)
         target = re.search(r'custom_call_target="([^"]+)"', attrs)
         kind = target.group(1) if target else op
+        written = shape
+        if "matmul" in kind or "gemm" in kind:  # a cuBLAS call's result is (product, workspace): count the product
+          written = "%s[%s]" % _ARRAY.findall(shape)[0]
+        nbytes = shape_bytes(written) + sum(shape_bytes(s) for s in operand_shapes)
         if op == "fusion":
           kind = "triton-gemm" if "__triton_gemm" in attrs or "nested_gemm" in attrs else \
               "fusion:" + re.search(r"kind=(\w+)", attrs).group(1)

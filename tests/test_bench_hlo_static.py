@@ -1,0 +1,77 @@
+"""bench/hlo_static.py: kernels, bytes and GEMM FLOPs of an optimized GPU program, loop trip counts applied."""
+import importlib.util
+import os
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "bench", "hlo_static.py")
+spec = importlib.util.spec_from_file_location("hlo_static", SCRIPT)
+hlo_static = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hlo_static)
+
+# The shape of an XLA GPU program (lines as a compile for an H100 prints them, attributes shortened): a loop
+# of known trip count 8 around a cuBLAS GEMM and an elementwise fusion, a loop of data-dependent count, and
+# a fusion in the entry computation. Fused computations are not kernels of their own.
+HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_add (p0: f32[64,32], p1: bf16[64,32]) -> f32[64,32] {
+  %p0 = f32[64,32]{1,0} parameter(0)
+  %p1 = bf16[64,32]{1,0} parameter(1)
+  %c = f32[64,32]{1,0} convert(%p1)
+  ROOT %add = f32[64,32]{1,0} add(%p0, %c)
+}
+
+%body (param: (s32[], f32[64,32], bf16[64,128], bf16[128,32])) -> (s32[], f32[64,32], bf16[64,128], bf16[128,32]) {
+  %param = (s32[], f32[64,32]{1,0}, bf16[64,128]{1,0}, bf16[128,32]{1,0}) parameter(0)
+  %gte.1 = f32[64,32]{1,0} get-tuple-element(%param), index=1
+  %gte.2 = bf16[64,128]{1,0} get-tuple-element(%param), index=2
+  %gte.3 = bf16[128,32]{1,0} get-tuple-element(%param), index=3
+  %custom-call.7 = (bf16[64,32]{1,0}, s8[4194304]{0}) custom-call(%gte.2, %gte.3), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
+  %gte.4 = bf16[64,32]{1,0} get-tuple-element(%custom-call.7), index=0
+  %loop_add_fusion = f32[64,32]{1,0} fusion(%gte.1, %gte.4), kind=kLoop, calls=%fused_add
+  %gte.0 = s32[] get-tuple-element(%param), index=0
+  ROOT %tuple = (s32[], f32[64,32]{1,0}, bf16[64,128]{1,0}, bf16[128,32]{1,0}) tuple(%gte.0, %loop_add_fusion, %gte.2, %gte.3)
+}
+
+%cond (param.1: (s32[], f32[64,32], bf16[64,128], bf16[128,32])) -> pred[] {
+  %param.1 = (s32[], f32[64,32]{1,0}, bf16[64,128]{1,0}, bf16[128,32]{1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+%body2 (p: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %p = (s32[], f32[16]{0}) parameter(0)
+  %g = f32[16]{0} get-tuple-element(%p), index=1
+  %loop_neg_fusion = f32[16]{0} fusion(%g), kind=kLoop, calls=%fused_add
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[16]{0}) tuple(%i, %loop_neg_fusion)
+}
+
+%cond2 (p.1: (s32[], f32[16])) -> pred[] {
+  %p.1 = (s32[], f32[16]{0}) parameter(0)
+  ROOT %lt.1 = pred[] constant(true)
+}
+
+ENTRY %main (a: (s32[], f32[64,32], bf16[64,128], bf16[128,32]), b: (s32[], f32[16])) -> f32[64,32] {
+  %a = (s32[], f32[64,32]{1,0}, bf16[64,128]{1,0}, bf16[128,32]{1,0}) parameter(0)
+  %b = (s32[], f32[16]{0}) parameter(1)
+  %while.1 = (s32[], f32[64,32]{1,0}, bf16[64,128]{1,0}, bf16[128,32]{1,0}) while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"8"},"known_init_step":{"init":"0","step":"1"}}
+  %while.2 = (s32[], f32[16]{0}) while(%b), condition=%cond2, body=%body2
+  %r = f32[64,32]{1,0} get-tuple-element(%while.1), index=1
+  ROOT %input_reduce_fusion = f32[64,32]{1,0} fusion(%r), kind=kInput, calls=%fused_add
+}
+"""
+
+
+def test_kernels_bytes_flops_and_trip_counts():
+  ks, unknown = hlo_static.kernels(HLO)
+  by_name = {k[2]: k for k in ks}
+  assert set(by_name) == {"custom-call.7", "loop_add_fusion", "loop_neg_fusion", "input_reduce_fusion"}
+  gemm = by_name["custom-call.7"]
+  assert gemm[3] == 8  # inside the loop of 8
+  assert gemm[4] == 64 * 32 * 2 + 64 * 128 * 2 + 128 * 32 * 2  # product (not the workspace) + both operands
+  assert gemm[5] == 2 * 64 * 32 * 128
+  assert by_name["loop_add_fusion"][3:5] == (8, 64 * 32 * 4 * 2 + 64 * 32 * 2)
+  assert by_name["loop_neg_fusion"][3] == 1 and unknown == ["main/while.2"]
+  assert by_name["input_reduce_fusion"][3:5] == (1, 2 * 64 * 32 * 4)
+  s = hlo_static.summary(HLO)
+  assert s["kinds"]["gemm"] == {"launches": 8, "GB": round(8 * gemm[4] / 1e9, 3),
+                                "TFLOP": round(8 * gemm[5] / 1e12, 4)}
+  assert s["kinds"]["fusion:kLoop"]["launches"] == 9 and s["loops_with_unknown_trip_count"] == ["main/while.2"]
