@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parcae.model.loss import token_nll
+from parcae.model.loss import mean_token_nll, token_nll
 
 B, S, D, V = 2, 16, 32, 96
 
@@ -88,3 +88,51 @@ def test_chunk_must_divide_the_tokens():
   y, table, targets, _ = inputs()
   with pytest.raises(ValueError, match="train.loss_chunk=5 must divide the tokens per micro-batch"):
     token_nll(y, table, targets, jnp.float32, 5)
+
+
+@pytest.mark.parametrize("cd,chunk,scale", [(jnp.float32, 0, 1.0), (jnp.bfloat16, 8, 0.125), (jnp.bfloat16, 16, 1 / 3)])
+def test_mean_loss_with_forward_gradients_equals_differentiating_the_mean(cd, chunk, scale):
+  """mean_token_nll (gradients formed in the forward pass, scaled by the cotangent afterwards) against
+  autodiff through token_nll(...).mean() * scale, also with the lse kernel (interpreted here; a vocabulary of
+  128 for its tiles): differentiated directly (cotangent 1, as the trainer does), the same loss and gradients
+  bit for bit. Under an outer factor c the paths round the logit gradient (softmax - onehot) * g to the
+  compute dtype at different scales (g vs g * c): each rounds within 2^-8 relative in bf16 (unit roundoff),
+  so an entry differs by at most 2^-7 of itself, and a gradient entry by at most 2^-7 times the sum of the
+  |terms| it adds up (2^-23 in float32)."""
+  y, table, targets, _ = inputs(4)
+  for impl in ("xla", "pallas"):
+    if impl == "pallas":
+      if chunk % 16:
+        continue
+      table = 0.3 * jax.random.normal(jax.random.key(9), (128, D), jnp.float32)
+    for outer in (1.0, 2.5):
+      fused = lambda y, t: outer * mean_token_nll(y, t, targets, cd, chunk, impl, scale)
+      plain = lambda y, t: outer * (token_nll(y, t, targets, cd, chunk, impl).mean() * scale)
+      (v1, g1), (v2, g2) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(y, table) for f in (fused, plain))
+      assert float(v1) == float(v2), impl
+      if outer == 1.0:
+        for a, b in zip(g1, g2):
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=impl)
+        continue
+      yc, tc = (np.asarray(a.astype(cd), np.float64) for a in (y.reshape(-1, D), table))
+      logits = np.asarray(jnp.dot(y.astype(cd), table.astype(cd).T).astype(jnp.float32), np.float64).reshape(-1, len(tc))
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      a_dl = np.abs(p - np.eye(len(tc))[np.asarray(targets).reshape(-1)]) * outer * scale / logits.shape[0]
+      rel = 2.0 ** -7 if cd == jnp.bfloat16 else 2.0 ** -23
+      bounds = (rel * a_dl @ np.abs(tc), rel * a_dl.T @ np.abs(yc))
+      for a, b, bound in zip(g1, g2, bounds):
+        diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(bound.shape)
+        assert np.all(diff <= 1.01 * bound + 1e-6 * np.abs(np.asarray(b)).max()), (impl, (diff / bound).max())
+
+
+def test_mean_loss_computes_the_logits_once():
+  """Differentiated, token_nll runs the logits GEMM twice per chunk (forward, then recomputed backward);
+  mean_token_nll once: counted as [tokens, D] x [D, V] dot_generals in the jaxpr of the gradient."""
+  y, table, targets, _ = inputs(5)
+
+  def logit_dots(fn):
+    text = str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(y, table))
+    return len(re.findall(rf"bf16\[8,{V}\] = dot_general", text))
+  assert logit_dots(lambda y, t: token_nll(y, t, targets, jnp.bfloat16, 8).mean()) == 2
+  assert logit_dots(lambda y, t: mean_token_nll(y, t, targets, jnp.bfloat16, 8)) == 1

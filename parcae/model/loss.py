@@ -9,6 +9,11 @@ The backward GEMMs return float32 (the reference's autocast rounds them to bf16 
 is summed over chunks in float32. `chunk` <= 0 means one chunk of all tokens. The forward's log-sum-exp is
 one Pallas pass over the compute-dtype logits where `lse_impl` picks it (parcae.model.lse), else the two-pass
 formula (max, then the sum of exponentials).
+
+Two entry points: `token_nll` (per-token NLL: evaluation, and any loss that weighs tokens) keeps the
+log-sum-exps and recomputes each chunk's logits in its backward pass; `mean_token_nll` (the training loss, a
+scalar) forms the same gradients in its forward pass while each chunk's logits exist, so its backward pass
+only scales them: one logits GEMM per chunk instead of two.
 """
 from __future__ import annotations
 
@@ -23,15 +28,37 @@ from parcae.model import lse
 
 def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto"):
   """Negative log-likelihood per token [B, S] (float32); lse_impl as model.lse_impl."""
-  b, s, d = y_BxSxD.shape
-  n = b * s
+  b, s, _ = y_BxSxD.shape
+  return _chunked_nll(*_chunks(y_BxSxD, table_VxD, targets_BxS, chunk), jnp.dtype(cd),
+                      _use_kernel(lse_impl, _chunk(b * s, chunk), table_VxD.shape[0])).reshape(b, s)
+
+
+def mean_token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto",
+                   scale: float = 1.0):
+  """scale * the mean token NLL (float32 scalar): the training loss, with its gradients computed in the
+  forward pass. A scalar loss's cotangent is one number, so each chunk's logit gradient (softmax - onehot) *
+  scale / tokens, the input gradient and the table gradient are formed while the chunk's logits exist, and
+  the backward pass only multiplies them by the cotangent: one logits GEMM per chunk instead of two (the
+  per-token `token_nll` must recompute them, its cotangent being unknown until then). Same arithmetic as
+  differentiating token_nll(...).mean() * scale."""
+  b, s, _ = y_BxSxD.shape
+  kernel = _use_kernel(lse_impl, _chunk(b * s, chunk), table_VxD.shape[0])
+  return _fused_mean_nll(*_chunks(y_BxSxD, table_VxD, targets_BxS, chunk), jnp.dtype(cd), kernel,
+                         float(scale), (b, s))
+
+
+def _chunk(n, chunk):
   chunk = n if chunk <= 0 or chunk >= n else chunk
   if n % chunk:
     raise ValueError(f"train.loss_chunk={chunk} must divide the tokens per micro-batch ({n}); pick a divisor")
-  kernel = _use_kernel(lse_impl, chunk, table_VxD.shape[0])
-  nll = _chunked_nll(y_BxSxD.reshape(n // chunk, chunk, d), table_VxD, targets_BxS.reshape(n // chunk, chunk),
-                     jnp.dtype(cd), kernel)
-  return nll.reshape(b, s)
+  return chunk
+
+
+def _chunks(y_BxSxD, table_VxD, targets_BxS, chunk):
+  """(y [C, N, D], table, targets [C, N]): the tokens in C chunks of N."""
+  b, s, d = y_BxSxD.shape
+  n = _chunk(b * s, chunk)
+  return y_BxSxD.reshape(-1, n, d), table_VxD, targets_BxS.reshape(-1, n)
 
 
 def _use_kernel(impl, n, v):
@@ -54,6 +81,14 @@ def _row_lse(logits_NxV):
   return m_N + jnp.log(jnp.sum(jnp.exp(logits_NxV - m_N[:, None]), axis=-1))
 
 
+def _chunk_forward(y_NxD, t_N, table, cd, kernel):
+  """One chunk's compute-dtype logits, log-sum-exp and NLL (float32)."""
+  logits = _logits(y_NxD, table, cd)
+  lse_N = lse.row_lse(logits) if kernel else _row_lse(logits.astype(jnp.float32))
+  target_N = jnp.take_along_axis(logits, t_N[:, None], axis=-1)[:, 0].astype(jnp.float32)
+  return logits, lse_N, lse_N - target_N
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _chunked_nll(y_CxNxD, table_VxD, t_CxN, cd, kernel):
   return _nll_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel)[0]
@@ -63,14 +98,19 @@ def _nll_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel):
   table = table_VxD.astype(cd)
 
   def one(_, xs):
-    y_NxD, t_N = xs
-    logits = _logits(y_NxD, table, cd)
-    lse_N = lse.row_lse(logits) if kernel else _row_lse(logits.astype(jnp.float32))
-    target_N = jnp.take_along_axis(logits, t_N[:, None], axis=-1)[:, 0].astype(jnp.float32)
-    return None, (lse_N - target_N, lse_N)
+    _, lse_N, nll_N = _chunk_forward(*xs, table, cd, kernel)
+    return None, (nll_N, lse_N)
 
   _, (nll, lse_CxN) = jax.lax.scan(one, None, (y_CxNxD, t_CxN))
   return nll, (y_CxNxD, table_VxD, t_CxN, lse_CxN)
+
+
+def _chunk_grads(dtable, y_NxD, table, t_N, lse_N, g_N, logits, cd):
+  """One chunk's backward from its logits: dtable + the table gradient, and the input gradient (float32)."""
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_N[:, None]
+  dlogits = ((jnp.exp(logits.astype(jnp.float32) - lse_N[:, None]) - onehot) * g_N[:, None]).astype(cd)
+  dy_NxD = jnp.dot(dlogits, table, preferred_element_type=jnp.float32)
+  return dtable + jnp.dot(dlogits.T, y_NxD.astype(cd), preferred_element_type=jnp.float32), dy_NxD
 
 
 def _nll_bwd(cd, kernel, res, g_CxN):
@@ -79,14 +119,39 @@ def _nll_bwd(cd, kernel, res, g_CxN):
 
   def one(dtable, xs):
     y_NxD, t_N, lse_N, g_N = xs
-    logits = _logits(y_NxD, table, cd).astype(jnp.float32)
-    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_N[:, None]
-    dlogits = ((jnp.exp(logits - lse_N[:, None]) - onehot) * g_N[:, None]).astype(cd)
-    dy_NxD = jnp.dot(dlogits, table, preferred_element_type=jnp.float32)
-    return dtable + jnp.dot(dlogits.T, y_NxD.astype(cd), preferred_element_type=jnp.float32), dy_NxD
+    return _chunk_grads(dtable, y_NxD, table, t_N, lse_N, g_N, _logits(y_NxD, table, cd), cd)
 
   dtable, dy = jax.lax.scan(one, jnp.zeros(table_VxD.shape, jnp.float32), (y_CxNxD, t_CxN, lse_CxN, g_CxN))
   return dy.astype(y_CxNxD.dtype), dtable.astype(table_VxD.dtype), None
 
 
 _chunked_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fused_mean_nll(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, shape_BS):
+  return jnp.mean(_nll_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel)[0].reshape(shape_BS)) * scale
+
+
+def _fused_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, shape_BS):
+  table = table_VxD.astype(cd)
+  # each token's cotangent as autodiff of mean(nll) * scale forms it: scale, then divided by the count
+  g = jnp.float32(scale) / jnp.float32(t_CxN.size)
+
+  def one(dtable, xs):
+    y_NxD, t_N = xs
+    logits, lse_N, nll_N = _chunk_forward(y_NxD, t_N, table, cd, kernel)
+    dtable, dy_NxD = _chunk_grads(dtable, y_NxD, table, t_N, lse_N, jnp.broadcast_to(g, t_N.shape), logits, cd)
+    return dtable, (nll_N, dy_NxD)
+
+  dtable, (nll, dy) = jax.lax.scan(one, jnp.zeros(table_VxD.shape, jnp.float32), (y_CxNxD, t_CxN))
+  loss = jnp.mean(nll.reshape(shape_BS)) * scale
+  return loss, (dy.astype(y_CxNxD.dtype), dtable.astype(table_VxD.dtype))
+
+
+def _fused_bwd(cd, kernel, scale, shape_BS, res, g):
+  dy, dtable = res
+  return dy * g.astype(dy.dtype), dtable * g.astype(dtable.dtype), None
+
+
+_fused_mean_nll.defvjp(_fused_fwd, _fused_bwd)

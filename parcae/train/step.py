@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from parcae.model.config import grad_depth
-from parcae.model.loss import token_nll
+from parcae.model.loss import mean_token_nll, token_nll
 
 
 def sample_step_depths(model, key, global_batch: int, accum: int, grouping: bool):
@@ -35,8 +35,9 @@ def micro_loss(params, graphdef, batch, n_B, k_B, keys, train_cfg, scale=1.0):
   steps = grad_depth(cfg) if cfg.kind == "parcae" else 0
   y, aux = model.hidden(batch["inputs"], n_B, k_B, key=keys[0], grad_steps=steps,
                         quant_key=None if model.quant == "bf16" else keys[1])
-  nll = token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, train_cfg.loss_chunk, cfg.lse_impl)
-  return nll.mean() * scale, aux
+  loss = mean_token_nll(y, model.embed.embedding[...], batch["targets"], model.cd, train_cfg.loss_chunk,
+                        cfg.lse_impl, scale)
+  return loss, aux
 
 
 def _tree_norm(tree):
