@@ -2,7 +2,7 @@
 
 Each variant's train step is compiled for compile-only GPUs (`parcae info --target`, needs jax's CUDA plugin,
 not a GPU) at the throughput bench's shape (micro-batch 16 x 2048, accum 8), with the GPU run's kernels.
-Reports XLA's peak memory estimate per device (on the H100 it matched the measured peak within 0.15 GiB:
+Reports XLA's peak memory estimate per device (0.1-0.3 GiB under the peak measured on an H100:
 bench/RESULTS.md, session 17) and `hlo_static.summary` of the optimized program: kernel launches, bytes
 moved, GEMM TFLOP per step. What it cannot tell: time (no autotuning, no device); compare variants by
 their differences, then measure the promising ones on the GPU.

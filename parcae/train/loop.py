@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from parcae import compile_target
 from parcae import data as pdata
 from parcae.model import build
 from parcae.scaling.flops import executed_flops_per_token
@@ -278,7 +279,6 @@ def compile_train_step(cfg, devices=None, target: str | None = None):
   compiled from abstract shapes without allocating an array. target: a GPU target such as "h100x8"
   (`parcae.train.targets`) to compile for instead, on compile-only devices with the kernels a GPU run uses
   (needs jax's CUDA plugin, not a GPU)."""
-  from parcae import compile_target  # pylint: disable=g-import-not-at-top
   if target is not None:
     from parcae.train.targets import target_devices  # pylint: disable=g-import-not-at-top
     devices = target_devices(target)

@@ -3,8 +3,8 @@
 XLA compiles for a described GPU without one present (a "compile-only" client from jax's CUDA plugin): the
 train step for a mesh of N H100s compiles on a laptop CPU, with cuDNN attention and the Triton kernels a GPU
 run uses (`parcae.compile_target`), and XLA's memory analysis tells whether a config fits before any GPU time
-is spent. Measured against real runs (bench/RESULTS.md, 2026-12-05 session 17): the peak estimate within
-0.15 GiB of the measured peak on an H100.
+is spent. Against real runs (bench/RESULTS.md, 2026-12-05 session 17): the peak estimate 0.1-0.3 GiB under
+the peak measured on an H100 for the same configs.
 
 A target is "[HOSTSx]KIND[xDEVICES]": "h100" (one GPU), "h100x8" (8 on one host), "2xh100x8" (2 hosts of 8).
 """
