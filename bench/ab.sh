@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Time throughput variants of this tree and of an older commit in one GPU call (same machine, same clocks).
+#   here, once:   mkdir -p .whl/old && git archive <COMMIT> parcae bench | tar -x -C .whl/old
+#                 (and the wheels: ../shared/tools/gpu_wheels.sh); carry ".whl" in the device call
+#   on the GPU:   bash bench/ab.sh 560 "new:parcae_small old:parcae_small new:gpt_medium"
+# Items run in order (each: bench/train_throughput.py --exact --only VARIANT --warmup 1 --steps 3, the old ones
+# from .whl/old) until fewer than 60 of the BUDGET seconds are left; every output goes to $OUT/all.log and
+# each variant's table row is printed.
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+mkdir -p $OUT/old
+S=$(date +%s); B=$1
+for item in $2; do
+  tree=${item%%:*}; v=${item#*:}; left=$((B - $(date +%s) + S))
+  [ $left -lt 60 ] && { echo "== skip $item (budget)"; continue; }
+  echo "== $tree $v at $(( $(date +%s)-S ))s"
+  if [ $tree = new ]; then
+    PYTHONPATH=/tmp/site:$PWD timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 2>&1 | tee -a $OUT/all.log > /tmp/cur.log
+  else
+    (cd .whl/old && PYTHONPATH=/tmp/site:$PWD OUT=$OUT/old timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 2>&1 | tee -a $OUT/all.log > /tmp/cur.log)
+  fi
+  grep -E "^$v |FAILED|Error" /tmp/cur.log | tail -3
+done
+echo "done $(( $(date +%s)-S ))s"
