@@ -117,8 +117,8 @@ def reference_config(kind: str, size: str) -> ml_collections.ConfigDict:
   if kind == "gpt" and size == "medium":
     # Without remat the peak is 21.7 GiB (the reference's: 21.5). Recomputing ReLU^2's output in the first two
     # blocks keeps as little as "dots" on the first block (21.2 GiB measured; that cost ~1% speed, session
-    # 6) for less work: no recomputed attention, 6.8 GB less memory traffic per step (compiled for an H100
-    # on a CPU, bench/RESULTS.md, "2026-12-05, session 17"; predicted +0.6%, not yet timed on a GPU).
+    # 6) for less work: no recomputed attention, 6.8 GB less memory traffic per step; on the H100 +0.8% tokens/s
+    # over "dots" on the first block at the same peak (bench/RESULTS.md, "2026-12-05, session 18").
     c.model.block_remat, c.model.block_remat_first = "mlp_act", 2
   c.train.eval_every = 500
   c.train.log_every = 10
