@@ -252,3 +252,45 @@ def test_fused_qkv_gemm_needs_no_resharding_under_tensor_parallelism(monkeypatch
     assert collectives() == []
     monkeypatch.setattr(layers, "tensor_shards", lambda n_heads: 1)
     assert collectives() != []
+
+
+def test_gathered_spec_drops_only_fsdp():
+    assert mesh_lib.gathered_spec(P("fsdp", "tensor")) == P(None, "tensor")
+    assert mesh_lib.gathered_spec(P("tensor", "fsdp")) == P("tensor", None)
+    assert mesh_lib.gathered_spec(P(("data", "fsdp"), None)) == P(("data",), None)
+    assert mesh_lib.gathered_spec(P(("fsdp",), "tensor")) == P(None, "tensor")
+    assert mesh_lib.gathered_spec(P()) == P()
+
+
+def _all_gather_sizes(fsdp: int, monkeypatch=None):
+    """Element counts of every all-gather result in the compiled train step of a tiny Parcae model on a
+    (data 8/fsdp, fsdp) mesh of the CPU devices, and the largest parameter's element count."""
+    import math
+    import re
+    from parcae.train.config import default_config
+    from parcae.model import default_model_config
+    from parcae.train.loop import compile_train_step
+    m = default_model_config()
+    m.vocab_size, m.d_model, m.n_heads, m.max_seq_len, m.compute_dtype = 128, 64, 2, 32, "float32"
+    m.prelude_layers, m.core_layers, m.coda_layers, m.mean_recurrence, m.mean_backprop_depth = 1, 1, 1, 3, 2
+    cfg = default_config(m)
+    cfg.train.micro_batch_size, cfg.train.seq_len, cfg.train.grad_accum = 16, 32, 2
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 8 // fsdp, fsdp, 1
+    compiled, _, _ = compile_train_step(cfg, jax.devices()[:8])
+    sizes = [math.prod(int(d) for d in dims.split(",") if d)
+             for dims in re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", compiled.as_text())]
+    largest = m.d_model * m.ffn_mult * m.d_model  # fc / proj kernels: d x 4d
+    return sizes, largest
+
+
+def test_fsdp_gathers_weights_not_activations(monkeypatch):
+    """Under FSDP the train step all-gathers parameters (each at most the largest kernel's size), never an
+    activation over the batch (the tiny model's MLP activations, 16 x 32 x 256 per micro-batch, are 8x the
+    largest kernel). Without `constrain_like_params` (patched out below) GSPMD gathered activations to form
+    weight gradients, so the check can fail."""
+    sizes, largest = _all_gather_sizes(fsdp=4)
+    assert sizes, "expected FSDP to gather parameters"
+    assert max(sizes) <= largest, sorted(sizes)[-5:]
+    monkeypatch.setattr(mesh_lib, "constrain_like_params", lambda tree, gathered: tree)
+    sizes, largest = _all_gather_sizes(fsdp=4)
+    assert max(sizes) > largest

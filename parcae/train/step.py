@@ -17,6 +17,7 @@ from flax import nnx
 
 from parcae.model.config import grad_depth
 from parcae.model.loss import mean_token_nll, token_nll
+from parcae.train import mesh as pmesh
 
 
 def sample_step_depths(model, key, global_batch: int, accum: int, grouping: bool):
@@ -74,7 +75,9 @@ def make_train_step(graphdef, optimizer, train_cfg):
       grads_acc, loss_acc = carry
       mb, n_B, k_B, i = xs
       keys = (jax.random.fold_in(jax.random.fold_in(skey, 1), i), jax.random.fold_in(jax.random.fold_in(skey, 2), i))
-      (loss, aux), grads = grad_fn(state["params"], graphdef, mb, n_B, k_B, keys, train_cfg, 1.0 / accum)
+      params = pmesh.constrain_like_params(state["params"], gathered=True)  # FSDP: weights gathered at use
+      (loss, aux), grads = grad_fn(params, graphdef, mb, n_B, k_B, keys, train_cfg, 1.0 / accum)
+      grads = pmesh.constrain_like_params(grads, gathered=False)  # and gradients reduce-scattered
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
       return (grads_acc, loss_acc + loss), (aux, aux.get("n_exec", jnp.max(n_B).astype(jnp.float32)))
 
