@@ -63,11 +63,24 @@ def test_bf16_matches_autodiff_of_the_same_formula():
 
 def test_chunks_do_not_change_the_values():
   y, table, targets, w = inputs(2)
-  vals = [np.asarray(token_nll(y, table, targets, jnp.float32, c)) for c in (0, 4, 32)]
-  grads = [jax.grad(lambda y: jnp.sum(w * token_nll(y, table, targets, jnp.float32, c)))(y) for c in (0, 4, 32)]
+  vals = [np.asarray(token_nll(y, table, targets, jnp.float32, c)) for c in (0, 1, 4, 32)]
+  grads = [jax.grad(lambda y: jnp.sum(w * token_nll(y, table, targets, jnp.float32, c)))(y) for c in (0, 1, 4, 32)]
   for v, g in zip(vals[1:], grads[1:]):
     np.testing.assert_allclose(v, vals[0], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(g), np.asarray(grads[0]), rtol=1e-5, atol=1e-7)
+
+
+def test_chunks_take_positions_of_every_row():
+  """A chunk of N tokens takes N / B positions of every row where the chunk count divides S (so a batch split
+  over devices splits every chunk alike), else positions of a group of rows; `_from_chunks` inverts it."""
+  from parcae.model import loss
+  ids = jnp.arange(B * S).reshape(B, S)
+  for chunk, rows_per_chunk in ((8, B), (16, B), (2, B), (1, 1)):
+    layout = loss._layout(B, S, chunk)
+    chunks = np.asarray(loss._to_chunks(ids, layout))
+    assert chunks.shape == (B * S // chunk, chunk)
+    assert all(len(set(c // S)) == rows_per_chunk for c in chunks), (chunk, chunks)
+    np.testing.assert_array_equal(np.asarray(loss._from_chunks(jnp.asarray(chunks), layout)), np.asarray(ids))
 
 
 def test_backward_keeps_no_logits():

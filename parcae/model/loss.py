@@ -18,6 +18,7 @@ only scales them: one logits GEMM per chunk instead of two.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,9 @@ from parcae.model import lse
 def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto"):
   """Negative log-likelihood per token [B, S] (float32); lse_impl as model.lse_impl."""
   b, s, _ = y_BxSxD.shape
-  return _chunked_nll(*_chunks(y_BxSxD, table_VxD, targets_BxS, chunk), jnp.dtype(cd),
-                      _use_kernel(lse_impl, _chunk(b * s, chunk), table_VxD.shape[0])).reshape(b, s)
+  layout = _layout(b, s, chunk)
+  return _from_chunks(_chunked_nll(*_chunks(y_BxSxD, table_VxD, targets_BxS, layout), jnp.dtype(cd),
+                                   _use_kernel(lse_impl, _chunk(b * s, chunk), table_VxD.shape[0])), layout)
 
 
 def mean_token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto",
@@ -43,8 +45,9 @@ def mean_token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl
   differentiating token_nll(...).mean() * scale."""
   b, s, _ = y_BxSxD.shape
   kernel = _use_kernel(lse_impl, _chunk(b * s, chunk), table_VxD.shape[0])
-  return _fused_mean_nll(*_chunks(y_BxSxD, table_VxD, targets_BxS, chunk), jnp.dtype(cd), kernel,
-                         float(scale), (b, s))
+  layout = _layout(b, s, chunk)
+  return _fused_mean_nll(*_chunks(y_BxSxD, table_VxD, targets_BxS, layout), jnp.dtype(cd), kernel,
+                         float(scale), layout)
 
 
 def _chunk(n, chunk):
@@ -54,11 +57,33 @@ def _chunk(n, chunk):
   return chunk
 
 
-def _chunks(y_BxSxD, table_VxD, targets_BxS, chunk):
-  """(y [C, N, D], table, targets [C, N]): the tokens in C chunks of N."""
-  b, s, d = y_BxSxD.shape
-  n = _chunk(b * s, chunk)
-  return y_BxSxD.reshape(-1, n, d), table_VxD, targets_BxS.reshape(-1, n)
+def _layout(b, s, chunk):
+  """(B, S, C1, C2): C = B * S / N chunks of N tokens, C1 = gcd(C, S) slices of the sequence axis times C2 =
+  C / C1 (which divides B) groups of rows. Each chunk takes S / C1 positions of B / C2 rows, so with the batch
+  split over devices every device holds its share of every chunk (chunks of whole sequences would each live
+  on one device, and the chunk loop would move them between devices)."""
+  c = b * s // _chunk(b * s, chunk)
+  c1 = math.gcd(c, s)
+  return b, s, c1, c // c1
+
+
+def _to_chunks(x_BxSx_, layout):
+  b, s, c1, c2 = layout
+  rest = x_BxSx_.shape[2:]
+  x = x_BxSx_.reshape(c2, b // c2, c1, s // c1, *rest)
+  return jnp.swapaxes(x, 1, 2).reshape(c1 * c2, b * s // (c1 * c2), *rest)
+
+
+def _from_chunks(x_CxNx_, layout):
+  b, s, c1, c2 = layout
+  rest = x_CxNx_.shape[2:]
+  x = x_CxNx_.reshape(c2, c1, b // c2, s // c1, *rest)
+  return jnp.swapaxes(x, 1, 2).reshape(b, s, *rest)
+
+
+def _chunks(y_BxSxD, table_VxD, targets_BxS, layout):
+  """(y [C, N, D], table, targets [C, N]): the tokens in C chunks of N (`_layout`)."""
+  return _to_chunks(y_BxSxD, layout), table_VxD, _to_chunks(targets_BxS, layout)
 
 
 def _use_kernel(impl, n, v):
@@ -129,11 +154,11 @@ _chunked_nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _fused_mean_nll(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, shape_BS):
-  return jnp.mean(_nll_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel)[0].reshape(shape_BS)) * scale
+def _fused_mean_nll(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, layout):
+  return jnp.mean(_from_chunks(_nll_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel)[0], layout)) * scale
 
 
-def _fused_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, shape_BS):
+def _fused_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, layout):
   table = table_VxD.astype(cd)
   # each token's cotangent as autodiff of mean(nll) * scale forms it: scale, then divided by the count
   g = jnp.float32(scale) / jnp.float32(t_CxN.size)
@@ -145,11 +170,11 @@ def _fused_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, shape_BS):
     return dtable, (nll_N, dy_NxD)
 
   dtable, (nll, dy) = jax.lax.scan(one, jnp.zeros(table_VxD.shape, jnp.float32), (y_CxNxD, t_CxN))
-  loss = jnp.mean(nll.reshape(shape_BS)) * scale
+  loss = jnp.mean(_from_chunks(nll, layout)) * scale
   return loss, (dy.astype(y_CxNxD.dtype), dtable.astype(table_VxD.dtype))
 
 
-def _fused_bwd(cd, kernel, scale, shape_BS, res, g):
+def _fused_bwd(cd, kernel, scale, layout, res, g):
   dy, dtable = res
   return dy * g.astype(dy.dtype), dtable * g.astype(dtable.dtype), None
 
