@@ -6,7 +6,8 @@
 # Items run in order (each: bench/train_throughput.py --exact --only VARIANT --warmup 1 --steps 3, the old ones
 # from .whl/old) until fewer than 60 of the BUDGET seconds are left; every output goes to $OUT/all.log and
 # each variant's table row is printed.
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
+site=$(mktemp -d); cur=$(mktemp)
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl 2>/dev/null
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 mkdir -p $OUT/old
@@ -16,10 +17,10 @@ for item in $2; do
   [ $left -lt 60 ] && { echo "== skip $item (budget)"; continue; }
   echo "== $tree $v at $(( $(date +%s)-S ))s"
   if [ $tree = new ]; then
-    PYTHONPATH=/tmp/site:$PWD timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 2>&1 | tee -a $OUT/all.log > /tmp/cur.log
+    PYTHONPATH=$site:$PWD timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 2>&1 | tee -a $OUT/all.log > $cur
   else
-    (cd .whl/old && PYTHONPATH=/tmp/site:$PWD OUT=$OUT/old timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 2>&1 | tee -a $OUT/all.log > /tmp/cur.log)
+    (cd .whl/old && PYTHONPATH=$site:$PWD OUT=$OUT/old timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 2>&1 | tee -a $OUT/all.log > $cur)
   fi
-  grep -E "^$v |FAILED|Error" /tmp/cur.log | tail -3
+  grep -E "^$v |FAILED|Error" $cur | tail -3
 done
 echo "done $(( $(date +%s)-S ))s"
