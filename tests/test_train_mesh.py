@@ -262,23 +262,19 @@ def test_gathered_spec_drops_only_fsdp():
     assert mesh_lib.gathered_spec(P()) == P()
 
 
-def _all_gather_sizes(fsdp: int, monkeypatch=None):
-    """Element counts of every all-gather result in the compiled train step of a tiny Parcae model on a
-    (data 8/fsdp, fsdp) mesh of the CPU devices, and the largest parameter's element count."""
+def _all_gather_sizes(fsdp: int):
+    """Element counts of every all-gather result in the compiled train step of the trainer tests' tiny Parcae
+    model on a (data 8/fsdp, fsdp) mesh of the CPU devices, and the largest parameter's element count."""
     import math
     import re
-    from parcae.train.config import default_config
-    from parcae.model import default_model_config
     from parcae.train.loop import compile_train_step
-    m = default_model_config()
-    m.vocab_size, m.d_model, m.n_heads, m.max_seq_len, m.compute_dtype = 128, 64, 2, 32, "float32"
-    m.prelude_layers, m.core_layers, m.coda_layers, m.mean_recurrence, m.mean_backprop_depth = 1, 1, 1, 3, 2
-    cfg = default_config(m)
-    cfg.train.micro_batch_size, cfg.train.seq_len, cfg.train.grad_accum, cfg.train.loss_chunk = 16, 32, 2, 128
+    from train_helpers import tiny_config
+    cfg = tiny_config("unused", micro_batch_size=16, seq_len=32, grad_accum=2, loss_chunk=128)  # no data read
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 8 // fsdp, fsdp, 1
     compiled, _, _ = compile_train_step(cfg, jax.devices()[:8])
     sizes = [math.prod(int(d) for d in dims.split(",") if d)
              for dims in re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", compiled.as_text())]
+    m = cfg.model
     largest = m.d_model * m.ffn_mult * m.d_model  # fc / proj kernels: d x 4d
     return sizes, largest
 
