@@ -20,6 +20,13 @@ def describe_fusions(hlo_text: str) -> dict:
     shape = re.sub(r"\{[\d,]*\}", "", m.group(2))[:60]
     desc = f"{shape}  {'bwd' if 'transpose(' in m.group(3) else 'fwd'} {m.group(3).split('/')[-1]}"
     out[m.group(1)] = out[m.group(1).replace(".", "_")] = desc
+  shapes = dict(re.findall(r"^\s*%(\S+) = (\S+)", hlo_text, re.M))
+  for m in re.finditer(r'^\s*%(\S+) = \(?(\w+\[[\d,]*\])[^=]*? custom-call\(([^)]*)\), custom_call_target="__cublas'
+                       r'[^"]*".*?"lhs_contracting_dimensions":\["(\d)"\].*?"rhs_contracting_dimensions":\["(\d)"\]',
+                       hlo_text, re.M):
+    args = [re.sub(r"\{[\d,]*\}", "", shapes.get(a.strip().lstrip("%"), "?")) for a in m.group(3).split(",")]
+    result = re.sub(r"\{[\d,]*\}", "", m.group(2))
+    out[m.group(1)] = f"{result} = {' x '.join(args[:2])} (contracting {m.group(4)}, {m.group(5)})"
   return out
 
 
@@ -41,7 +48,7 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-  totals, calls, total = {}, {}, 0.0
+  totals, calls, by_op, total = {}, {}, {}, 0.0
   for e in events:
     proc = pids.get(e.get("pid"), "")
     if e.get("ph") != "X" or "dur" not in e or ("GPU" not in proc and "/device" not in proc):
@@ -50,12 +57,19 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
     totals[key] = totals.get(key, 0.0) + e["dur"]
     calls[key] = calls.get(key, 0) + 1
     total += e["dur"]
+    op = (e.get("args") or {}).get("hlo_op")
+    if op:  # the program's instruction that launched the kernel: a cuBLAS call's shapes (`describe_fusions`)
+      by_op[op] = [by_op.get(op, [0.0, 0])[0] + e["dur"], by_op.get(op, [0.0, 0])[1] + 1, key]
   print(f"device time in {what}: {total / 1e3:.2f} ms", flush=True)
   if not total:
     print("process names in the trace:", sorted(set(pids.values()))[:20], flush=True)
   desc = describe_fusions(hlo_text) if hlo_text else {}
   for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:n]:
     print(f"  {v / 1e3:9.3f} ms {100 * v / total:5.1f}% {calls[k]:5d}x  {k[:48]:48s} {desc.get(k, '')}", flush=True)
+  if by_op:
+    print("by instruction (cuBLAS calls with their shapes):", flush=True)
+    for op, (us, n, kernel) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:n]:
+      print(f"  {us / 1e3:9.3f} ms {n:5d}x {us / n:8.1f} us  {op[:24]:24s} {desc.get(op, kernel[:48])}", flush=True)
   kinds = {}
   for k, v in totals.items():
     kinds[op_kind(k)] = kinds.get(op_kind(k), 0.0) + v
@@ -64,7 +78,9 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
   with open(os.path.join(os.environ.get("OUT", "/tmp"), name + ".json"), "w") as f:
     json.dump({"total_us": total, "by_kind_us": kinds,
                "ops": {k: [totals[k], calls[k]] + ([desc[k]] if k in desc else [])
-                       for k in sorted(totals, key=lambda k: -totals[k])}}, f, indent=0)
+                       for k in sorted(totals, key=lambda k: -totals[k])},
+               "hlo_ops": {k: v + ([desc[k]] if k in desc else [])
+                           for k, v in sorted(by_op.items(), key=lambda kv: -kv[1][0])}}, f, indent=0)
   return totals
 
 
