@@ -48,7 +48,7 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-  totals, calls, by_op, total = {}, {}, {}, 0.0
+  totals, calls, by_op, streams, total = {}, {}, {}, {}, 0.0
   for e in events:
     proc = pids.get(e.get("pid"), "")
     if e.get("ph") != "X" or "dur" not in e or ("GPU" not in proc and "/device" not in proc):
@@ -57,6 +57,7 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
     totals[key] = totals.get(key, 0.0) + e["dur"]
     calls[key] = calls.get(key, 0) + 1
     total += e["dur"]
+    streams.setdefault((e["pid"], e.get("tid")), []).append((e["ts"], e["dur"], key))
     op = (e.get("args") or {}).get("hlo_op")
     if op:  # the program's instruction that launched the kernel: a cuBLAS call's shapes (`describe_fusions`)
       by_op[op] = [by_op.get(op, [0.0, 0])[0] + e["dur"], by_op.get(op, [0.0, 0])[1] + 1, key]
@@ -70,6 +71,13 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
     print("by instruction (cuBLAS calls with their shapes):", flush=True)
     for op, (us, n, kernel) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:n]:
       print(f"  {us / 1e3:9.3f} ms {n:5d}x {us / n:8.1f} us  {op[:24]:24s} {desc.get(op, kernel[:48])}", flush=True)
+  gaps = idle_gaps(max(streams.values(), key=lambda ev: sum(d for _, d, _ in ev))) if streams else {}
+  if gaps:
+    print(f"busiest stream: {gaps['busy_ms']:.2f} ms busy in a {gaps['span_ms']:.2f} ms span, idle "
+          f"{gaps['idle_ms']:.2f} ms; largest idle time by the kernels around it (ms, count, before -> after):",
+          flush=True)
+    for (before, after), (ms, count) in gaps["by_pair"][:12]:
+      print(f"  {ms:8.3f} {count:5d}  {before[:40]:40s} -> {after[:40]}", flush=True)
   kinds = {}
   for k, v in totals.items():
     kinds[op_kind(k)] = kinds.get(op_kind(k), 0.0) + v
@@ -79,9 +87,28 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
     json.dump({"total_us": total, "by_kind_us": kinds,
                "ops": {k: [totals[k], calls[k]] + ([desc[k]] if k in desc else [])
                        for k in sorted(totals, key=lambda k: -totals[k])},
+               "idle": gaps and {**gaps, "by_pair": [[list(k), v] for k, v in gaps["by_pair"][:50]]},
                "hlo_ops": {k: v + ([desc[k]] if k in desc else [])
                            for k, v in sorted(by_op.items(), key=lambda kv: -kv[1][0])}}, f, indent=0)
   return totals
+
+
+def idle_gaps(events) -> dict:
+  """Where one GPU stream waits: events [(start us, duration us, name)] -> busy, span and idle time (ms), and
+  the idle time summed by the (kernel before, kernel after) pair around each gap, largest first. Idle time in
+  a step is the host falling behind: a loop whose trip count the host must read back, or kernels too short
+  for their launches."""
+  ev = sorted(events)
+  by_pair, idle = {}, 0.0
+  for (t0, d0, n0), (t1, _, n1) in zip(ev, ev[1:]):
+    gap = t1 - (t0 + d0)
+    if gap > 0:
+      idle += gap
+      ms, count = by_pair.get((n0, n1), (0.0, 0))
+      by_pair[(n0, n1)] = (ms + gap / 1e3, count + 1)
+  span = ev[-1][0] + ev[-1][1] - ev[0][0] if ev else 0.0
+  return {"busy_ms": sum(d for _, d, _ in ev) / 1e3, "span_ms": span / 1e3, "idle_ms": idle / 1e3,
+          "by_pair": sorted(by_pair.items(), key=lambda kv: -kv[1][0])}
 
 
 def op_kind(name: str) -> str:

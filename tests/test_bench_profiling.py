@@ -34,3 +34,23 @@ def test_kernel_classes():
   assert profiling.op_kind("loop_multiply_fusion_25") == "elementwise fusion"
   assert profiling.op_kind("_fwd_kernel") == "custom kernel"
   assert profiling.op_kind("Memset 0") == "copy / transpose"
+
+
+def test_cublas_calls_are_described_by_their_shapes():
+  """A GPU program's cuBLAS call (text as XLA prints it) is named by result = operands and contracting dims."""
+  hlo = """
+  %a.1 = bf16[32768,768]{1,0} parameter(0)
+  %b.2 = bf16[768,3072]{1,0} parameter(1)
+  %custom-call.7 = (bf16[32768,3072]{1,0}, s8[33554432]{0}) custom-call(%a.1, %b.2), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(f)/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]},"epilogue":"RELU"}}
+"""
+  desc = profiling.describe_fusions(hlo)
+  assert desc["custom-call.7"] == "bf16[32768,3072] = bf16[32768,768] x bf16[768,3072] (contracting 1, 0)"
+
+
+def test_idle_gaps_sum_the_waits_between_kernels_by_the_pair_around_them():
+  events = [(30, 10, "a"), (0, 10, "a"), (15, 5, "b"), (45, 5, "b"), (50, 1, "c"), (52, 3, "a")]  # unsorted
+  g = profiling.idle_gaps(events)
+  assert g["busy_ms"] == 34 / 1e3 and g["span_ms"] == 55 / 1e3
+  assert abs(g["idle_ms"] - (5 + 10 + 5 + 1) / 1e3) < 1e-12
+  assert dict(g["by_pair"]) == {("a", "b"): (0.01, 2), ("b", "a"): (0.01, 1), ("c", "a"): (0.001, 1)}
+  assert g["by_pair"][-1][0] == ("c", "a")  # largest first
