@@ -90,6 +90,11 @@ VARIANTS = {
     # the no-grad loop split in quarters (the recipes: halves)
     "parcae_small_split4": ("parcae", "small", {"model.no_grad_split": 4}),
     "parcae_medium_split4": ("parcae", "medium", {"model.no_grad_split": 4}),
+    # CUDA graphs (XLA command buffers): none, and the default set plus device-side while loops and
+    # conditionals (the no-grad loop's trip count is data-dependent: the host reads its predicate back)
+    "parcae_small_cmdbuf_off": ("parcae", "small", {"_xla_flags": "--xla_gpu_enable_command_buffer="}),
+    "parcae_small_cmdbuf_while": ("parcae", "small",
+                                  {"_xla_flags": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB
