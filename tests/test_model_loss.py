@@ -149,3 +149,33 @@ def test_mean_loss_computes_the_logits_once():
     return len(re.findall(rf"bf16\[8,{V}\] = dot_general", text))
   assert logit_dots(lambda y, t: token_nll(y, t, targets, jnp.bfloat16, 8).mean()) == 2
   assert logit_dots(lambda y, t: mean_token_nll(y, t, targets, jnp.bfloat16, 8)) == 1
+
+
+@pytest.mark.parametrize("shape,chunk", [((2, 2, 2), 32), ((1, 4, 2), 64), ((4, 1, 1), 0)])
+def test_mean_loss_per_device_under_a_mesh_equals_the_unsharded_loss(shape, chunk, monkeypatch):
+  """Under a mesh whose batch axes split the batch, each device runs the chunk loop on its rows (its local
+  loss is called with 1 / shards of the batch and of each chunk) and the value and both gradients equal the
+  unsharded loss's up to float32 summation order (per-device partial sums, then a sum over devices)."""
+  import parcae.model.loss as loss_lib
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  b = 8
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  y = jax.random.normal(k1, (b, S, D), jnp.float32)
+  table = 0.3 * jax.random.normal(k2, (V, D), jnp.float32)
+  targets = jax.random.randint(k3, (b, S), 0, V)
+  f = lambda y, t: mean_token_nll(y, t, targets, jnp.float32, chunk, "xla", 0.5)
+  want_v, (want_gy, want_gt) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(y, table)
+  seen = []
+  real = loss_lib._mean_nll
+  monkeypatch.setattr(loss_lib, "_mean_nll", lambda y, *a: seen.append((y.shape, a[3])) or real(y, *a))
+  mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), devices=jax.devices()[:8],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    ys = jax.device_put(y, NamedSharding(mesh, P(("data", "fsdp"))))
+    ts = jax.device_put(table, NamedSharding(mesh, P("tensor")))
+    v, (gy, gt) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(ys, ts)
+  shards = shape[0] * shape[1]
+  assert seen and all(s == ((b // shards, S, D), (b * S if chunk == 0 else chunk) // shards) for s in seen), seen
+  np.testing.assert_allclose(float(v), float(want_v), rtol=1e-6)
+  for got, want in ((gy, want_gy), (gt, want_gt)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6 * np.abs(np.asarray(want)).max())

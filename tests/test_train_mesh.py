@@ -290,3 +290,33 @@ def test_fsdp_gathers_weights_not_activations(monkeypatch):
     monkeypatch.setattr(mesh_lib, "constrain_like_params", lambda tree, gathered: tree)
     sizes, largest = _all_gather_sizes(fsdp=4)
     assert max(sizes) > largest
+
+
+def _head_loop_collectives():
+  """Collectives inside the loss head's chunk loop (the while body that runs the [tokens, vocabulary] logits
+  GEMM) of the trainer tests' tiny Parcae step on a (data 2, fsdp 4) mesh of the CPU devices."""
+  import re
+  from parcae.train.loop import compile_train_step
+  from train_helpers import VOCAB, tiny_config
+  cfg = tiny_config("unused", micro_batch_size=16, seq_len=32, grad_accum=2, loss_chunk=128)  # 4 chunks
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 4, 1
+  hlo = compile_train_step(cfg, jax.devices()[:8])[0].as_text()
+  comps = {m.group(1): m.group(0) for m in re.finditer(r"^(?:ENTRY )?%(\S+) .*?^\}", hlo, re.M | re.S)}
+
+  def runs_head_gemm(name, seen=()):
+    text = comps.get(name, "")
+    return bool(re.search(rf"= \w+\[\d+,{VOCAB}\]\S* dot\(", text)) or any(
+        runs_head_gemm(k, seen + (name,)) for k in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", text) if k not in seen)
+  bodies = [b for b in set(re.findall(r"body=%([\w.\-]+)", hlo)) if runs_head_gemm(b)]
+  assert bodies, "no chunk loop found"
+  return [op for b in bodies for op in re.findall(r" (all-reduce|reduce-scatter|all-gather)(?:-start)?\(", comps[b])]
+
+
+def test_loss_head_sums_the_table_gradient_once_per_micro_batch_under_fsdp(monkeypatch):
+  """Under FSDP each device runs the loss head's chunk loop on its rows and the table gradient is summed over
+  the devices once per call, not inside the loop (where GSPMD, with the loop's carried table gradient
+  sharded like the table, reduced it after every chunk: patched back below)."""
+  from parcae.model import loss
+  assert _head_loop_collectives() == []
+  monkeypatch.setattr(loss, "kernel_axes", lambda mesh: ())
+  assert _head_loop_collectives() != []

@@ -23,8 +23,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from parcae import compile_target
 from parcae.model import lse
+from parcae.model.rope_norm import kernel_axes
 
 
 def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto"):
@@ -42,7 +45,26 @@ def mean_token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl
   scale / tokens, the input gradient and the table gradient are formed while the chunk's logits exist, and
   the backward pass only multiplies them by the cotangent: one logits GEMM per chunk instead of two (the
   per-token `token_nll` must recompute them, its cotangent being unknown until then). Same arithmetic as
-  differentiating token_nll(...).mean() * scale."""
+  differentiating token_nll(...).mean() * scale.
+
+  Under a mesh whose batch axes ("data", "fsdp") split the batch, each device runs the chunk loop over its
+  rows (shard_map): its share of every chunk (`_layout`), its partial table gradient summed in the loop, and
+  one sum over the devices per call (shard_map's transpose of the replicated table). Left to GSPMD, the loop's
+  carried table gradient is sharded like the table under FSDP and was reduce-scattered after every chunk."""
+  b, s, _ = y_BxSxD.shape
+  n = _chunk(b * s, chunk)
+  batch = tuple(a for a in kernel_axes(jax.sharding.get_abstract_mesh()) if a != "tensor")
+  shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in batch)
+  if not batch or b % shards or n % shards:
+    return _mean_nll(y_BxSxD, table_VxD, targets_BxS, cd, n, lse_impl, scale)
+
+  def per_device(y, table, t):  # this device's mean times 1 / shards: the psum is the global mean
+    return jax.lax.psum(_mean_nll(y, table, t, cd, n // shards, lse_impl, scale / shards), batch)
+  return jax.shard_map(per_device, in_specs=(P(batch), P(), P(batch)), out_specs=P(), axis_names=set(batch),
+                       check_vma=False)(y_BxSxD, table_VxD, targets_BxS)
+
+
+def _mean_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk, lse_impl, scale):
   b, s, _ = y_BxSxD.shape
   kernel = _use_kernel(lse_impl, _chunk(b * s, chunk), table_VxD.shape[0])
   layout = _layout(b, s, chunk)
