@@ -22,7 +22,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from parcae import compile_target
