@@ -6,7 +6,7 @@ a `lax.scan` (the library's) and a Python loop (straight-line code: no while loo
 is timed over --iters calls and compared with the library's update (max difference over max |update| per
 leaf): not bit for bit, as XLA orders the bf16 iterations' roundings differently in straight-line code (on
 the CPU one bf16 ulp after Polar Express alone, up to 11% of a leaf's largest update entry in the --smoke
-run, whose Polar Express amplifies the rounding differences of its tiny random matrices).
+run; how NorMuon's rescaling and the sign-gated decay grow one ulp to that was not traced).
 
   python bench/optimizer.py --only parcae_small,gpt_medium --iters 50
   python bench/optimizer.py --smoke       # a tiny CPU run of the whole script
