@@ -68,7 +68,8 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
   for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:n]:
     print(f"  {v / 1e3:9.3f} ms {100 * v / total:5.1f}% {calls[k]:5d}x  {k[:48]:48s} {desc.get(k, '')}", flush=True)
   if by_op:
-    print("by instruction (cuBLAS calls with their shapes):", flush=True)
+    print("by instruction (cuBLAS calls with their shapes; a kernel inside an XLA command buffer is named by the "
+          "buffer: profile a `_cmdbuf_off` variant to see each GEMM's shapes):", flush=True)
     for op, (us, n, kernel) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:n]:
       print(f"  {us / 1e3:9.3f} ms {n:5d}x {us / n:8.1f} us  {op[:24]:24s} {desc.get(op, kernel[:48])}", flush=True)
   gaps = idle_gaps(max(streams.values(), key=lambda ev: sum(d for _, d, _ in ev))) if streams else {}
