@@ -318,5 +318,5 @@ def test_loss_head_sums_the_table_gradient_once_per_micro_batch_under_fsdp(monke
   sharded like the table, reduced it after every chunk: patched back below)."""
   from parcae.model import loss
   assert _head_loop_collectives() == []
-  monkeypatch.setattr(loss, "kernel_axes", lambda mesh: ())
+  monkeypatch.setattr(loss, "kernel_batch_axes", lambda mesh: ())
   assert _head_loop_collectives() != []

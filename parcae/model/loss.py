@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from parcae import compile_target
 from parcae.model import lse
-from parcae.model.rope_norm import kernel_axes
+from parcae.model.rope_norm import kernel_batch_axes
 
 
 def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto"):
@@ -52,8 +52,9 @@ def mean_token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl
   carried table gradient is sharded like the table under FSDP and was reduce-scattered after every chunk."""
   b, s, _ = y_BxSxD.shape
   n = _chunk(b * s, chunk)
-  batch = tuple(a for a in kernel_axes(jax.sharding.get_abstract_mesh()) if a != "tensor")
-  shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in batch)
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = kernel_batch_axes(mesh)
+  shards = math.prod(mesh.shape[a] for a in batch)
   if not batch or b % shards or n % shards:
     return _mean_nll(y_BxSxD, table_VxD, targets_BxS, cd, n, lse_impl, scale)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from parcae.model.rope_norm import kernel_axes
+from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
 
 # GPU launch shape: rows per program, widest column tile, Triton warps (bench/lse.py sweeps them).
 ROWS, MAX_COLS, WARPS = 16, 1024, 8
@@ -75,7 +75,7 @@ def row_lse(x_NxV, interpret=None):
   n, v = x_NxV.shape
   mesh = jax.sharding.get_abstract_mesh()
   axes = kernel_axes(mesh)
-  batch = tuple(a for a in axes if a != "tensor") or None
+  batch = kernel_batch_axes(mesh) or None
   shards = math.prod(mesh.shape[a] for a in batch or ())
   if batch and (n % shards or (n // shards) % ROWS):
     batch = None  # rows that do not split into whole row blocks per device: all rows on every device

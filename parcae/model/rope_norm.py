@@ -40,6 +40,11 @@ def kernel_axes(mesh):
       a for a in BATCH_AXES + ("tensor",) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
 
 
+def kernel_batch_axes(mesh):
+  """The batch axes among `kernel_axes`: a per-device call's rows are split over these."""
+  return tuple(a for a in kernel_axes(mesh) if a != "tensor")
+
+
 def supported(y_shape, k: int) -> bool:
   """The kernels need a power-of-two head_dim >= 32 and sequences that are whole row blocks."""
   return k >= 32 and k & (k - 1) == 0 and y_shape[1] % ROWS == 0
@@ -196,7 +201,7 @@ def rope_qk_norm(y_BxSxTx3xG, cos_SxK2, sin_SxK2, *, n_heads: int, norm: bool, i
   axes = kernel_axes(mesh)
   if not axes:
     return per_device(y_BxSxTx3xG, cos, sin)
-  batch = tuple(a for a in axes if a != "tensor") or None
+  batch = kernel_batch_axes(mesh) or None
   if batch and b % math.prod(mesh.shape[a] for a in batch):
     batch = None  # a batch the data-parallel axes do not split: whole on every device
   # The tensor axis splits the T shards of y (Attention orders them per device); with T = 1 (heads that do not
