@@ -1,0 +1,136 @@
+"""The ReLU^2 MLP's GEMMs with their elementwise step fused (parcae/model/mlp_kernels.py) against XLA.
+
+For each shape (tokens M = micro-batch 16 x 2048, width D, MLP width F) and each Pallas tile shape, times:
+  gemm : x[M, D] @ w[D, F] -> bf16             (XLA: cuBLAS; Pallas: the same kernel without the epilogue)
+  fwd  : relu2(x @ w)                           (XLA: GEMM + fusion; Pallas: relu2_matmul)
+  bwd  : (g[M, D] @ w2[F, D]^T) * max(h, 0)     (XLA: GEMM + fusion; Pallas: relu_grad_matmul)
+and checks each result against float64 on the first 512 rows (max |err| / max |ref|; bf16's half ulp is 2^-9).
+
+  python bench/fused_mlp.py                       # both model sizes, the tile sweep
+  python bench/fused_mlp.py --smoke               # tiny shapes, interpret mode (CPU)
+Writes $OUT/fused_mlp.json (or ./fused_mlp.json).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+
+from parcae.model import mlp_kernels as mk  # noqa: E402
+from parcae.model.layers import relu2  # noqa: E402
+
+SHAPES = {"parcae_small": (32768, 768, 3072), "parcae_medium": (32768, 1024, 4096)}
+SWEEP = [mk.Tiles(128, 128, 64, 4, 3), mk.Tiles(128, 128, 64, 8, 3), mk.Tiles(128, 128, 64, 4, 4),
+         mk.Tiles(128, 256, 64, 8, 3), mk.Tiles(128, 256, 64, 8, 4), mk.Tiles(256, 128, 64, 8, 3),
+         mk.Tiles(64, 256, 64, 4, 4), mk.Tiles(128, 256, 32, 8, 4)]
+
+
+def _plain_kernel(x_ref, w_ref, o_ref, *, bk):
+  o_ref[...] = mk._accumulate(x_ref, w_ref, bk, False).astype(o_ref.dtype)  # pylint: disable=protected-access
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def pallas_gemm(x, w, tiles, interpret=None):
+  (m, k), n = x.shape, w.shape[1]
+  return pl.pallas_call(
+      functools.partial(_plain_kernel, bk=tiles.bk), grid=(m // tiles.bm, n // tiles.bn),
+      in_specs=[pl.BlockSpec((tiles.bm, k), lambda i, j: (i, 0)), pl.BlockSpec((k, tiles.bn), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((tiles.bm, tiles.bn), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype), **mk._params(interpret, tiles))(x, w)  # pylint: disable=protected-access
+
+
+XLA = {"gemm": jax.jit(lambda x, w: jnp.dot(x, w)),
+       "fwd": jax.jit(lambda x, w: relu2(jnp.dot(x, w))),
+       "bwd": jax.jit(lambda g, w2, h: jnp.dot(g, w2.T) * jnp.maximum(h, 0))}
+
+
+def reference(op, args, rows):
+  f = lambda a: np.asarray(a[:rows], np.float64)  # the first rows of x, g, h
+  if op == "gemm":
+    return f(args[0]) @ np.asarray(args[1], np.float64)
+  if op == "fwd":
+    h = np.asarray((f(args[0]) @ np.asarray(args[1], np.float64)).astype(np.float32).astype(jnp.bfloat16),
+                   np.float64)
+    return 0.5 * np.maximum(h, 0) ** 2
+  g, w2, h = args
+  da = np.asarray((f(g) @ np.asarray(w2, np.float64).T).astype(np.float32).astype(jnp.bfloat16), np.float64)
+  return da * np.maximum(np.asarray(h[:rows], np.float64), 0)
+
+
+def timed(fn, args, iters):
+  out = jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / iters * 1e3, out
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--only", default="parcae_small,parcae_medium")
+  p.add_argument("--iters", type=int, default=100)
+  p.add_argument("--smoke", action="store_true")
+  args = p.parse_args()
+  shapes = {"smoke": (512, 128, 256)} if args.smoke else {k: SHAPES[k] for k in args.only.split(",")}
+  sweep = [mk.Tiles(128, 128, 64, 4, 3), mk.Tiles(128, 256, 32, 8, 4)] if args.smoke else SWEEP
+  iters = 2 if args.smoke else args.iters
+  rows_out, rows = [], 512
+  print(jax.devices()[0].device_kind, flush=True)
+  for name, (m, d, f) in shapes.items():
+    ks = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(ks[0], (m, d), jnp.bfloat16)
+    w = (jax.random.normal(ks[1], (d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+    g = jax.random.normal(ks[2], (m, d), jnp.bfloat16)
+    w2 = (jax.random.normal(ks[3], (f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+    h = XLA["gemm"](x, w)
+    inputs = {"gemm": (x, w), "fwd": (x, w), "bwd": (g, w2, h)}
+    flops = 2 * m * d * f
+    refs = {op: reference(op, a, rows) for op, a in inputs.items()}
+
+    def record(op, impl, tiles, fn):
+      try:
+        ms, out = timed(fn, inputs[op], iters)
+      except Exception as e:  # a tile shape that does not compile (shared memory) is reported, not fatal
+        print(f"{name:14s} {op:4s} {impl:6s} {tiles} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return
+      ref = refs[op]
+      err = float(np.max(np.abs(np.asarray(out[:rows], np.float64) - ref)) / np.max(np.abs(ref)))
+      row = {"shape": name, "m": m, "d": d, "f": f, "op": op, "impl": impl, "tiles": tiles and list(tiles),
+             "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "rel_err": err}
+      rows_out.append(row)
+      print(f"{name:14s} {op:4s} {impl:6s} {str(tiles):60s} {ms:8.4f} ms {row['tflops']:7.1f} TF/s  err {err:.2e}",
+            flush=True)
+
+    for op in ("gemm", "fwd", "bwd"):
+      record(op, "xla", None, XLA[op])
+    for t in sweep:
+      if not mk.supported(m, d, f, t):
+        continue
+      record("gemm", "pallas", t, functools.partial(pallas_gemm, tiles=t))
+      record("fwd", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t))
+      record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
+  with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
+    json.dump(rows_out, fh, indent=1)
+  best = {}
+  for r in rows_out:
+    key = (r["shape"], r["op"], r["impl"])
+    if key not in best or r["ms"] < best[key]["ms"]:
+      best[key] = r
+  print("\nbest per (shape, op, impl):")
+  for (s, op, impl), r in sorted(best.items()):
+    print(f"  {s:14s} {op:4s} {impl:6s} {r['ms']:8.4f} ms  {r['tflops']:7.1f} TF/s  tiles {r['tiles']}")
+
+
+if __name__ == "__main__":
+  main()
