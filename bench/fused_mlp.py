@@ -20,6 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -81,6 +82,7 @@ def main():
   p.add_argument("--only", default="parcae_small,parcae_medium")
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--impls", default="xla,pallas,mgpu", help="which of xla, pallas (Triton), mgpu (Mosaic GPU)")
   args = p.parse_args()
   shapes = {"smoke": (512, 128, 256)} if args.smoke else {k: SHAPES[k] for k in args.only.split(",")}
   sweep = [mk.Tiles(128, 128, 64, 4, 3), mk.Tiles(128, 256, 32, 8, 4)] if args.smoke else SWEEP
@@ -102,7 +104,7 @@ def main():
       try:
         ms, out = timed(fn, inputs[op], iters)
       except Exception as e:  # a tile shape that does not compile (shared memory) is reported, not fatal
-        print(f"{name:14s} {op:4s} {impl:6s} {tiles} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        print(f"{name:14s} {op:4s} {impl:6s} {tiles} FAILED {type(e).__name__}: {str(e)[:300]} ... {str(e)[-600:]}", flush=True)
         return
       ref = refs[op]
       err = float(np.max(np.abs(np.asarray(out[:rows], np.float64) - ref)) / np.max(np.abs(ref)))
@@ -114,12 +116,20 @@ def main():
 
     for op in ("gemm", "fwd", "bwd"):
       record(op, "xla", None, XLA[op])
-    for t in sweep:
+    for t in sweep if "pallas" in args.impls else ():
       if not mk.supported(m, d, f, t):
         continue
       record("gemm", "pallas", t, functools.partial(pallas_gemm, tiles=t))
       record("fwd", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t))
       record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
+    if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU (wgmma + TMA) kernels: Hopper only, no interpret mode
+      import mgpu_gemm  # pylint: disable=g-import-not-at-top
+      for label, fn, kw in [("basic", mgpu_gemm.mgpu_basic, dict(steps=3)),
+                            ("basic", mgpu_gemm.mgpu_basic, dict(steps=4)),
+                            ("ws", mgpu_gemm.mgpu_ws, dict(steps=2)),
+                            ("ws", mgpu_gemm.mgpu_ws, dict(steps=3))]:
+        record("gemm", "mgpu_" + label, tuple(kw.items()), functools.partial(fn, **kw))
+        record("fwd", "mgpu_" + label, tuple(kw.items()), functools.partial(fn, act="relu2", **kw))
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)
   best = {}
