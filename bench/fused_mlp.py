@@ -1,4 +1,4 @@
-"""The ReLU^2 MLP's GEMMs with their elementwise step fused (parcae/model/mlp_kernels.py) against XLA.
+"""The ReLU^2 MLP's GEMMs with their elementwise step fused (bench/triton_gemm.py, bench/mgpu_gemm.py) vs XLA.
 
 For each shape (tokens M = micro-batch 16 x 2048, width D, MLP width F) and each Pallas tile shape, times:
   gemm : x[M, D] @ w[D, F] -> bf16             (XLA: cuBLAS; Pallas: the same kernel without the epilogue)
@@ -25,29 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
 
-from parcae.model import mlp_kernels as mk  # noqa: E402
+import triton_gemm as mk  # noqa: E402
 from parcae.model.layers import relu2  # noqa: E402
 
 SHAPES = {"parcae_small": (32768, 768, 3072), "parcae_medium": (32768, 1024, 4096)}
 SWEEP = [mk.Tiles(128, 128, 64, 4, 3), mk.Tiles(128, 128, 64, 8, 3), mk.Tiles(128, 128, 64, 4, 4),
          mk.Tiles(128, 256, 64, 8, 3), mk.Tiles(128, 256, 64, 8, 4), mk.Tiles(256, 128, 64, 8, 3),
          mk.Tiles(64, 256, 64, 4, 4), mk.Tiles(128, 256, 32, 8, 4)]
-
-
-def _plain_kernel(x_ref, w_ref, o_ref, *, bk):
-  o_ref[...] = mk._accumulate(x_ref, w_ref, bk, False).astype(o_ref.dtype)  # pylint: disable=protected-access
-
-
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def pallas_gemm(x, w, tiles, interpret=None):
-  (m, k), n = x.shape, w.shape[1]
-  return pl.pallas_call(
-      functools.partial(_plain_kernel, bk=tiles.bk), grid=(m // tiles.bm, n // tiles.bn),
-      in_specs=[pl.BlockSpec((tiles.bm, k), lambda i, j: (i, 0)), pl.BlockSpec((k, tiles.bn), lambda i, j: (0, j))],
-      out_specs=pl.BlockSpec((tiles.bm, tiles.bn), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype), **mk._params(interpret, tiles))(x, w)  # pylint: disable=protected-access
 
 
 XLA = {"gemm": jax.jit(lambda x, w: jnp.dot(x, w)),
@@ -119,7 +104,7 @@ def main():
     for t in sweep if "pallas" in args.impls else ():
       if not mk.supported(m, d, f, t):
         continue
-      record("gemm", "pallas", t, functools.partial(pallas_gemm, tiles=t))
+      record("gemm", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t, act=False))
       record("fwd", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t))
       record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
     if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU (wgmma + TMA) kernels: Hopper only, no interpret mode
