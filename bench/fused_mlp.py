@@ -115,6 +115,8 @@ def main():
                             ("ws", mgpu_gemm.mgpu_ws, dict(steps=3))]:
         record("gemm", "mgpu_" + label, tuple(kw.items()), functools.partial(fn, **kw))
         record("fwd", "mgpu_" + label, tuple(kw.items()), functools.partial(fn, act="relu2", **kw))
+      for steps in (2, 3):
+        record("bwd", "mgpu_ws", (("steps", steps),), functools.partial(mgpu_gemm.mgpu_ws_relu_grad, steps=steps))
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)
   best = {}
