@@ -5,6 +5,7 @@ For each shape (tokens M = micro-batch 16 x 2048, width D, MLP width F) and each
   fwd  : relu2(x @ w)                           (XLA: GEMM + fusion; Pallas: relu2_matmul)
   bwd  : (g[M, D] @ w2[F, D]^T) * max(h, 0)     (XLA: GEMM + fusion; Pallas: relu_grad_matmul)
 and checks each result against float64 on the first 512 rows (max |err| / max |ref|; bf16's half ulp is 2^-9).
+Mosaic GPU kernels (bench/mgpu_gemm.py: wgmma + TMA, warp-specialized) run too on a Hopper GPU (--impls).
 
   python bench/fused_mlp.py                       # both model sizes, the tile sweep
   python bench/fused_mlp.py --smoke               # tiny shapes, interpret mode (CPU)
