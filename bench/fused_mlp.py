@@ -1,11 +1,12 @@
-"""The ReLU^2 MLP's GEMMs with their elementwise step fused (bench/triton_gemm.py, bench/mgpu_gemm.py) vs XLA.
+"""The ReLU^2 MLP's GEMMs with their elementwise step fused (bench/triton_gemm.py, model/mlp_kernels.py) vs XLA.
 
 For each shape (tokens M = micro-batch 16 x 2048, width D, MLP width F) and each Pallas tile shape, times:
   gemm : x[M, D] @ w[D, F] -> bf16             (XLA: cuBLAS; Pallas: the same kernel without the epilogue)
   fwd  : relu2(x @ w)                           (XLA: GEMM + fusion; Pallas: relu2_matmul)
   bwd  : (g[M, D] @ w2[F, D]^T) * max(h, 0)     (XLA: GEMM + fusion; Pallas: relu_grad_matmul)
 and checks each result against float64 on the first 512 rows (max |err| / max |ref|; bf16's half ulp is 2^-9).
-Mosaic GPU kernels (bench/mgpu_gemm.py: wgmma + TMA, warp-specialized) run too on a Hopper GPU (--impls).
+The library's Mosaic GPU kernels (parcae/model/mlp_kernels.py: wgmma + TMA, warp-specialized) run too on a
+Hopper GPU, with 2 and 3 pipeline buffers (--impls).
 
   python bench/fused_mlp.py                       # both model sizes, the tile sweep
   python bench/fused_mlp.py --smoke               # tiny shapes, interpret mode (CPU)
@@ -28,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import triton_gemm as mk  # noqa: E402
+from parcae.model import mlp_kernels  # noqa: E402
 from parcae.model.layers import relu2  # noqa: E402
 
 SHAPES = {"parcae_small": (32768, 768, 3072), "parcae_medium": (32768, 1024, 4096)}
@@ -108,16 +110,16 @@ def main():
       record("gemm", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t, act=False))
       record("fwd", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t))
       record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
-    if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU (wgmma + TMA) kernels: Hopper only, no interpret mode
-      import mgpu_gemm  # pylint: disable=g-import-not-at-top
-      for label, fn, kw in [("basic", mgpu_gemm.mgpu_basic, dict(steps=3)),
-                            ("basic", mgpu_gemm.mgpu_basic, dict(steps=4)),
-                            ("ws", mgpu_gemm.mgpu_ws, dict(steps=2)),
-                            ("ws", mgpu_gemm.mgpu_ws, dict(steps=3))]:
-        record("gemm", "mgpu_" + label, tuple(kw.items()), functools.partial(fn, **kw))
-        record("fwd", "mgpu_" + label, tuple(kw.items()), functools.partial(fn, act="relu2", **kw))
+    if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU kernels (wgmma + TMA): Hopper only
+      default_steps = mlp_kernels.STEPS
       for steps in (2, 3):
-        record("bwd", "mgpu_ws", (("steps", steps),), functools.partial(mgpu_gemm.mgpu_ws_relu_grad, steps=steps))
+        mlp_kernels.STEPS = steps  # read when a kernel is traced: a fresh jit per launch shape
+        kw = (("steps", steps),)
+        record("gemm", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
+            (x, w), x.shape[1], w.shape[1], lambda a, _: a, trans_b=False)))
+        record("fwd", "mgpu_ws", kw, jax.jit(mlp_kernels._relu2_matmul_mosaic))  # pylint: disable=protected-access
+        record("bwd", "mgpu_ws", kw, jax.jit(mlp_kernels._relu_grad_matmul_mosaic))  # pylint: disable=protected-access
+      mlp_kernels.STEPS = default_steps
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)
   best = {}

@@ -25,6 +25,9 @@ XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_tr
 VARIANTS = {
     "parcae_small": ("parcae", "small", {}),
     "parcae_small_xla_attn": ("parcae", "small", {"model.attention_impl": "xla"}),
+    "parcae_small_mlp_xla": ("parcae", "small", {"model.mlp_impl": "xla"}),
+    "parcae_medium_mlp_xla": ("parcae", "medium", {"model.mlp_impl": "xla"}),
+    "gpt_small_mlp_xla": ("gpt", "small", {"model.mlp_impl": "xla"}),
     "parcae_small_full_logits": ("parcae", "small", {"train.loss_chunk": 0}),
     "parcae_small_no_grouping": ("parcae", "small", {"train.depth_grouping": False}),
     "parcae_small_remat_dots": ("parcae", "small", {"model.grad_unroll": False, "model.remat": "dots"}),

@@ -16,6 +16,7 @@ REMAT_POLICIES = ("full", "dots", "none")
 BLOCK_REMAT_POLICIES = REMAT_POLICIES + ("mlp_act",)  # mlp_act: recompute only the MLP activation
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNEL_IMPLS = ("auto", "xla", "pallas")  # rope_impl, lse_impl
+MLP_IMPLS = ("auto", "xla", "mosaic", "jnp")  # mlp_impl ("jnp": the fused path's VJP with jnp kernels, tests)
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
 # name: (d_model, n_heads, prelude, core, coda); GPT uses n_layers = prelude + core + coda.
@@ -68,6 +69,10 @@ def default_model_config() -> ml_collections.ConfigDict:
   # Loss head's log-sum-exp: "auto" = one Pallas pass over the logits on a GPU where chunk and vocabulary allow (else
   # the two-pass jnp formula, "xla"); "pallas" forces the kernel (interpreted on a CPU; an error where it cannot run)
   c.lse_impl = "auto"
+  # ReLU^2 MLP (bf16 recipe): "auto" = Mosaic GPU GEMMs with ReLU^2 / its backward product fused (model/mlp_kernels.py)
+  # on a Hopper GPU where the shapes allow, else XLA's GEMMs and separate elementwise passes ("xla");
+  # "mosaic" forces the kernels (an error where they cannot run)
+  c.mlp_impl = "auto"
   return c
 
 
@@ -100,6 +105,7 @@ def validate_model_config(cfg) -> None:
   _choice(cfg, "attention_impl", ATTENTION_IMPLS)
   _choice(cfg, "rope_impl", KERNEL_IMPLS)
   _choice(cfg, "lse_impl", KERNEL_IMPLS)
+  _choice(cfg, "mlp_impl", MLP_IMPLS)
   _choice(cfg, "no_grad_split", (1, 2, 4))
   _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
   positive = ["vocab_size", "d_model", "n_heads", "ffn_mult", "max_seq_len"]

@@ -6,13 +6,15 @@ Shape letters: B batch, S sequence, D width, H heads, K head_dim, F MLP width, V
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from parcae import compile_target
-from parcae.model import init, rope_norm
+from parcae.model import init, mlp_kernels, rope_norm
 
 VE_GATE_WIDTH = 32  # gate reads the first 32 channels of the normed block input
 # Named recompute policies (model.remat for each grad loop iteration, model.block_remat for each block of
@@ -234,10 +236,26 @@ class MLP(nnx.Module):
     d, f = cfg.d_model, cfg.ffn_mult * cfg.d_model
     self.fc = Linear(init.kernel(key, d, f, init.std_for(d)), cd, quant)
     self.proj = Linear(init.zeros(f, d), cd, quant)
+    self.impl = cfg.get("mlp_impl", "auto")
+
+  def _fused_impl(self, x_BxSxD, recompute_act):
+    """The mlp_kernels implementation this call takes, or None for the XLA path."""
+    if self.impl == "xla" or self.fc.quant != "bf16" or recompute_act:
+      return None
+    n, (d, f) = math.prod(x_BxSxD.shape[:-1]), self.fc.kernel.shape
+    if self.impl == "auto":
+      ok = (self.fc.cd == jnp.bfloat16 and compile_target.platform() == "gpu" and mlp_kernels.hopper()
+            and mlp_kernels.supported(n, d, f) and mlp_kernels.rows_ok(n))
+      return "mosaic" if ok else None
+    return self.impl
 
   def __call__(self, x_BxSxD, key=None, recompute_act=False):
     """recompute_act: the backward pass recomputes ReLU^2(h) from the kept h instead of keeping it (one
     MLP-sized array less per block for an elementwise pass; block_remat "mlp_act")."""
+    impl = self._fused_impl(x_BxSxD, recompute_act)
+    if impl:
+      cast = lambda a: a.astype(self.fc.cd)
+      return mlp_kernels.relu2_mlp(cast(x_BxSxD), cast(self.fc.kernel[...]), cast(self.proj.kernel[...]), impl)
     k1, k2 = (None, None) if key is None else jax.random.split(key)
     h_BxSxF = self.fc(x_BxSxD, k1)
     if not recompute_act:

@@ -1,0 +1,207 @@
+"""The ReLU^2 MLP with its elementwise passes inside Hopper GEMM kernels (Mosaic GPU: wgmma + TMA).
+
+XLA runs the MLP's first GEMM and ReLU^2 as two kernels, and in the backward pass the product with the ReLU
+mask after the GEMM that forms the activation gradient: each elementwise pass re-reads and re-writes a
+[tokens, F] array (bench/RESULTS.md, session 19: 22.4 + 18.9 ms of parcae-small's 644 ms step on an H100).
+Here one warp-specialized GEMM applies it to its float32 accumulator before the single write:
+
+  relu2_matmul(x_MxK, w_KxN)        = relu2(bf16(x @ w))          no-grad forward: x @ w never written
+  relu_grad_matmul(g_MxK, w_NxK, h) = bf16(g @ w^T) * max(h, 0)   backward: g @ w^T never written
+
+`relu2_mlp(x, w1, w2)` = relu2(x @ w1) @ w2 with a custom VJP: its primal (the no-grad loops, evaluation) runs
+relu2_matmul; under differentiation the forward keeps h = x @ w1 and a = relu2(h) (the two arrays autodiff
+keeps) and the backward forms dh with relu_grad_matmul. Rounding as the XLA program: the accumulator is
+rounded to bf16 first, the elementwise step runs in float32 and is rounded once; all matmul outputs bf16.
+
+A program covers a [BM, 2 x BN] output tile: one memory warpgroup issues the TMA loads of the K loop (STEPS
+buffers deep), two compute warpgroups each accumulate one [BM, BN] half with wgmma and store it with their own
+TMA. On a CPU (tests), `impl="jnp"` runs the same custom VJP with jnp stand-ins for the two kernels.
+Under the trainer's mesh the kernels run per device (shard_map): rows over the batch axes, F over "tensor".
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
+
+BM, BN, STEPS, WGS = 128, 128, 3, 2   # launch shape (bench/fused_mlp.py measured STEPS 2 and 3)
+TK = 64                               # K step: one 128-byte swizzled row of bf16
+IMPLS = ("mosaic", "jnp")
+
+
+def hopper() -> bool:
+  """True when jax's default device is a CUDA GPU of compute capability 9.x (H100 / H200)."""
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def supported(m: int, k: int, n: int) -> bool:
+  """Whole tiles: tokens % 128, K (model width) % 64 and F % 256 all zero."""
+  return m % BM == 0 and k % TK == 0 and n % (WGS * BN) == 0
+
+
+# The elementwise steps in the operands' dtype, as the XLA path writes them (each product of two bf16 values is
+# exact in float32 and rounded once, so the kernels' float32 epilogues give the same bits).
+def relu2(x):
+  r = jnp.maximum(x, 0)
+  return 0.5 * r * r
+
+
+def _mask_product(da, h):
+  return da * jnp.maximum(h, 0)
+
+
+def _relu2_f32(a_bf16, _):
+  r = jnp.maximum(a_bf16.astype(jnp.float32), 0.0)
+  return (0.5 * r * r).astype(jnp.bfloat16)
+
+
+def _mask_product_f32(da_bf16, h_bf16):
+  return (da_bf16.astype(jnp.float32) * jnp.maximum(h_bf16.astype(jnp.float32), 0.0)).astype(jnp.bfloat16)
+
+
+# ------------------------------------------------------------------------------------- Mosaic GPU kernels
+
+def _ws_gemm(operands, k, n, epilogue, trans_b):
+  """Warp-specialized [M, n] = operands[0] @ operands[1] (or its transpose, [n, k]) with `epilogue`."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  m, wide = operands[0].shape[0], WGS * BN
+  tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
+  b_block, b_index = ((wide, TK), lambda s: (pl.program_id(1), s)) if trans_b else \
+      ((TK, wide), lambda s: (s, pl.program_id(1)))
+  specs = [plgpu.BlockSpec((BM, TK), lambda s: (pl.program_id(0), s), transforms=tf),
+           plgpu.BlockSpec(b_block, b_index, transforms=tf)]
+
+  def kernel(*refs):
+    n_in = len(operands)
+    in_gmem, o_gmem, o_smem, barrier = refs[:n_in], refs[n_in], refs[n_in + 1], refs[n_in + 2]
+    wg = lax.axis_index("wg")
+    cols = pl.ds(wg * BN, BN)
+    rows, out_cols = pl.ds(pl.program_id(0) * BM, BM), pl.ds(pl.program_id(1) * wide + wg * BN, BN)
+
+    def compute(pipeline):
+      if n_in == 3:  # the backward's h slice, fetched into the output buffer while the K loop runs
+        plgpu.copy_gmem_to_smem(in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg])
+      acc = pipeline(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
+      h = None
+      if n_in == 3:
+        plgpu.barrier_wait(barrier.at[wg])
+        h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+      o_smem[wg] = epilogue(acc.astype(jnp.bfloat16), h)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[rows, out_cols])
+      plgpu.wait_smem_to_gmem(0)
+
+    def body(_, x_smem, w_smem, acc):
+      b = plgpu.transpose_ref(w_smem.at[cols, :], (1, 0)) if trans_b else w_smem.at[:, cols]
+
+      def mma(acc_ref):
+        plgpu.wgmma(acc_ref, x_smem, b)
+      return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+    plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k // TK,), in_specs=specs, compute_context=compute, max_concurrent_steps=STEPS,
+        num_compute_wgs=WGS, memory_registers=40, memory_thread_idx=WGS, wg_axis="wg")(*in_gmem[:2])
+
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+      scratch_types=[plgpu.SMEM((WGS, BM, BN), jnp.bfloat16), plgpu.Barrier(num_barriers=WGS)],
+      grid=(m // BM, n // wide), grid_names=("m", "n"), num_threads=WGS + 1, thread_name="wg")(*operands)
+
+
+def _check(m, k, n, x, what):
+  if x.dtype != jnp.bfloat16 or not supported(m, k, n):
+    raise ValueError(f"{what}: the Mosaic GPU kernel needs bf16 operands and whole tiles (tokens % {BM}, "
+                     f"width % {TK}, F % {WGS * BN}); got {x.dtype} (m={m}, k={k}, n={n}). Use "
+                     "model.mlp_impl='xla'")
+
+
+def _relu2_matmul_mosaic(x_MxK, w_KxN):
+  (m, k), n = x_MxK.shape, w_KxN.shape[1]
+  _check(m, k, n, x_MxK, "relu2_matmul")
+  return _ws_gemm((x_MxK, w_KxN), k, n, _relu2_f32, trans_b=False)
+
+
+def _relu_grad_matmul_mosaic(g_MxK, w_NxK, h_MxN):
+  (m, k), n = g_MxK.shape, w_NxK.shape[0]
+  _check(m, k, n, g_MxK, "relu_grad_matmul")
+  return _ws_gemm((g_MxK, w_NxK, h_MxN), k, n, _mask_product_f32, trans_b=True)
+
+
+KERNELS = {
+    "mosaic": (_relu2_matmul_mosaic, _relu_grad_matmul_mosaic),
+    "jnp": (lambda x, w: relu2(jnp.dot(x, w)), lambda g, w, h: _mask_product(jnp.dot(g, w.T), h)),
+}
+
+
+def _per_device(fn, args, specs, out_spec):
+  """fn per device under the trainer's mesh (rows over the batch axes, F over "tensor"); else fn itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = kernel_axes(mesh)
+  if not axes:
+    return fn(*args)
+  batch = kernel_batch_axes(mesh) or None
+  tensor = "tensor" if "tensor" in axes else None
+  fill = lambda spec: P(*[batch if s == "B" else tensor if s == "T" else None for s in spec])
+  return jax.shard_map(fn, in_specs=tuple(fill(s) for s in specs), out_specs=fill(out_spec),
+                       axis_names=set(axes), check_vma=False)(*args)
+
+
+def relu2_matmul(x_NxK, w_KxF, impl="mosaic"):
+  """relu2(x @ w) in bf16 for x [..., K] (leading axes flattened into the kernel's rows), per device."""
+  if impl == "jnp":  # the stand-in on x's own shape (the dots the XLA path writes)
+    return _per_device(KERNELS[impl][0], (x_NxK, w_KxF), ("B" + "." * (x_NxK.ndim - 1), ".T"),
+                       "B" + "." * (x_NxK.ndim - 2) + "T")
+  lead = x_NxK.shape[:-1]
+  out = _per_device(KERNELS[impl][0], (x_NxK.reshape(-1, x_NxK.shape[-1]), w_KxF), ("B.", ".T"), "BT")
+  return out.reshape(*lead, -1)
+
+
+def relu_grad_matmul(g_NxK, w_FxK, h_NxF, impl="mosaic"):
+  """bf16(g @ w^T) * max(h, 0) in bf16 for g [..., K], h [..., F], per device."""
+  if impl == "jnp":
+    lead = "B" + "." * (g_NxK.ndim - 2)
+    return _per_device(KERNELS[impl][1], (g_NxK, w_FxK, h_NxF), (lead + ".", "T.", lead + "T"), lead + "T")
+  two = lambda a: a.reshape(-1, a.shape[-1])
+  out = _per_device(KERNELS[impl][1], (two(g_NxK), w_FxK, two(h_NxF)), ("B.", "T.", "BT"), "BT")
+  return out.reshape(h_NxF.shape)
+
+
+# ---------------------------------------------------------------------------------------- the MLP
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def relu2_mlp(x_NxD, w1_DxF, w2_FxD, impl="mosaic"):
+  """relu2(x @ w1) @ w2 for bf16 x [..., D], w1 [D, F], w2 [F, D]; the ReLU^2 inside the first GEMM."""
+  return jnp.dot(relu2_matmul(x_NxD, w1_DxF, impl), w2_FxD)
+
+
+def _relu2_mlp_fwd(x_NxD, w1_DxF, w2_FxD, impl):
+  h_NxF = jnp.dot(x_NxD, w1_DxF)
+  a_NxF = relu2(h_NxF)
+  return jnp.dot(a_NxF, w2_FxD), (x_NxD, w1_DxF, w2_FxD, h_NxF, a_NxF)
+
+
+def _relu2_mlp_bwd(impl, res, dy_NxD):
+  x_NxD, w1_DxF, w2_FxD, h_NxF, a_NxF = res
+  dy_NxD = dy_NxD.astype(x_NxD.dtype)
+  dh_NxF = relu_grad_matmul(dy_NxD, w2_FxD, h_NxF, impl)
+  lead = list(range(x_NxD.ndim - 1))
+  weight_grad = lambda a, b: jnp.tensordot(a, b, axes=(lead, lead))  # as autodiff of jnp.dot transposes
+  return jnp.dot(dh_NxF, w1_DxF.T), weight_grad(x_NxD, dh_NxF), weight_grad(a_NxF, dy_NxD)
+
+
+relu2_mlp.defvjp(_relu2_mlp_fwd, _relu2_mlp_bwd)
+
+
+def rows_ok(n_rows: int) -> bool:
+  """Whether each device's share of n_rows tokens is whole row tiles under the mesh in force."""
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = math.prod(mesh.shape[a] for a in kernel_batch_axes(mesh)) if not mesh.empty else 1
+  return n_rows % shards == 0 and (n_rows // shards) % BM == 0

@@ -1,0 +1,125 @@
+"""model/mlp_kernels.py: the fused ReLU^2 MLP's custom VJP (with jnp stand-ins for the Mosaic GPU kernels,
+which need a Hopper GPU: bench/fused_mlp.py checks those against float64), per device under a mesh, and the
+model's choice of path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from parcae import model as M
+from parcae.model import layers, mlp_kernels as mk
+
+
+def _inputs(n=256, d=64, f=256, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(ks[0], (n, d), jnp.bfloat16)
+  w1 = (jax.random.normal(ks[1], (d, f)) / 8).astype(jnp.bfloat16)
+  w2 = (jax.random.normal(ks[2], (f, d)) / 16).astype(jnp.bfloat16)
+  dy = jax.random.normal(ks[3], (n, d), jnp.bfloat16)
+  return x, w1, w2, dy
+
+
+def _xla_mlp(x, w1, w2):
+  return jnp.dot(layers.relu2(jnp.dot(x, w1)), w2)
+
+
+def test_fused_mlp_value_and_vjp_are_the_xla_programs_bits():
+  """Same value and the same three cotangents, bit for bit, as autodiff of the unfused bf16 formula: the
+  custom VJP rounds where XLA rounds (jitted, so XLA's own simplifications apply to both)."""
+  x, w1, w2, dy = _inputs()
+  want_y, want_vjp = jax.vjp(jax.jit(_xla_mlp), x, w1, w2)
+  got_y, got_vjp = jax.vjp(jax.jit(lambda *a: mk.relu2_mlp(*a, "jnp")), x, w1, w2)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda *a: mk.relu2_mlp(*a, "jnp"))(x, w1, w2)),
+                                np.asarray(want_y))
+  np.testing.assert_array_equal(np.asarray(got_y), np.asarray(want_y))
+  for got, want, name in zip(got_vjp(dy), want_vjp(dy), ("dx", "dw1", "dw2")):
+    assert got.dtype == want.dtype == jnp.bfloat16, name
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    assert np.abs(np.asarray(want, np.float32)).max() > 0, name
+
+
+def test_per_device_under_a_mesh_equals_the_unsharded_mlp():
+  """Under (data 2, tensor 2): each device's kernel call gets half the rows and half of F; value and
+  gradients equal the single-device ones."""
+  mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  x, w1, w2, dy = _inputs()
+  loss = lambda x, w1, w2: jnp.sum(mk.relu2_mlp(x, w1, w2, "jnp").astype(jnp.float32) * dy.astype(jnp.float32))
+  want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, w1, w2)
+  shapes = []
+  real = mk.KERNELS["jnp"]
+  spy = (lambda x, w: shapes.append(("fwd", x.shape, w.shape)) or real[0](x, w),
+         lambda g, w, h: shapes.append(("bwd", g.shape, w.shape, h.shape)) or real[1](g, w, h))
+  try:
+    mk.KERNELS["jnp"] = spy
+    with jax.set_mesh(mesh):
+      put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+      args = put(x, P("data", None)), put(w1, P(None, "tensor")), put(w2, P("tensor", None))
+      got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+      fwd_shapes = list(shapes)
+      jax.jit(lambda *a: mk.relu2_mlp(*a, "jnp"))(*args)
+  finally:
+    mk.KERNELS["jnp"] = real
+  assert ("bwd", (128, 64), (128, 64), (128, 128)) in fwd_shapes, fwd_shapes
+  assert ("fwd", (128, 64), (64, 128)) in shapes, shapes
+  # dx contracts over F, split over "tensor": two bf16 partial products summed (one more bf16 rounding, as
+  # any tensor-parallel matmul); dw1 / dw2 are formed per device whole.
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=2.0 ** -8)
+  for g, w, name in zip(got[1], want[1], ("dx", "dw1", "dw2")):
+    w = np.asarray(w, np.float32)
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=0, atol=2.0 ** -8 * np.abs(w).max(), err_msg=name)
+
+
+def _tiny(impl, **kw):
+  c = M.default_model_config()
+  c.vocab_size, c.d_model, c.n_heads, c.max_seq_len, c.compute_dtype = 64, 64, 2, 8, "bfloat16"
+  c.prelude_layers, c.core_layers, c.coda_layers = 1, 1, 1
+  c.mean_recurrence, c.mean_backprop_depth = 3, 2
+  c.mlp_impl = impl
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+@pytest.mark.parametrize("kind", ["parcae", "gpt"])
+def test_model_with_the_fused_mlp_path_trains_identically(kind):
+  """A whole model's loss and parameter gradients with mlp_impl "jnp" (the fused path's custom VJP) equal
+  mlp_impl "xla" bit for bit, and the fused path is really taken (the stand-in kernels are called)."""
+  ids = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  calls = []
+  real = mk.KERNELS["jnp"]
+
+  def grads(impl):
+    m = M.build(_tiny(impl, kind=kind), jax.random.key(0))
+    graphdef, state = nnx.split(m)
+    state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), state)
+
+    def loss(state):
+      model = nnx.merge(graphdef, state)
+      y, _ = model.hidden(ids, jnp.array([1, 2]), jnp.array([2, 1]), key=jax.random.key(3), grad_steps=2)
+      return jnp.mean(model.logits(y).astype(jnp.float32) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+  want = grads("xla")
+  mk.KERNELS["jnp"] = (lambda *a: calls.append("fwd") or real[0](*a), lambda *a: calls.append("bwd") or real[1](*a))
+  try:
+    got = grads("jnp")
+  finally:
+    mk.KERNELS["jnp"] = real
+  assert "bwd" in calls, calls
+  assert float(got[0]) == float(want[0])
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_auto_is_xla_off_hopper_and_mosaic_refuses_shapes_it_cannot_run():
+  m = M.build(_tiny("auto"), jax.random.key(0))
+  mlp = m.core[0].mlp if hasattr(m, "core") else m.blocks[0].mlp
+  assert mlp._fused_impl(jnp.zeros((2, 8, 64), jnp.bfloat16), False) is None  # this CPU is not a Hopper GPU
+  with pytest.raises(ValueError, match="mlp_impl='xla'"):
+    mk.relu2_matmul(jnp.zeros((100, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16))
+  cfg = _tiny("fused")
+  with pytest.raises(ValueError, match="mlp_impl"):
+    M.validate_model_config(cfg)
