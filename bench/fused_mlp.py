@@ -117,8 +117,9 @@ def main():
         kw = (("steps", steps),)
         record("gemm", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
             (x, w), x.shape[1], w.shape[1], lambda a, _: a, trans_b=False)))
-        record("fwd", "mgpu_ws", kw, jax.jit(mlp_kernels._relu2_matmul_mosaic))  # pylint: disable=protected-access
-        record("bwd", "mgpu_ws", kw, jax.jit(mlp_kernels._relu_grad_matmul_mosaic))  # pylint: disable=protected-access
+        # fresh lambdas: jit's trace cache is keyed on the function, and STEPS is read only when tracing
+        record("fwd", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._relu2_matmul_mosaic(x, w)))  # pylint: disable=protected-access
+        record("bwd", "mgpu_ws", kw, jax.jit(lambda g, w, h: mlp_kernels._relu_grad_matmul_mosaic(g, w, h)))  # pylint: disable=protected-access
       mlp_kernels.STEPS = default_steps
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)
