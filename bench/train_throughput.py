@@ -75,6 +75,7 @@ VARIANTS = {
     "parcae_medium_split1": ("parcae", "medium", {"model.no_grad_split": 1}),
     "parcae_small_quartet_split1": ("parcae", "small", {"quant.recipe": "quartet", "model.no_grad_split": 1}),
     "gpt_medium": ("gpt", "medium", {}),
+    "gpt_medium_mlp_xla": ("gpt", "medium", {"model.mlp_impl": "xla"}),
     # twice the tokens per optimizer step: the step's fixed cost (optimizer, clipping) from the difference
     "gpt_medium_accum16": ("gpt", "medium", {"_accum": 16}),
     # larger loss-head chunks than the recipes' 2048 (speed against the float32 logit memory)
