@@ -114,6 +114,17 @@ def test_model_with_the_fused_mlp_path_trains_identically(kind):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
+def test_whole_tiles_per_device_under_a_mesh():
+  """auto takes the kernels only where every device's rows and F slice are whole tiles."""
+  mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  assert mk.shapes_ok(256, 64, 256) and not mk.shapes_ok(192, 64, 256)
+  with jax.set_mesh(mesh):
+    assert mk.shapes_ok(256, 64, 512)       # 128 rows, F 256 per device
+    assert not mk.shapes_ok(256, 64, 256)   # F 128 per device
+    assert not mk.shapes_ok(128, 64, 512)   # 64 rows per device
+
+
 def test_auto_is_xla_off_hopper_and_mosaic_refuses_shapes_it_cannot_run():
   m = M.build(_tiny("auto"), jax.random.key(0))
   mlp = m.core[0].mlp if hasattr(m, "core") else m.blocks[0].mlp
@@ -123,3 +134,23 @@ def test_auto_is_xla_off_hopper_and_mosaic_refuses_shapes_it_cannot_run():
   cfg = _tiny("fused")
   with pytest.raises(ValueError, match="mlp_impl"):
     M.validate_model_config(cfg)
+
+
+def test_sharded_train_step_lowers_with_the_mosaic_kernels_per_device(cuda_lowering):
+  """The whole train step with mlp_impl "mosaic" on a (data 2, fsdp 2, tensor 2) mesh lowers for CUDA: Mosaic
+  GPU calls in it, each kernel on one device's rows (a quarter of a micro-batch's tokens) and half of F."""
+  from train_helpers import lower_sharded_step_for_cuda, tiny_config
+  cfg = tiny_config("unused", grad_accum=2, seq_len=64)
+  cfg.model.compute_dtype, cfg.model.mlp_impl, cfg.model.d_model = "bfloat16", "mosaic", 128  # F / 2 = 256
+  cfg.model.rope_impl = cfg.model.lse_impl = "xla"
+  shapes = set()
+  real = dict(mk.KERNELS)
+  mk.KERNELS["mosaic"] = (lambda x, w: shapes.add(("fwd", x.shape, w.shape)) or real["mosaic"][0](x, w),
+                          lambda g, w, h: shapes.add(("bwd", g.shape, w.shape, h.shape)) or real["mosaic"][1](g, w, h))
+  try:
+    text = lower_sharded_step_for_cuda(cfg)
+  finally:
+    mk.KERNELS.update(real)
+  rows, d, f = cfg.train.micro_batch_size * 64 // 4, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model
+  assert shapes == {("fwd", (rows, d), (d, f // 2)), ("bwd", (rows, d), (f // 2, d), (rows, f // 2))}, shapes
+  assert text.count("mosaic_gpu") >= 2

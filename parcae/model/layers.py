@@ -245,7 +245,7 @@ class MLP(nnx.Module):
     n, (d, f) = math.prod(x_BxSxD.shape[:-1]), self.fc.kernel.shape
     if self.impl == "auto":
       ok = (self.fc.cd == jnp.bfloat16 and compile_target.platform() == "gpu" and mlp_kernels.hopper()
-            and mlp_kernels.supported(n, d, f) and mlp_kernels.rows_ok(n))
+            and mlp_kernels.shapes_ok(n, d, f))
       return "mosaic" if ok else None
     return self.impl
 

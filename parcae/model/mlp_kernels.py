@@ -200,8 +200,11 @@ def _relu2_mlp_bwd(impl, res, dy_NxD):
 relu2_mlp.defvjp(_relu2_mlp_fwd, _relu2_mlp_bwd)
 
 
-def rows_ok(n_rows: int) -> bool:
-  """Whether each device's share of n_rows tokens is whole row tiles under the mesh in force."""
+def shapes_ok(n_rows: int, d: int, f: int) -> bool:
+  """Whether each device's kernel calls are whole tiles under the mesh in force: its share of the n_rows tokens
+  (split over the batch axes) and of F (split over "tensor")."""
   mesh = jax.sharding.get_abstract_mesh()
-  shards = math.prod(mesh.shape[a] for a in kernel_batch_axes(mesh)) if not mesh.empty else 1
-  return n_rows % shards == 0 and (n_rows // shards) % BM == 0
+  axes = kernel_axes(mesh)
+  shards = math.prod(mesh.shape[a] for a in axes if a != "tensor")
+  tensor = mesh.shape["tensor"] if "tensor" in axes else 1
+  return n_rows % shards == 0 and f % tensor == 0 and supported(n_rows // shards, d, f // tensor)
