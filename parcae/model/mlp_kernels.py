@@ -32,7 +32,6 @@ from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
 
 BM, BN, STEPS, WGS = 128, 128, 3, 2   # launch shape (bench/fused_mlp.py measured STEPS 2 and 3)
 TK = 64                               # K step: one 128-byte swizzled row of bf16
-IMPLS = ("mosaic", "jnp")
 
 
 def hopper() -> bool:
