@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from parcae import model as M
+from parcae import compile_target, model as M
 from parcae.model import layers, mlp_kernels as mk
 
 
@@ -134,6 +134,9 @@ def test_auto_is_xla_off_hopper_and_mosaic_refuses_shapes_it_cannot_run():
   cfg = _tiny("fused")
   with pytest.raises(ValueError, match="mlp_impl"):
     M.validate_model_config(cfg)
+  forced = M.build(_tiny("mosaic"), jax.random.key(0))
+  with pytest.raises(ValueError, match="need a Hopper GPU"):
+    forced(jnp.zeros((2, 8), jnp.int32))
 
 
 def test_sharded_train_step_lowers_with_the_mosaic_kernels_per_device(cuda_lowering):
@@ -142,13 +145,14 @@ def test_sharded_train_step_lowers_with_the_mosaic_kernels_per_device(cuda_lower
   from train_helpers import lower_sharded_step_for_cuda, tiny_config
   cfg = tiny_config("unused", grad_accum=2, seq_len=64)
   cfg.model.compute_dtype, cfg.model.mlp_impl, cfg.model.d_model = "bfloat16", "mosaic", 128  # F / 2 = 256
-  cfg.model.rope_impl = cfg.model.lse_impl = "xla"
+  cfg.model.rope_impl = cfg.model.lse_impl = cfg.model.attention_impl = "xla"
   shapes = set()
   real = dict(mk.KERNELS)
   mk.KERNELS["mosaic"] = (lambda x, w: shapes.add(("fwd", x.shape, w.shape)) or real["mosaic"][0](x, w),
                           lambda g, w, h: shapes.add(("bwd", g.shape, w.shape, h.shape)) or real["mosaic"][1](g, w, h))
   try:
-    text = lower_sharded_step_for_cuda(cfg)
+    with compile_target.compiling_for("gpu"):
+      text = lower_sharded_step_for_cuda(cfg)
   finally:
     mk.KERNELS.update(real)
   rows, d, f = cfg.train.micro_batch_size * 64 // 4, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model

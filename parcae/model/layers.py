@@ -247,6 +247,9 @@ class MLP(nnx.Module):
       ok = (self.fc.cd == jnp.bfloat16 and compile_target.platform() == "gpu" and mlp_kernels.hopper()
             and mlp_kernels.shapes_ok(n, d, f))
       return "mosaic" if ok else None
+    if self.impl == "mosaic" and compile_target.platform() != "gpu":
+      raise ValueError("model.mlp_impl='mosaic' runs Mosaic GPU kernels, which need a Hopper GPU (this run is "
+                       f"traced for {compile_target.platform()}); use mlp_impl='auto' or 'xla'")
     return self.impl
 
   def __call__(self, x_BxSxD, key=None, recompute_act=False):
