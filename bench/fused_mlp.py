@@ -4,6 +4,7 @@ For each shape (tokens M = micro-batch 16 x 2048, width D, MLP width F) and each
   gemm : x[M, D] @ w[D, F] -> bf16             (XLA: cuBLAS; Pallas: the same kernel without the epilogue)
   fwd  : relu2(x @ w)                           (XLA: GEMM + fusion; Pallas: relu2_matmul)
   bwd  : (g[M, D] @ w2[F, D]^T) * max(h, 0)     (XLA: GEMM + fusion; Pallas: relu_grad_matmul)
+  pair : (h, relu2(h)), h = x @ w                 (XLA: GEMM + fusion; Mosaic GPU only: pair_matmul)
 and checks each result against float64 on the first 512 rows (max |err| / max |ref|; bf16's half ulp is 2^-9).
 The library's Mosaic GPU kernels (parcae/model/mlp_kernels.py: wgmma + TMA, warp-specialized) run too on a
 Hopper GPU, with 2 and 3 pipeline buffers (--impls).
@@ -40,13 +41,16 @@ SWEEP = [mk.Tiles(128, 128, 64, 4, 3), mk.Tiles(128, 128, 64, 8, 3), mk.Tiles(12
 
 XLA = {"gemm": jax.jit(lambda x, w: jnp.dot(x, w)),
        "fwd": jax.jit(lambda x, w: relu2(jnp.dot(x, w))),
-       "bwd": jax.jit(lambda g, w2, h: jnp.dot(g, w2.T) * jnp.maximum(h, 0))}
+       "bwd": jax.jit(lambda g, w2, h: jnp.dot(g, w2.T) * jnp.maximum(h, 0)),
+       "pair": jax.jit(lambda x, w: (lambda h: (h, relu2(h)))(jnp.dot(x, w)))}
 
 
 def reference(op, args, rows):
   f = lambda a: np.asarray(a[:rows], np.float64)  # the first rows of x, g, h
   if op == "gemm":
     return f(args[0]) @ np.asarray(args[1], np.float64)
+  if op == "pair":  # h and relu2(h) side by side
+    return np.concatenate([reference("gemm", args, rows), reference("fwd", args, rows)], axis=1)
   if op == "fwd":
     h = np.asarray((f(args[0]) @ np.asarray(args[1], np.float64)).astype(np.float32).astype(jnp.bfloat16),
                    np.float64)
@@ -84,13 +88,14 @@ def main():
     g = jax.random.normal(ks[2], (m, d), jnp.bfloat16)
     w2 = (jax.random.normal(ks[3], (f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
     h = XLA["gemm"](x, w)
-    inputs = {"gemm": (x, w), "fwd": (x, w), "bwd": (g, w2, h)}
+    inputs = {"gemm": (x, w), "fwd": (x, w), "bwd": (g, w2, h), "pair": (x, w)}
     flops = 2 * m * d * f
     refs = {op: reference(op, a, rows) for op, a in inputs.items()}
 
     def record(op, impl, tiles, fn):
       try:
         ms, out = timed(fn, inputs[op], iters)
+        out = jnp.concatenate(out, axis=1) if isinstance(out, tuple) else out
       except Exception as e:  # a tile shape that does not compile (shared memory) is reported, not fatal
         print(f"{name:14s} {op:4s} {impl:6s} {tiles} FAILED {type(e).__name__}: {str(e)[:300]} ... {str(e)[-600:]}", flush=True)
         return
@@ -102,7 +107,7 @@ def main():
       print(f"{name:14s} {op:4s} {impl:6s} {str(tiles):60s} {ms:8.4f} ms {row['tflops']:7.1f} TF/s  err {err:.2e}",
             flush=True)
 
-    for op in ("gemm", "fwd", "bwd"):
+    for op in ("gemm", "fwd", "bwd", "pair"):
       record(op, "xla", None, XLA[op])
     for t in sweep if "pallas" in args.impls else ():
       if not mk.supported(m, d, f, t):
@@ -116,10 +121,11 @@ def main():
         mlp_kernels.STEPS = steps  # read when a kernel is traced: a fresh jit per launch shape
         kw = (("steps", steps),)
         record("gemm", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
-            (x, w), x.shape[1], w.shape[1], lambda a, _: a, trans_b=False)))
+            (x, w), x.shape[1], w.shape[1], lambda a, _: (a,), trans_b=False)[0]))
         # fresh lambdas: jit's trace cache is keyed on the function, and STEPS is read only when tracing
         record("fwd", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._relu2_matmul_mosaic(x, w)))  # pylint: disable=protected-access
         record("bwd", "mgpu_ws", kw, jax.jit(lambda g, w, h: mlp_kernels._relu_grad_matmul_mosaic(g, w, h)))  # pylint: disable=protected-access
+        record("pair", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._pair_matmul_mosaic(x, w)))  # pylint: disable=protected-access
       mlp_kernels.STEPS = default_steps
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)

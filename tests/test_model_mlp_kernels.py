@@ -25,9 +25,12 @@ def _xla_mlp(x, w1, w2):
   return jnp.dot(layers.relu2(jnp.dot(x, w1)), w2)
 
 
-def test_fused_mlp_value_and_vjp_are_the_xla_programs_bits():
+@pytest.mark.parametrize("pair", [False, True])
+def test_fused_mlp_value_and_vjp_are_the_xla_programs_bits(pair, monkeypatch):
   """Same value and the same three cotangents, bit for bit, as autodiff of the unfused bf16 formula: the
-  custom VJP rounds where XLA rounds (jitted, so XLA's own simplifications apply to both)."""
+  custom VJP rounds where XLA rounds (jitted, so XLA's own simplifications apply to both). pair: the forward
+  under differentiation through pair_matmul (mk.FWD_PAIR)."""
+  monkeypatch.setattr(mk, "FWD_PAIR", pair)
   x, w1, w2, dy = _inputs()
   want_y, want_vjp = jax.vjp(jax.jit(_xla_mlp), x, w1, w2)
   got_y, got_vjp = jax.vjp(jax.jit(lambda *a: mk.relu2_mlp(*a, "jnp")), x, w1, w2)
@@ -40,9 +43,11 @@ def test_fused_mlp_value_and_vjp_are_the_xla_programs_bits():
     assert np.abs(np.asarray(want, np.float32)).max() > 0, name
 
 
-def test_per_device_under_a_mesh_equals_the_unsharded_mlp():
+@pytest.mark.parametrize("pair", [False, True])
+def test_per_device_under_a_mesh_equals_the_unsharded_mlp(pair, monkeypatch):
   """Under (data 2, tensor 2): each device's kernel call gets half the rows and half of F; value and
   gradients equal the single-device ones."""
+  monkeypatch.setattr(mk, "FWD_PAIR", pair)
   mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   x, w1, w2, dy = _inputs()
@@ -51,7 +56,8 @@ def test_per_device_under_a_mesh_equals_the_unsharded_mlp():
   shapes = []
   real = mk.KERNELS["jnp"]
   spy = (lambda x, w: shapes.append(("fwd", x.shape, w.shape)) or real[0](x, w),
-         lambda g, w, h: shapes.append(("bwd", g.shape, w.shape, h.shape)) or real[1](g, w, h))
+         lambda g, w, h: shapes.append(("bwd", g.shape, w.shape, h.shape)) or real[1](g, w, h),
+         lambda x, w: shapes.append(("pair", x.shape, w.shape)) or real[2](x, w))
   try:
     mk.KERNELS["jnp"] = spy
     with jax.set_mesh(mesh):
@@ -63,6 +69,7 @@ def test_per_device_under_a_mesh_equals_the_unsharded_mlp():
   finally:
     mk.KERNELS["jnp"] = real
   assert ("bwd", (128, 64), (128, 64), (128, 128)) in fwd_shapes, fwd_shapes
+  assert (("pair", (128, 64), (64, 128)) in fwd_shapes) == pair, fwd_shapes
   assert ("fwd", (128, 64), (64, 128)) in shapes, shapes
   # dx contracts over F, split over "tensor": two bf16 partial products summed (one more bf16 rounding, as
   # any tensor-parallel matmul); dw1 / dw2 are formed per device whole.
@@ -83,10 +90,11 @@ def _tiny(impl, **kw):
   return c
 
 
-@pytest.mark.parametrize("kind", ["parcae", "gpt"])
-def test_model_with_the_fused_mlp_path_trains_identically(kind):
+@pytest.mark.parametrize("kind,pair", [("parcae", False), ("gpt", True)])
+def test_model_with_the_fused_mlp_path_trains_identically(kind, pair, monkeypatch):
   """A whole model's loss and parameter gradients with mlp_impl "jnp" (the fused path's custom VJP) equal
   mlp_impl "xla" bit for bit, and the fused path is really taken (the stand-in kernels are called)."""
+  monkeypatch.setattr(mk, "FWD_PAIR", pair)
   ids = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
   calls = []
   real = mk.KERNELS["jnp"]
@@ -103,12 +111,13 @@ def test_model_with_the_fused_mlp_path_trains_identically(kind):
     return jax.jit(jax.value_and_grad(loss))(state)
 
   want = grads("xla")
-  mk.KERNELS["jnp"] = (lambda *a: calls.append("fwd") or real[0](*a), lambda *a: calls.append("bwd") or real[1](*a))
+  mk.KERNELS["jnp"] = (lambda *a: calls.append("fwd") or real[0](*a), lambda *a: calls.append("bwd") or real[1](*a),
+                       lambda *a: calls.append("pair") or real[2](*a))
   try:
     got = grads("jnp")
   finally:
     mk.KERNELS["jnp"] = real
-  assert "bwd" in calls, calls
+  assert "bwd" in calls and ("pair" in calls) == pair, calls
   assert float(got[0]) == float(want[0])
   for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
@@ -139,22 +148,26 @@ def test_auto_is_xla_off_hopper_and_mosaic_refuses_shapes_it_cannot_run():
     forced(jnp.zeros((2, 8), jnp.int32))
 
 
-def test_sharded_train_step_lowers_with_the_mosaic_kernels_per_device(cuda_lowering):
+@pytest.mark.parametrize("pair", [False, True])
+def test_sharded_train_step_lowers_with_the_mosaic_kernels_per_device(cuda_lowering, pair, monkeypatch):
   """The whole train step with mlp_impl "mosaic" on a (data 2, fsdp 2, tensor 2) mesh lowers for CUDA: Mosaic
   GPU calls in it, each kernel on one device's rows (a quarter of a micro-batch's tokens) and half of F."""
   from train_helpers import lower_sharded_step_for_cuda, tiny_config
+  monkeypatch.setattr(mk, "FWD_PAIR", pair)
   cfg = tiny_config("unused", grad_accum=2, seq_len=64)
   cfg.model.compute_dtype, cfg.model.mlp_impl, cfg.model.d_model = "bfloat16", "mosaic", 128  # F / 2 = 256
   cfg.model.rope_impl = cfg.model.lse_impl = cfg.model.attention_impl = "xla"
   shapes = set()
   real = dict(mk.KERNELS)
   mk.KERNELS["mosaic"] = (lambda x, w: shapes.add(("fwd", x.shape, w.shape)) or real["mosaic"][0](x, w),
-                          lambda g, w, h: shapes.add(("bwd", g.shape, w.shape, h.shape)) or real["mosaic"][1](g, w, h))
+                          lambda g, w, h: shapes.add(("bwd", g.shape, w.shape, h.shape)) or real["mosaic"][1](g, w, h),
+                          lambda x, w: shapes.add(("pair", x.shape, w.shape)) or real["mosaic"][2](x, w))
   try:
     with compile_target.compiling_for("gpu"):
       text = lower_sharded_step_for_cuda(cfg)
   finally:
     mk.KERNELS.update(real)
   rows, d, f = cfg.train.micro_batch_size * 64 // 4, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model
-  assert shapes == {("fwd", (rows, d), (d, f // 2)), ("bwd", (rows, d), (f // 2, d), (rows, f // 2))}, shapes
+  want = {("fwd", (rows, d), (d, f // 2)), ("bwd", (rows, d), (f // 2, d), (rows, f // 2))}
+  assert shapes == want | ({("pair", (rows, d), (d, f // 2))} if pair else set()), shapes
   assert text.count("mosaic_gpu") >= 2

@@ -7,6 +7,8 @@ Here one warp-specialized GEMM applies it to its float32 accumulator before the 
 
   relu2_matmul(x_MxK, w_KxN)        = relu2(bf16(x @ w))          no-grad forward: x @ w never written
   relu_grad_matmul(g_MxK, w_NxK, h) = bf16(g @ w^T) * max(h, 0)   backward: g @ w^T never written
+  pair_matmul(x_MxK, w_KxN)         = (h, relu2(h)), h = bf16(x @ w)   forward under differentiation (FWD_PAIR,
+                                                                   off until measured): h never read back
 
 `relu2_mlp(x, w1, w2)` = relu2(x @ w1) @ w2 with a custom VJP: its primal (the no-grad loops, evaluation) runs
 relu2_matmul; under differentiation the forward keeps h = x @ w1 and a = relu2(h) (the two arrays autodiff
@@ -58,17 +60,22 @@ def _mask_product(da, h):
 
 def _relu2_f32(a_bf16, _):
   r = jnp.maximum(a_bf16.astype(jnp.float32), 0.0)
-  return (0.5 * r * r).astype(jnp.bfloat16)
+  return ((0.5 * r * r).astype(jnp.bfloat16),)
+
+
+def _pair_f32(a_bf16, _):
+  return (a_bf16,) + _relu2_f32(a_bf16, _)
 
 
 def _mask_product_f32(da_bf16, h_bf16):
-  return (da_bf16.astype(jnp.float32) * jnp.maximum(h_bf16.astype(jnp.float32), 0.0)).astype(jnp.bfloat16)
+  return ((da_bf16.astype(jnp.float32) * jnp.maximum(h_bf16.astype(jnp.float32), 0.0)).astype(jnp.bfloat16),)
 
 
 # ------------------------------------------------------------------------------------- Mosaic GPU kernels
 
-def _ws_gemm(operands, k, n, epilogue, trans_b):
-  """Warp-specialized [M, n] = operands[0] @ operands[1] (or its transpose, [n, k]) with `epilogue`."""
+def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
+  """Warp-specialized [M, n] = operands[0] @ operands[1] (or its transpose, [n, k]); `epilogue` maps the bf16
+  accumulator tile (and the backward's h tile) to the n_out output tiles, stored one after another."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, wide = operands[0].shape[0], WGS * BN
@@ -80,7 +87,8 @@ def _ws_gemm(operands, k, n, epilogue, trans_b):
 
   def kernel(*refs):
     n_in = len(operands)
-    in_gmem, o_gmem, o_smem, barrier = refs[:n_in], refs[n_in], refs[n_in + 1], refs[n_in + 2]
+    in_gmem, o_gmem = refs[:n_in], refs[n_in:n_in + n_out]
+    o_smem, barrier = refs[n_in + n_out], refs[n_in + n_out + 1]
     wg = lax.axis_index("wg")
     cols = pl.ds(wg * BN, BN)
     rows, out_cols = pl.ds(pl.program_id(0) * BM, BM), pl.ds(pl.program_id(1) * wide + wg * BN, BN)
@@ -93,9 +101,12 @@ def _ws_gemm(operands, k, n, epilogue, trans_b):
       if n_in == 3:
         plgpu.barrier_wait(barrier.at[wg])
         h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
-      o_smem[wg] = epilogue(acc.astype(jnp.bfloat16), h)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[rows, out_cols])
+      for i, tile in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
+        if i:
+          plgpu.wait_smem_to_gmem(0)  # the previous output's store has read the buffer
+        o_smem[wg] = tile
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, out_cols])
       plgpu.wait_smem_to_gmem(0)
 
     def body(_, x_smem, w_smem, acc):
@@ -110,7 +121,7 @@ def _ws_gemm(operands, k, n, epilogue, trans_b):
         num_compute_wgs=WGS, memory_registers=40, memory_thread_idx=WGS, wg_axis="wg")(*in_gmem[:2])
 
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+      kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
       scratch_types=[plgpu.SMEM((WGS, BM, BN), jnp.bfloat16), plgpu.Barrier(num_barriers=WGS)],
       grid=(m // BM, n // wide), grid_names=("m", "n"), num_threads=WGS + 1, thread_name="wg")(*operands)
 
@@ -125,19 +136,34 @@ def _check(m, k, n, x, what):
 def _relu2_matmul_mosaic(x_MxK, w_KxN):
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   _check(m, k, n, x_MxK, "relu2_matmul")
-  return _ws_gemm((x_MxK, w_KxN), k, n, _relu2_f32, trans_b=False)
+  return _ws_gemm((x_MxK, w_KxN), k, n, _relu2_f32, trans_b=False)[0]
+
+
+def _pair_matmul_mosaic(x_MxK, w_KxN):
+  (m, k), n = x_MxK.shape, w_KxN.shape[1]
+  _check(m, k, n, x_MxK, "pair_matmul")
+  return _ws_gemm((x_MxK, w_KxN), k, n, _pair_f32, trans_b=False, n_out=2)
 
 
 def _relu_grad_matmul_mosaic(g_MxK, w_NxK, h_MxN):
   (m, k), n = g_MxK.shape, w_NxK.shape[0]
   _check(m, k, n, g_MxK, "relu_grad_matmul")
-  return _ws_gemm((g_MxK, w_NxK, h_MxN), k, n, _mask_product_f32, trans_b=True)
+  return _ws_gemm((g_MxK, w_NxK, h_MxN), k, n, _mask_product_f32, trans_b=True)[0]
 
 
+def _pair_jnp(x, w):
+  h = jnp.dot(x, w)
+  return h, relu2(h)
+
+
+# (relu2_matmul, relu_grad_matmul, pair_matmul) per implementation
 KERNELS = {
-    "mosaic": (_relu2_matmul_mosaic, _relu_grad_matmul_mosaic),
-    "jnp": (lambda x, w: relu2(jnp.dot(x, w)), lambda g, w, h: _mask_product(jnp.dot(g, w.T), h)),
+    "mosaic": (_relu2_matmul_mosaic, _relu_grad_matmul_mosaic, _pair_matmul_mosaic),
+    "jnp": (lambda x, w: relu2(jnp.dot(x, w)), lambda g, w, h: _mask_product(jnp.dot(g, w.T), h), _pair_jnp),
 }
+# The forward under differentiation through pair_matmul (h and relu2(h) from one accumulator) instead of XLA's
+# GEMM and separate ReLU^2. Off: not yet measured on a GPU (bench/fused_mlp.py, op "pair").
+FWD_PAIR = False
 
 
 def _per_device(fn, args, specs, out_spec):
@@ -149,7 +175,8 @@ def _per_device(fn, args, specs, out_spec):
   batch = kernel_batch_axes(mesh) or None
   tensor = "tensor" if "tensor" in axes else None
   fill = lambda spec: P(*[batch if s == "B" else tensor if s == "T" else None for s in spec])
-  return jax.shard_map(fn, in_specs=tuple(fill(s) for s in specs), out_specs=fill(out_spec),
+  outs = tuple(fill(s) for s in out_spec) if isinstance(out_spec, tuple) else fill(out_spec)
+  return jax.shard_map(fn, in_specs=tuple(fill(s) for s in specs), out_specs=outs,
                        axis_names=set(axes), check_vma=False)(*args)
 
 
@@ -161,6 +188,16 @@ def relu2_matmul(x_NxK, w_KxF, impl="mosaic"):
   lead = x_NxK.shape[:-1]
   out = _per_device(KERNELS[impl][0], (x_NxK.reshape(-1, x_NxK.shape[-1]), w_KxF), ("B.", ".T"), "BT")
   return out.reshape(*lead, -1)
+
+
+def pair_matmul(x_NxK, w_KxF, impl="mosaic"):
+  """(x @ w, relu2(x @ w)) in bf16 for x [..., K], per device."""
+  if impl == "jnp":
+    lead = "B" + "." * (x_NxK.ndim - 2)
+    return _per_device(KERNELS[impl][2], (x_NxK, w_KxF), (lead + ".", ".T"), (lead + "T",) * 2)
+  lead = x_NxK.shape[:-1]
+  h, a = _per_device(KERNELS[impl][2], (x_NxK.reshape(-1, x_NxK.shape[-1]), w_KxF), ("B.", ".T"), ("BT", "BT"))
+  return h.reshape(*lead, -1), a.reshape(*lead, -1)
 
 
 def relu_grad_matmul(g_NxK, w_FxK, h_NxF, impl="mosaic"):
@@ -182,8 +219,11 @@ def relu2_mlp(x_NxD, w1_DxF, w2_FxD, impl="mosaic"):
 
 
 def _relu2_mlp_fwd(x_NxD, w1_DxF, w2_FxD, impl):
-  h_NxF = jnp.dot(x_NxD, w1_DxF)
-  a_NxF = relu2(h_NxF)
+  if FWD_PAIR:
+    h_NxF, a_NxF = pair_matmul(x_NxD, w1_DxF, impl)
+  else:
+    h_NxF = jnp.dot(x_NxD, w1_DxF)
+    a_NxF = relu2(h_NxF)
   return jnp.dot(a_NxF, w2_FxD), (x_NxD, w1_DxF, w2_FxD, h_NxF, a_NxF)
 
 
