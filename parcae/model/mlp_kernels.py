@@ -180,34 +180,35 @@ def _per_device(fn, args, specs, out_spec):
                        axis_names=set(axes), check_vma=False)(*args)
 
 
+def _call(which, impl, args, specs, out_specs):
+  """KERNELS[impl][which] per device. specs / out_specs: one per array, "R." or "RT" for token rows [..., X]
+  (X replicated or over "tensor"), else a weight's 2-letter spec. The Mosaic kernels take 2-D rows (leading
+  axes flattened); the "jnp" stand-ins run on the arrays' own shapes (the dots the XLA path writes)."""
+  lead = next(x.shape[:-1] for x, spec in zip(args, specs) if spec[0] == "R")
+  flat = impl != "jnp"
+  if flat:
+    args = [x.reshape(-1, x.shape[-1]) if spec[0] == "R" else x for x, spec in zip(args, specs)]
+  rows = lambda spec: ("B" + "." * (0 if flat else len(lead) - 1) + spec[1]) if spec[0] == "R" else spec
+  outs = _per_device(KERNELS[impl][which], args, tuple(map(rows, specs)),
+                     tuple(map(rows, out_specs)) if len(out_specs) > 1 else rows(out_specs[0]))
+  outs = outs if len(out_specs) > 1 else (outs,)
+  outs = tuple(o.reshape(*lead, -1) for o in outs) if flat else outs
+  return outs if len(out_specs) > 1 else outs[0]
+
+
 def relu2_matmul(x_NxK, w_KxF, impl="mosaic"):
-  """relu2(x @ w) in bf16 for x [..., K] (leading axes flattened into the kernel's rows), per device."""
-  if impl == "jnp":  # the stand-in on x's own shape (the dots the XLA path writes)
-    return _per_device(KERNELS[impl][0], (x_NxK, w_KxF), ("B" + "." * (x_NxK.ndim - 1), ".T"),
-                       "B" + "." * (x_NxK.ndim - 2) + "T")
-  lead = x_NxK.shape[:-1]
-  out = _per_device(KERNELS[impl][0], (x_NxK.reshape(-1, x_NxK.shape[-1]), w_KxF), ("B.", ".T"), "BT")
-  return out.reshape(*lead, -1)
-
-
-def pair_matmul(x_NxK, w_KxF, impl="mosaic"):
-  """(x @ w, relu2(x @ w)) in bf16 for x [..., K], per device."""
-  if impl == "jnp":
-    lead = "B" + "." * (x_NxK.ndim - 2)
-    return _per_device(KERNELS[impl][2], (x_NxK, w_KxF), (lead + ".", ".T"), (lead + "T",) * 2)
-  lead = x_NxK.shape[:-1]
-  h, a = _per_device(KERNELS[impl][2], (x_NxK.reshape(-1, x_NxK.shape[-1]), w_KxF), ("B.", ".T"), ("BT", "BT"))
-  return h.reshape(*lead, -1), a.reshape(*lead, -1)
+  """relu2(x @ w) in bf16 for x [..., K], per device."""
+  return _call(0, impl, (x_NxK, w_KxF), ("R.", ".T"), ("RT",))
 
 
 def relu_grad_matmul(g_NxK, w_FxK, h_NxF, impl="mosaic"):
   """bf16(g @ w^T) * max(h, 0) in bf16 for g [..., K], h [..., F], per device."""
-  if impl == "jnp":
-    lead = "B" + "." * (g_NxK.ndim - 2)
-    return _per_device(KERNELS[impl][1], (g_NxK, w_FxK, h_NxF), (lead + ".", "T.", lead + "T"), lead + "T")
-  two = lambda a: a.reshape(-1, a.shape[-1])
-  out = _per_device(KERNELS[impl][1], (two(g_NxK), w_FxK, two(h_NxF)), ("B.", "T.", "BT"), "BT")
-  return out.reshape(h_NxF.shape)
+  return _call(1, impl, (g_NxK, w_FxK, h_NxF), ("R.", "T.", "RT"), ("RT",))
+
+
+def pair_matmul(x_NxK, w_KxF, impl="mosaic"):
+  """(x @ w, relu2(x @ w)) in bf16 for x [..., K], per device."""
+  return _call(2, impl, (x_NxK, w_KxF), ("R.", ".T"), ("RT", "RT"))
 
 
 # ---------------------------------------------------------------------------------------- the MLP
