@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from parcae import compile_target
 from parcae.model import init, mlp_kernels, rope_norm
+from parcae.model.mlp_kernels import relu2  # the MLP activation, defined beside its fused kernels
 
 VE_GATE_WIDTH = 32  # gate reads the first 32 channels of the normed block input
 # Named recompute policies (model.remat for each grad loop iteration, model.block_remat for each block of
@@ -108,21 +109,6 @@ def apply_rope(x_BxSxHxK, cos_SxK2, sin_SxK2):
 def qk_norm(x):
   """Parameter-free RMS norm over head_dim with eps = machine epsilon of x's dtype (as F.rms_norm)."""
   return rms_norm(x, float(jnp.finfo(x.dtype).eps))
-
-
-@jax.custom_jvp
-def relu2(x):
-  """ReLU^2 with the reference's 0.5 factor: 0.5 * max(x, 0)^2. Its derivative is max(x, 0) itself, so the
-  backward pass keeps that one array (autodiff of the formula keeps four of this size: the ReLU output, its
-  tie mask and two products)."""
-  r = jnp.maximum(x, 0)
-  return 0.5 * r * r
-
-
-@relu2.defjvp
-def _relu2_jvp(primals, tangents):
-  r = jnp.maximum(primals[0], 0)
-  return 0.5 * r * r, r * tangents[0]
 
 
 class Attention(nnx.Module):

@@ -49,9 +49,19 @@ def supported(m: int, k: int, n: int) -> bool:
 
 # The elementwise steps in the operands' dtype, as the XLA path writes them (each product of two bf16 values is
 # exact in float32 and rounded once, so the kernels' float32 epilogues give the same bits).
+@jax.custom_jvp
 def relu2(x):
+  """ReLU^2 with the reference's 0.5 factor: 0.5 * max(x, 0)^2. Its derivative is max(x, 0) itself, so the
+  backward pass keeps that one array (autodiff of the formula keeps four of this size: the ReLU output, its
+  tie mask and two products)."""
   r = jnp.maximum(x, 0)
   return 0.5 * r * r
+
+
+@relu2.defjvp
+def _relu2_jvp(primals, tangents):
+  r = jnp.maximum(primals[0], 0)
+  return 0.5 * r * r, r * tangents[0]
 
 
 def _mask_product(da, h):
