@@ -7,7 +7,7 @@ For each shape (tokens M = micro-batch 16 x 2048, width D, MLP width F) and each
   pair : (h, relu2(h)), h = x @ w                 (XLA: GEMM + fusion; Mosaic GPU only: pair_matmul)
 and checks each result against float64 on the first 512 rows (max |err| / max |ref|; bf16's half ulp is 2^-9).
 The library's Mosaic GPU kernels (parcae/model/mlp_kernels.py: wgmma + TMA, warp-specialized) run too on a
-Hopper GPU, with 2 and 3 pipeline buffers (--impls).
+Hopper GPU (persistent: one program per SM), without and with 2-SM clusters sharing the weight tile (--impls).
 
   python bench/fused_mlp.py                       # both model sizes, the tile sweep
   python bench/fused_mlp.py --smoke               # tiny shapes, interpret mode (CPU)
@@ -116,17 +116,18 @@ def main():
       record("fwd", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t))
       record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
     if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU kernels (wgmma + TMA): Hopper only
-      default_steps = mlp_kernels.STEPS
-      for steps in (2, 3):
-        mlp_kernels.STEPS = steps  # read when a kernel is traced: a fresh jit per launch shape
-        kw = (("steps", steps),)
+      default = mlp_kernels.STEPS, mlp_kernels.CLUSTER
+      for steps, cluster in ((3, 1), (3, 2)):
+        # read when a kernel is traced: a fresh jit per launch shape
+        mlp_kernels.STEPS, mlp_kernels.CLUSTER = steps, cluster
+        kw = (("steps", steps), ("cluster", cluster))
         record("gemm", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
             (x, w), x.shape[1], w.shape[1], lambda a, _: (a,), trans_b=False)[0]))
         # fresh lambdas: jit's trace cache is keyed on the function, and STEPS is read only when tracing
         record("fwd", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._relu2_matmul_mosaic(x, w)))  # pylint: disable=protected-access
         record("bwd", "mgpu_ws", kw, jax.jit(lambda g, w, h: mlp_kernels._relu_grad_matmul_mosaic(g, w, h)))  # pylint: disable=protected-access
         record("pair", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._pair_matmul_mosaic(x, w)))  # pylint: disable=protected-access
-      mlp_kernels.STEPS = default_steps
+      mlp_kernels.STEPS, mlp_kernels.CLUSTER = default
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)
   best = {}

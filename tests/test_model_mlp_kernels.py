@@ -127,11 +127,12 @@ def test_whole_tiles_per_device_under_a_mesh():
   """auto takes the kernels only where every device's rows and F slice are whole tiles."""
   mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  assert mk.shapes_ok(256, 64, 256) and not mk.shapes_ok(192, 64, 256)
+  r = mk.BM * mk.CLUSTER  # the row quantum (a cluster's row tiles)
+  assert mk.shapes_ok(r, 64, 256) and not mk.shapes_ok(r + 64, 64, 256)
   with jax.set_mesh(mesh):
-    assert mk.shapes_ok(256, 64, 512)       # 128 rows, F 256 per device
-    assert not mk.shapes_ok(256, 64, 256)   # F 128 per device
-    assert not mk.shapes_ok(128, 64, 512)   # 64 rows per device
+    assert mk.shapes_ok(2 * r, 64, 512)       # r rows, F 256 per device
+    assert not mk.shapes_ok(2 * r, 64, 256)   # F 128 per device
+    assert not mk.shapes_ok(r, 64, 512)       # r / 2 rows per device
 
 
 def test_auto_is_xla_off_hopper_and_mosaic_refuses_shapes_it_cannot_run():
@@ -154,7 +155,7 @@ def test_sharded_train_step_lowers_with_the_mosaic_kernels_per_device(cuda_lower
   GPU calls in it, each kernel on one device's rows (a quarter of a micro-batch's tokens) and half of F."""
   from train_helpers import lower_sharded_step_for_cuda, tiny_config
   monkeypatch.setattr(mk, "FWD_PAIR", pair)
-  cfg = tiny_config("unused", grad_accum=2, seq_len=64)
+  cfg = tiny_config("unused", grad_accum=2, seq_len=mk.BM * mk.CLUSTER // 2)
   cfg.model.compute_dtype, cfg.model.mlp_impl, cfg.model.d_model = "bfloat16", "mosaic", 128  # F / 2 = 256
   cfg.model.rope_impl = cfg.model.lse_impl = cfg.model.attention_impl = "xla"
   shapes = set()
@@ -167,7 +168,7 @@ def test_sharded_train_step_lowers_with_the_mosaic_kernels_per_device(cuda_lower
       text = lower_sharded_step_for_cuda(cfg)
   finally:
     mk.KERNELS.update(real)
-  rows, d, f = cfg.train.micro_batch_size * 64 // 4, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model
+  rows, d, f = cfg.train.micro_batch_size * cfg.train.seq_len // 4, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model
   want = {("fwd", (rows, d), (d, f // 2)), ("bwd", (rows, d), (f // 2, d), (rows, f // 2))}
   assert shapes == want | ({("pair", (rows, d), (d, f // 2))} if pair else set()), shapes
   assert text.count("mosaic_gpu") >= 2

@@ -7,17 +7,17 @@ Here one warp-specialized GEMM applies it to its float32 accumulator before the 
 
   relu2_matmul(x_MxK, w_KxN)        = relu2(bf16(x @ w))          no-grad forward: x @ w never written
   relu_grad_matmul(g_MxK, w_NxK, h) = bf16(g @ w^T) * max(h, 0)   backward: g @ w^T never written
-  pair_matmul(x_MxK, w_KxN)         = (h, relu2(h)), h = bf16(x @ w)   forward under differentiation (FWD_PAIR,
-                                                                   off until measured): h never read back
+  pair_matmul(x_MxK, w_KxN)         = (h, relu2(h)), h = bf16(x @ w)   forward under differentiation: h never
+                                                                   read back
 
 `relu2_mlp(x, w1, w2)` = relu2(x @ w1) @ w2 with a custom VJP: its primal (the no-grad loops, evaluation) runs
 relu2_matmul; under differentiation the forward keeps h = x @ w1 and a = relu2(h) (the two arrays autodiff
 keeps) and the backward forms dh with relu_grad_matmul. Rounding as the XLA program: the accumulator is
 rounded to bf16 first, the elementwise step runs in float32 and is rounded once; all matmul outputs bf16.
 
-A program covers a [BM, 2 x BN] output tile: one memory warpgroup issues the TMA loads of the K loop (STEPS
-buffers deep), two compute warpgroups each accumulate one [BM, BN] half with wgmma and store it with their own
-TMA. On a CPU (tests), `impl="jnp"` runs the same custom VJP with jnp stand-ins for the two kernels.
+One program per SM (persistent) loops over [BM, 2 x BN] output tiles: one memory warpgroup issues the TMA loads
+of the K loop (STEPS buffers deep, running ahead into the next tile), two compute warpgroups each accumulate
+one [BM, BN] half with wgmma and store it with their own TMA; two SMs (a cluster) share each weight tile. On a CPU (tests), `impl="jnp"` runs the same custom VJP with jnp stand-ins for the two kernels.
 Under the trainer's mesh the kernels run per device (shard_map): rows over the batch axes, F over "tensor".
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
 
 BM, BN, STEPS, WGS = 128, 128, 3, 2   # launch shape (bench/fused_mlp.py measured STEPS 2 and 3)
+CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) sharing each weight tile
 TK = 64                               # K step: one 128-byte swizzled row of bf16
 
 
@@ -43,8 +44,8 @@ def hopper() -> bool:
 
 
 def supported(m: int, k: int, n: int) -> bool:
-  """Whole tiles: tokens % 128, K (model width) % 64 and F % 256 all zero."""
-  return m % BM == 0 and k % TK == 0 and n % (WGS * BN) == 0
+  """Whole tiles: tokens % (128 x CLUSTER), K (model width) % 64 and F % 256 all zero."""
+  return m % (BM * CLUSTER) == 0 and k % TK == 0 and n % (WGS * BN) == 0
 
 
 # The elementwise steps in the operands' dtype, as the XLA path writes them (each product of two bf16 values is
@@ -85,55 +86,91 @@ def _mask_product_f32(da_bf16, h_bf16):
 
 def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
   """Warp-specialized [M, n] = operands[0] @ operands[1] (or its transpose, [n, k]); `epilogue` maps the bf16
-  accumulator tile (and the backward's h tile) to the n_out output tiles, stored one after another."""
+  accumulator tile (and the backward's h tile) to the n_out output tiles, stored one after another.
+
+  One program per SM, looping over the [BM, 2 x BN] output tiles (n fastest: consecutive tiles share the
+  x rows): the memory warpgroup issues the next tile's first loads while the compute warpgroups run this
+  tile's epilogue, and each tile's store completes during the next tile's K loop. With CLUSTER = 2, two
+  CTAs (two SMs) take row tiles 2i and 2i + 1 of the same columns: each loads half of the shared weight tile
+  and multicasts it to both (TMA), a third less traffic from L2 per tile."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, wide = operands[0].shape[0], WGS * BN
+  n_tiles = n // wide
   tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
-  b_block, b_index = ((wide, TK), lambda s: (pl.program_id(1), s)) if trans_b else \
-      ((TK, wide), lambda s: (s, pl.program_id(1)))
-  specs = [plgpu.BlockSpec((BM, TK), lambda s: (pl.program_id(0), s), transforms=tf),
-           plgpu.BlockSpec(b_block, b_index, transforms=tf)]
+  shared = ("cluster",) if CLUSTER > 1 else ()
+  specs = [plgpu.BlockSpec((BM, TK), lambda s: (0, s), transforms=tf),
+           plgpu.BlockSpec((wide, TK), lambda s: (0, s), transforms=tf, collective_axes=shared) if trans_b else
+           plgpu.BlockSpec((TK, wide), lambda s: (s, 0), transforms=tf, collective_axes=shared)]
+
+  def pipeline(compute, wg):
+    return plgpu.emit_pipeline_warp_specialized(
+        _mma_body(pl.ds(wg * BN, BN), trans_b), grid=(k // TK,), in_specs=specs, compute_context=compute,
+        max_concurrent_steps=STEPS, num_compute_wgs=WGS, memory_registers=40, memory_thread_idx=WGS,
+        wg_axis="wg")
 
   def kernel(*refs):
     n_in = len(operands)
     in_gmem, o_gmem = refs[:n_in], refs[n_in:n_in + n_out]
     o_smem, barrier = refs[n_in + n_out], refs[n_in + n_out + 1]
     wg = lax.axis_index("wg")
-    cols = pl.ds(wg * BN, BN)
-    rows, out_cols = pl.ds(pl.program_id(0) * BM, BM), pl.ds(pl.program_id(1) * wide + wg * BN, BN)
+    cta = lax.axis_index("cluster") if CLUSTER > 1 else 0
 
-    def compute(pipeline):
-      if n_in == 3:  # the backward's h slice, fetched into the output buffer while the K loop runs
-        plgpu.copy_gmem_to_smem(in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg])
-      acc = pipeline(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
-      h = None
-      if n_in == 3:
-        plgpu.barrier_wait(barrier.at[wg])
-        h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
-      for i, tile in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
-        if i:
-          plgpu.wait_smem_to_gmem(0)  # the previous output's store has read the buffer
-        o_smem[wg] = tile
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, out_cols])
-      plgpu.wait_smem_to_gmem(0)
+    def tiles(allocs):
+      @plgpu.nd_loop((m // (BM * CLUSTER) * n_tiles,), collective_axes="sm")
+      def _tile(info):
+        (t,) = info.index
+        mi, ni = lax.div(t, n_tiles) * CLUSTER + cta, lax.rem(t, n_tiles)
+        rows, out_cols = pl.ds(mi * BM, BM), pl.ds(ni * wide + wg * BN, BN)
 
-    def body(_, x_smem, w_smem, acc):
-      b = plgpu.transpose_ref(w_smem.at[cols, :], (1, 0)) if trans_b else w_smem.at[:, cols]
+        def compute(run):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read the buffer
+          if n_in == 3:  # the backward's h slice, fetched into the output buffer while the K loop runs
+            plgpu.copy_gmem_to_smem(in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg])
+          acc = run(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
+          h = None
+          if n_in == 3:
+            plgpu.barrier_wait(barrier.at[wg])
+            h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+          for i, tile in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
+            if i:
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous output's store has read the buffer
+            o_smem[wg] = tile
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, out_cols])
 
-      def mma(acc_ref):
-        plgpu.wgmma(acc_ref, x_smem, b)
-      return pl.run_state(mma)(plgpu.ACC.init(acc))
+        x_rows = in_gmem[0].at[pl.ds(mi * BM, BM), :]
+        w_cols = in_gmem[1].at[pl.ds(ni * wide, wide), :] if trans_b else in_gmem[1].at[:, pl.ds(ni * wide, wide)]
+        pipeline(compute, wg)(x_rows, w_cols, allocations=allocs)
 
-    plgpu.emit_pipeline_warp_specialized(
-        body, grid=(k // TK,), in_specs=specs, compute_context=compute, max_concurrent_steps=STEPS,
-        num_compute_wgs=WGS, memory_registers=40, memory_thread_idx=WGS, wg_axis="wg")(*in_gmem[:2])
+    ignore = lambda *_, **__: None
+    pl.run_scoped(tiles, pipeline(ignore, wg).get_allocations(*in_gmem[:2]), collective_axes="wg")
+    plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
       kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
       scratch_types=[plgpu.SMEM((WGS, BM, BN), jnp.bfloat16), plgpu.Barrier(num_barriers=WGS)],
-      grid=(m // BM, n // wide), grid_names=("m", "n"), num_threads=WGS + 1, thread_name="wg")(*operands)
+      grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",
+      **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}))(*operands)
+
+
+def _mma_body(cols, trans_b):
+  """One K step of a compute warpgroup: its BN columns of the weight tile into the accumulator."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  def body(_, x_smem, w_smem, acc):
+    b = plgpu.transpose_ref(w_smem.at[cols, :], (1, 0)) if trans_b else w_smem.at[:, cols]
+
+    def mma(acc_ref):
+      plgpu.wgmma(acc_ref, x_smem, b)
+    return pl.run_state(mma)(plgpu.ACC.init(acc))
+  return body
+
+
+def _num_sms() -> int:
+  dev = jax.devices()[0]
+  return dev.core_count if dev.platform == "gpu" else 132  # lowering on a CPU for an H100
 
 
 def _check(m, k, n, x, what):
@@ -172,8 +209,8 @@ KERNELS = {
     "jnp": (lambda x, w: relu2(jnp.dot(x, w)), lambda g, w, h: _mask_product(jnp.dot(g, w.T), h), _pair_jnp),
 }
 # The forward under differentiation through pair_matmul (h and relu2(h) from one accumulator) instead of XLA's
-# GEMM and separate ReLU^2. Off: not yet measured on a GPU (bench/fused_mlp.py, op "pair").
-FWD_PAIR = False
+# GEMM and separate ReLU^2 (bench/fused_mlp.py, op "pair": 0.309 against 0.338 ms at parcae-small's shapes).
+FWD_PAIR = True
 
 
 def _per_device(fn, args, specs, out_spec):
