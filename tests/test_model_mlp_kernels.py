@@ -172,3 +172,18 @@ def test_sharded_train_step_lowers_with_the_mosaic_kernels_per_device(cuda_lower
   want = {("fwd", (rows, d), (d, f // 2)), ("bwd", (rows, d), (f // 2, d), (rows, f // 2))}
   assert shapes == want | ({("pair", (rows, d), (d, f // 2))} if pair else set()), shapes
   assert text.count("mosaic_gpu") >= 2
+
+
+def test_auto_follows_a_compile_only_targets_gpus():
+  """`parcae info --target h100` traces under a mesh of compile-only H100s: the MLP's kernels and their SM
+  count are the H100's, not this CPU's (the compile itself: tests/test_train_targets.py, with the plugin)."""
+  from jax._src.mesh import AbstractDevice  # what a mesh of a target's GPUs reports while tracing
+  gpus = lambda kind, sms: jax.sharding.AbstractMesh(
+      (1,), ("data",), abstract_device=AbstractDevice(device_kind=kind, num_cores=sms, platform="gpu"))
+  assert not mk.hopper()  # this CPU
+  with jax.sharding.use_abstract_mesh(gpus("NVIDIA H100 80GB HBM3", 132)):
+    assert mk.hopper() and mk._num_sms() == 132  # pylint: disable=protected-access
+  with jax.sharding.use_abstract_mesh(gpus("NVIDIA H200", 132)):
+    assert mk.hopper()
+  with jax.sharding.use_abstract_mesh(gpus("NVIDIA A100-SXM4-80GB", 108)):
+    assert not mk.hopper() and mk._num_sms() == 108  # pylint: disable=protected-access

@@ -63,7 +63,8 @@ def test_missing_plugin_and_bad_target_are_clear_errors(tmp_path, monkeypatch, c
 @pytest.mark.skipif(targets.cuda_plugin() is None, reason="jax's CUDA plugin is not installed")
 def test_compiles_for_two_h100s_without_a_gpu(tmp_path):
   """The tiny model's sharded train step compiled for "h100x2" on this CPU: two compile-only H100s, the
-  GPU run's kernels (cuDNN attention, Triton RoPE + QK-norm) in the program, and XLA's memory analysis."""
+  GPU run's kernels (cuDNN attention, Triton RoPE + QK-norm, the MLP's Mosaic GPU GEMMs: each device's 256
+  rows and F = 256 are whole tiles) in the program, and XLA's memory analysis."""
   from parcae.train.loop import aot_compile, compile_train_step
   cfg = tiny_config(str(tmp_path))
   cfg.model.compute_dtype, cfg.model.max_seq_len, cfg.train.seq_len = "bfloat16", 64, 64
@@ -71,7 +72,7 @@ def test_compiles_for_two_h100s_without_a_gpu(tmp_path):
   compiled, mesh, _ = compile_train_step(cfg, target="h100x2")
   assert mesh.devices.size == 2 and {d.device_kind for d in mesh.devices.flat} == {"NVIDIA H100 80GB HBM3"}
   hlo = compiled.as_text()
-  assert "__cudnn$fmha" in hlo and "__gpu$xla.gpu.triton" in hlo
+  assert "__cudnn$fmha" in hlo and "__gpu$xla.gpu.triton" in hlo and "mosaic_gpu" in hlo
   assert "all-reduce" in hlo  # data-parallel gradients
   row = aot_compile(cfg, target="h100x2")
   assert row["devices"] == 2 and row["device_memory_gib"] == pytest.approx(79.1, abs=0.1)

@@ -37,8 +37,22 @@ CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) 
 TK = 64                               # K step: one 128-byte swizzled row of bf16
 
 
+def _target_gpu():
+  """The mesh in force's device (platform, kind, SM count) when it is not this machine's: the GPUs of a
+  compile-only target (`parcae info --compile --target h100`); else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  dev = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  if dev is None or dev.device_kind == jax.devices()[0].device_kind:
+    return None
+  return dev.platform, dev.device_kind, dev.num_cores
+
+
 def hopper() -> bool:
-  """True when jax's default device is a CUDA GPU of compute capability 9.x (H100 / H200)."""
+  """True when the program is traced for a Hopper GPU (H100 / H200): jax's default device of compute
+  capability 9.x, or a compile-only target's H100s / H200s."""
+  target = _target_gpu()
+  if target is not None:
+    return target[0] == "gpu" and any(f"H{n}" in target[1].split() for n in ("100", "200", "800"))
   dev = jax.devices()[0]
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
@@ -169,8 +183,11 @@ def _mma_body(cols, trans_b):
 
 
 def _num_sms() -> int:
-  dev = jax.devices()[0]
-  return dev.core_count if dev.platform == "gpu" else 132  # lowering on a CPU for an H100
+  """SMs of the GPU the kernel is traced for (132 when lowering on a CPU without a target: an H100's)."""
+  target, dev = _target_gpu(), jax.devices()[0]
+  if target is not None and target[2]:
+    return target[2]
+  return dev.core_count if dev.platform == "gpu" else 132
 
 
 def _check(m, k, n, x, what):
