@@ -2,12 +2,14 @@
 
 For each shape (tokens M = micro-batch 16 x 2048, width D, MLP width F) and each Pallas tile shape, times:
   gemm : x[M, D] @ w[D, F] -> bf16             (XLA: cuBLAS; Pallas: the same kernel without the epilogue)
+  gemmT: g[M, D] @ w2[F, D]^T -> bf16          (the backward's GEMM without its h operand; Mosaic GPU only)
   fwd  : relu2(x @ w)                           (XLA: GEMM + fusion; Pallas: relu2_matmul)
   bwd  : (g[M, D] @ w2[F, D]^T) * max(h, 0)     (XLA: GEMM + fusion; Pallas: relu_grad_matmul)
   pair : (h, relu2(h)), h = x @ w                 (XLA: GEMM + fusion; Mosaic GPU only: pair_matmul)
 and checks each result against float64 on the first 512 rows (max |err| / max |ref|; bf16's half ulp is 2^-9).
 The library's Mosaic GPU kernels (parcae/model/mlp_kernels.py: wgmma + TMA, warp-specialized) run too on a
-Hopper GPU (persistent: one program per SM), without and with 2-SM clusters sharing the weight tile (--impls).
+Hopper GPU (persistent: one program per SM), without and with 2- and 4-SM clusters sharing the weight tile
+(--impls).
 
   python bench/fused_mlp.py                       # both model sizes, the tile sweep
   python bench/fused_mlp.py --smoke               # tiny shapes, interpret mode (CPU)
@@ -42,6 +44,7 @@ SWEEP = [mk.Tiles(128, 128, 64, 4, 3), mk.Tiles(128, 128, 64, 8, 3), mk.Tiles(12
 XLA = {"gemm": jax.jit(lambda x, w: jnp.dot(x, w)),
        "fwd": jax.jit(lambda x, w: relu2(jnp.dot(x, w))),
        "bwd": jax.jit(lambda g, w2, h: jnp.dot(g, w2.T) * jnp.maximum(h, 0)),
+       "gemmT": jax.jit(lambda g, w2: jnp.dot(g, w2.T)),
        "pair": jax.jit(lambda x, w: (lambda h: (h, relu2(h)))(jnp.dot(x, w)))}
 
 
@@ -49,6 +52,8 @@ def reference(op, args, rows):
   f = lambda a: np.asarray(a[:rows], np.float64)  # the first rows of x, g, h
   if op == "gemm":
     return f(args[0]) @ np.asarray(args[1], np.float64)
+  if op == "gemmT":
+    return f(args[0]) @ np.asarray(args[1], np.float64).T
   if op == "pair":  # h and relu2(h) side by side
     return np.concatenate([reference("gemm", args, rows), reference("fwd", args, rows)], axis=1)
   if op == "fwd":
@@ -88,7 +93,7 @@ def main():
     g = jax.random.normal(ks[2], (m, d), jnp.bfloat16)
     w2 = (jax.random.normal(ks[3], (f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
     h = XLA["gemm"](x, w)
-    inputs = {"gemm": (x, w), "fwd": (x, w), "bwd": (g, w2, h), "pair": (x, w)}
+    inputs = {"gemm": (x, w), "fwd": (x, w), "bwd": (g, w2, h), "pair": (x, w), "gemmT": (g, w2)}
     flops = 2 * m * d * f
     refs = {op: reference(op, a, rows) for op, a in inputs.items()}
 
@@ -107,7 +112,7 @@ def main():
       print(f"{name:14s} {op:4s} {impl:6s} {str(tiles):60s} {ms:8.4f} ms {row['tflops']:7.1f} TF/s  err {err:.2e}",
             flush=True)
 
-    for op in ("gemm", "fwd", "bwd", "pair"):
+    for op in ("gemm", "fwd", "bwd", "pair", "gemmT"):
       record(op, "xla", None, XLA[op])
     for t in sweep if "pallas" in args.impls else ():
       if not mk.supported(m, d, f, t):
@@ -117,7 +122,7 @@ def main():
       record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
     if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU kernels (wgmma + TMA): Hopper only
       default = mlp_kernels.STEPS, mlp_kernels.CLUSTER
-      for steps, cluster in ((3, 1), (3, 2)):
+      for steps, cluster in ((3, 1), (3, 2), (3, 4)):
         # read when a kernel is traced: a fresh jit per launch shape
         mlp_kernels.STEPS, mlp_kernels.CLUSTER = steps, cluster
         kw = (("steps", steps), ("cluster", cluster))
@@ -127,6 +132,8 @@ def main():
         record("fwd", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._relu2_matmul_mosaic(x, w)))  # pylint: disable=protected-access
         record("bwd", "mgpu_ws", kw, jax.jit(lambda g, w, h: mlp_kernels._relu_grad_matmul_mosaic(g, w, h)))  # pylint: disable=protected-access
         record("pair", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._pair_matmul_mosaic(x, w)))  # pylint: disable=protected-access
+        record("gemmT", "mgpu_ws", kw, jax.jit(lambda g, w2: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
+            (g, w2), g.shape[1], w2.shape[0], lambda a, _: (a,), trans_b=True)[0]))
       mlp_kernels.STEPS, mlp_kernels.CLUSTER = default
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)
