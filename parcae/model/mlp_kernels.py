@@ -11,13 +11,14 @@ Here one warp-specialized GEMM applies it to its float32 accumulator before the 
                                                                    read back
 
 `relu2_mlp(x, w1, w2)` = relu2(x @ w1) @ w2 with a custom VJP: its primal (the no-grad loops, evaluation) runs
-relu2_matmul; under differentiation the forward keeps h = x @ w1 and a = relu2(h) (the two arrays autodiff
-keeps) and the backward forms dh with relu_grad_matmul. Rounding as the XLA program: the accumulator is
+relu2_matmul; under differentiation the forward runs pair_matmul (`FWD_PAIR`) and keeps h = x @ w1 and
+a = relu2(h) (the two arrays autodiff keeps), and the backward forms dh with relu_grad_matmul. Rounding as the XLA program: the accumulator is
 rounded to bf16 first, the elementwise step runs in float32 and is rounded once; all matmul outputs bf16.
 
 One program per SM (persistent) loops over [BM, 2 x BN] output tiles: one memory warpgroup issues the TMA loads
 of the K loop (STEPS buffers deep, running ahead into the next tile), two compute warpgroups each accumulate
-one [BM, BN] half with wgmma and store it with their own TMA; two SMs (a cluster) share each weight tile. On a CPU (tests), `impl="jnp"` runs the same custom VJP with jnp stand-ins for the two kernels.
+one [BM, BN] half with wgmma and store it with their own TMA; two SMs (a cluster) share each weight tile.
+On a CPU (tests), `impl="jnp"` runs the same custom VJP with jnp stand-ins for the three kernels.
 Under the trainer's mesh the kernels run per device (shard_map): rows over the batch axes, F over "tensor".
 """
 from __future__ import annotations
@@ -104,9 +105,9 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
 
   One program per SM, looping over the [BM, 2 x BN] output tiles (n fastest: consecutive tiles share the
   x rows): the memory warpgroup issues the next tile's first loads while the compute warpgroups run this
-  tile's epilogue, and each tile's store completes during the next tile's K loop. With CLUSTER = 2, two
-  CTAs (two SMs) take row tiles 2i and 2i + 1 of the same columns: each loads half of the shared weight tile
-  and multicasts it to both (TMA), a third less traffic from L2 per tile."""
+  tile's epilogue, and each tile's store completes during the next tile's K loop. A cluster of CLUSTER = c
+  CTAs (c SMs) takes row tiles ci .. ci + c - 1 of the same columns: each loads 1/c of the shared weight tile
+  and multicasts it to all (TMA); c = 2 reads a third less from L2 per tile than c = 1."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, wide = operands[0].shape[0], WGS * BN
@@ -137,22 +138,8 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
         mi, ni = lax.div(t, n_tiles) * CLUSTER + cta, lax.rem(t, n_tiles)
         rows, out_cols = pl.ds(mi * BM, BM), pl.ds(ni * wide + wg * BN, BN)
 
-        def compute(run):
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read the buffer
-          if n_in == 3:  # the backward's h slice, fetched into the output buffer while the K loop runs
-            plgpu.copy_gmem_to_smem(in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg])
-          acc = run(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
-          h = None
-          if n_in == 3:
-            plgpu.barrier_wait(barrier.at[wg])
-            h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
-          for i, tile in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
-            if i:
-              plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous output's store has read the buffer
-            o_smem[wg] = tile
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, out_cols])
-
+        compute = functools.partial(_tile_epilogue, epilogue=epilogue, in_gmem=in_gmem, o_gmem=o_gmem,
+                                    o_smem=o_smem, barrier=barrier, wg=wg, rows=rows, cols=out_cols)
         x_rows = in_gmem[0].at[pl.ds(mi * BM, BM), :]
         w_cols = in_gmem[1].at[pl.ds(ni * wide, wide), :] if trans_b else in_gmem[1].at[:, pl.ds(ni * wide, wide)]
         pipeline(compute, wg)(x_rows, w_cols, allocations=allocs)
@@ -166,6 +153,27 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
       scratch_types=[plgpu.SMEM((WGS, BM, BN), jnp.bfloat16), plgpu.Barrier(num_barriers=WGS)],
       grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",
       **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}))(*operands)
+
+
+def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols):
+  """Compute warpgroup wg's part of one tile: `run` (the K loop) into its [BM, BN] accumulator, then the
+  epilogue's output tiles through its shared-memory buffer o_smem[wg] to GMEM[rows, cols] (the backward's h
+  tile fetched into that buffer while the K loop runs)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read the buffer
+  if len(in_gmem) == 3:
+    plgpu.copy_gmem_to_smem(in_gmem[2].at[rows, cols], o_smem.at[wg], barrier.at[wg])
+  acc = run(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
+  h = None
+  if len(in_gmem) == 3:
+    plgpu.barrier_wait(barrier.at[wg])
+    h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+  for i, tile in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
+    if i:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous output's store has read the buffer
+    o_smem[wg] = tile
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, cols])
 
 
 def _mma_body(cols, trans_b):
