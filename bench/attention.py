@@ -17,23 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from profiling import timed  # noqa: E402
 
 SHAPES = {"parcae_small": (16, 2048, 6, 128), "parcae_medium": (16, 2048, 8, 128)}
 SWEEP = [(64, 128, 2), (64, 64, 2), (128, 128, 2), (64, 128, 3), (128, 64, 2), (64, 256, 2)]
 
 
-def timed(fn, args, iters):
-  out = jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / iters * 1e3, out
 
 
 def reference(q, k, v, scale):

@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import triton_gemm as mk  # noqa: E402
+from profiling import timed  # noqa: E402
 from parcae.model import mlp_kernels  # noqa: E402
 from parcae.model.layers import relu2  # noqa: E402
 
@@ -66,13 +66,6 @@ def reference(op, args, rows):
   return da * np.maximum(np.asarray(h[rows], np.float64), 0)
 
 
-def timed(fn, args, iters):
-  out = jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / iters * 1e3, out
 
 
 def main():

@@ -43,14 +43,6 @@ def unrolled_polar_express(optim):
   return run
 
 
-def time_update(update, args, iters):
-  import jax
-  out = jax.block_until_ready(update(*args))
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    out = update(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / iters * 1e3, out
 
 
 def main():
@@ -64,6 +56,7 @@ def main():
   import numpy as np
   import train_throughput as tt
   from flax import nnx
+  from profiling import timed
   from parcae.model import build
   from parcae.train import optim
   from parcae.train.schedules import run_length
@@ -94,7 +87,7 @@ def main():
         compile_s = time.perf_counter() - t0
       finally:
         optim.polar_express = polar
-      ms, (u, _) = time_update(compiled, (grads, state, params), 2 if args.smoke else args.iters)
+      ms, (u, _) = timed(compiled, (grads, state, params), 2 if args.smoke else args.iters)
       u = jax.tree.leaves(u)
       if base is None:
         base, diff = u, 0.0

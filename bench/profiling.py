@@ -1,4 +1,5 @@
-"""Top device ops of a traced callable, from the profiler's perfetto trace (used by the benches' --profile)."""
+"""Top device ops of a traced callable, from the profiler's perfetto trace (used by the benches' --profile),
+and the benches' wall-clock timer of a jitted call."""
 from __future__ import annotations
 
 import glob
@@ -6,8 +7,19 @@ import gzip
 import json
 import os
 import re
+import time
 
 import jax
+
+
+def timed(fn, args, iters):
+  """(milliseconds per call of fn(*args) over `iters` calls after one warm-up call, the last output)."""
+  out = jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / iters * 1e3, out
 
 
 def describe_fusions(hlo_text: str) -> dict:
