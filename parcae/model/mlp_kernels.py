@@ -12,8 +12,9 @@ Here one warp-specialized GEMM applies it to its float32 accumulator before the 
 
 `relu2_mlp(x, w1, w2)` = relu2(x @ w1) @ w2 with a custom VJP: its primal (the no-grad loops, evaluation) runs
 relu2_matmul; under differentiation the forward runs pair_matmul (`FWD_PAIR`) and keeps h = x @ w1 and
-a = relu2(h) (the two arrays autodiff keeps), and the backward forms dh with relu_grad_matmul. Rounding as the XLA program: the accumulator is
-rounded to bf16 first, the elementwise step runs in float32 and is rounded once; all matmul outputs bf16.
+a = relu2(h) (the two arrays autodiff keeps), and the backward forms dh with relu_grad_matmul. Rounding as the
+XLA program: the accumulator is rounded to bf16 first, the elementwise step runs in float32 and is rounded
+once; all matmul outputs bf16.
 
 One program per SM (persistent) loops over [BM, 2 x BN] output tiles: one memory warpgroup issues the TMA loads
 of the K loop (STEPS buffers deep, running ahead into the next tile), two compute warpgroups each accumulate
@@ -200,8 +201,8 @@ def _num_sms() -> int:
 
 def _check(m, k, n, x, what):
   if x.dtype != jnp.bfloat16 or not supported(m, k, n):
-    raise ValueError(f"{what}: the Mosaic GPU kernel needs bf16 operands and whole tiles (tokens % {BM}, "
-                     f"width % {TK}, F % {WGS * BN}); got {x.dtype} (m={m}, k={k}, n={n}). Use "
+    raise ValueError(f"{what}: the Mosaic GPU kernel needs bf16 operands and whole tiles (tokens per device % "
+                     f"{BM * CLUSTER}, width % {TK}, F % {WGS * BN}); got {x.dtype} (m={m}, k={k}, n={n}). Use "
                      "model.mlp_impl='xla'")
 
 
