@@ -36,7 +36,9 @@ from profiling import timed  # noqa: E402
 from parcae.model import mlp_kernels  # noqa: E402
 from parcae.model.layers import relu2  # noqa: E402
 
-SHAPES = {"parcae_small": (32768, 768, 3072), "parcae_medium": (32768, 1024, 4096)}
+SHAPES = {"parcae_small": (32768, 768, 3072), "parcae_medium": (32768, 1024, 4096),
+          # attention's GEMMs at parcae-small (op gemm): q/k/v side by side, the output projection
+          "small_qkv": (32768, 768, 2304), "small_o": (32768, 768, 768)}
 SWEEP = [mk.Tiles(128, 128, 64, 4, 3), mk.Tiles(128, 128, 64, 8, 3), mk.Tiles(128, 128, 64, 4, 4),
          mk.Tiles(128, 256, 64, 8, 3), mk.Tiles(128, 256, 64, 8, 4), mk.Tiles(256, 128, 64, 8, 3),
          mk.Tiles(64, 256, 64, 4, 4), mk.Tiles(128, 256, 32, 8, 4)]
@@ -72,6 +74,8 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--only", default="parcae_small,parcae_medium")
   p.add_argument("--iters", type=int, default=100)
+  p.add_argument("--ops", default="gemm,fwd,bwd,pair,gemmT")
+  p.add_argument("--clusters", default="1,2,4", help="Mosaic GPU cluster sizes to time")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--impls", default="xla,pallas,mgpu", help="which of xla, pallas (Triton), mgpu (Mosaic GPU)")
   args = p.parse_args()
@@ -93,6 +97,8 @@ def main():
     refs = {op: reference(op, a, rows) for op, a in inputs.items()}
 
     def record(op, impl, tiles, fn):
+      if op not in args.ops.split(","):
+        return
       try:
         ms, out = timed(fn, inputs[op], iters)
         out = jnp.concatenate(out, axis=1) if isinstance(out, tuple) else out
@@ -117,7 +123,7 @@ def main():
       record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
     if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU kernels (wgmma + TMA): Hopper only
       default = mlp_kernels.STEPS, mlp_kernels.CLUSTER
-      for steps, cluster in ((3, 1), (3, 2), (3, 4)):
+      for steps, cluster in ((3, int(c)) for c in args.clusters.split(",")):
         # read when a kernel is traced: a fresh jit per launch shape
         mlp_kernels.STEPS, mlp_kernels.CLUSTER = steps, cluster
         kw = (("steps", steps), ("cluster", cluster))

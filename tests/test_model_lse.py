@@ -93,24 +93,103 @@ def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch
     got = jax.jit(lse.row_lse)(jax.device_put(x, NamedSharding(mesh, P("data", "tensor"))))
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=TOL * np.abs(want).max())
     assert shapes == [(32, 1024)], shapes
-    monkeypatch.setattr(lse, "_backend", lambda interpret: (False, qdq.backend(False, lse.WARPS)[2]))
+    monkeypatch.setattr(lse, "_backend", lambda interpret, warps=None: (False, qdq.backend(False, lse.WARPS)[2]))
     text = jax.jit(lse.row_lse).trace(x).lower(lowering_platforms=("cuda",)).as_text()
   assert len(triton_calls(text)) == 1
 
 
-def test_sharded_train_step_lowers_with_the_kernel_per_device(cuda_lowering, monkeypatch):
-  """The whole train step with lse_impl "pallas" on a (2, 2, 2) mesh lowers for CUDA with the kernel in the
-  forward's loss head, each call on one device's rows (a quarter of a chunk) and half of the vocabulary."""
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (2, 4, 1)])
+def test_sharded_train_step_lowers_with_the_kernel_per_device(cuda_lowering, monkeypatch, mesh):
+  """The whole train step with lse_impl "pallas" lowers for CUDA with a kernel in the loss head, per device.
+  On a (2, 2, 2) mesh the log-sum-exp kernel takes one device's rows (a quarter of a chunk) and half of the
+  vocabulary (the gradient is XLA's: it needs the log-sum-exp over the whole vocabulary); on (2, 4, 1) the
+  gradient kernel takes an eighth of each chunk's rows and the whole vocabulary."""
   from conftest import triton_calls
   from parcae.quant.kernels import qdq
   from train_helpers import lower_sharded_step_for_cuda, tiny_config
   cfg = tiny_config("unused", grad_accum=2, seq_len=64)
   cfg.model.compute_dtype, cfg.model.lse_impl, cfg.model.rope_impl = "bfloat16", "pallas", "xla"
   cfg.train.loss_chunk = 256
-  shapes = set()
-  real = lse._local
+  shapes, grad_shapes = set(), set()
+  real, real_grad = lse._local, lse.row_lse_grad
   monkeypatch.setattr(lse, "_local", lambda x, i: shapes.add(x.shape) or real(x, i))
-  monkeypatch.setattr(lse, "_backend", lambda interpret: (False, qdq.backend(False, lse.WARPS)[2]))
-  text = lower_sharded_step_for_cuda(cfg)
+  monkeypatch.setattr(lse, "row_lse_grad", lambda x, *a: grad_shapes.add(x.shape) or real_grad(x, *a))
+  monkeypatch.setattr(lse, "_backend", lambda interpret, warps=None: (False, qdq.backend(False, warps)[2]))
+  text = lower_sharded_step_for_cuda(cfg, mesh)
   assert len(triton_calls(text)) >= 1
-  assert shapes == {(256 // 4, cfg.model.vocab_size // 2)}, shapes
+  v = cfg.model.vocab_size
+  if mesh[2] > 1:
+    assert shapes == {(256 // 4, v // 2)} and not grad_shapes, (shapes, grad_shapes)
+  else:
+    assert grad_shapes == {(256 // 8, v)} and not shapes, (shapes, grad_shapes)
+
+
+def softmax_grad64(x, t, g):
+  """(exp(x - lse) - onehot(t)) * g in float64 from the float32 view of x."""
+  xf = np.asarray(x.astype(jnp.float32), np.float64)
+  p = np.exp(xf - lse64(x)[:, None])
+  p[np.arange(len(xf)), np.asarray(t)] -= 1.0
+  return p * g
+
+
+@pytest.mark.parametrize("dtype,cols", [(jnp.bfloat16, 256), (jnp.float32, 512), (jnp.bfloat16, 4096)])
+def test_grad_kernel_matches_float64(dtype, cols, monkeypatch):
+  """The training loss's kernel: log-sum-exp within TOL of float64 (running max over 8, 4 and 1 column tiles:
+  row 0 shifted by +80, row 1's max in its last tile), the target logit exact, and the logit gradient within
+  one rounding of the output dtype (its unit roundoff, relative) of the float64 formula, plus float32's error."""
+  monkeypatch.setattr(lse, "GRAD_COLS", cols)
+  n, v, g = 32, 2048, 0.37
+  x = logits(n, v, jnp.bfloat16, seed=3)
+  t = jax.random.randint(jax.random.key(4), (n,), 0, v).at[1].set(v - 1)
+  got_lse, got_t, got_d = lse.row_lse_grad(x, t, g, dtype)
+  want = lse64(x)
+  assert got_d.dtype == dtype and got_d.shape == (n, v) and got_lse.shape == got_t.shape == (n,)
+  assert np.all(np.abs(np.asarray(got_lse) - want) <= TOL * np.maximum(1.0, np.abs(want)))
+  np.testing.assert_array_equal(np.asarray(got_t), np.asarray(x.astype(jnp.float32))[np.arange(n), np.asarray(t)])
+  ref = softmax_grad64(x, t, g)
+  unit = 2.0 ** -8 if dtype == jnp.bfloat16 else 2.0 ** -24  # 8 and 24 significant bits
+  # float32 error of exp(x - lse): |x - lse| <= ~100 here, so ~100 * 2^-24 relative before the rounding
+  bound = (unit + 1e-5) * np.abs(ref) + 1e-30
+  err = np.abs(np.asarray(got_d, np.float64) - ref)
+  assert np.all(err <= bound), (err / bound).max()
+  assert np.abs(ref).max() > 0.1 and (np.abs(ref) > 0).mean() > 0.5  # the check is not over zeros
+
+
+def test_grad_kernel_support():
+  assert lse.grad_supported(8192, 32768) and lse._grad_cols(32768) == lse.GRAD_COLS
+  assert lse._grad_cols(2048 + 64) == 64 and not lse.grad_supported(8192, 96)
+  assert not lse.grad_supported(8192 + 2, 32768)
+
+
+def test_mean_loss_with_the_grad_kernel_over_several_tiles(monkeypatch):
+  """The training loss with the kernel (4 column tiles of the vocabulary) against the XLA formula: the loss
+  within TOL, and each gradient entry within 2^-8 of the sum of |terms| it adds up (one bf16 rounding of each
+  logit-gradient entry may flip between the two, whose log-sum-exps differ in the last float32 bits)."""
+  from parcae.model.loss import mean_token_nll
+  monkeypatch.setattr(lse, "GRAD_COLS", 64)
+  y, table, targets, _ = loss_inputs(seed=2, v=256)
+  called = []
+  real = lse.row_lse_grad
+  monkeypatch.setattr(lse, "row_lse_grad", lambda *a: called.append(a[0].shape) or real(*a))
+  outs = {impl: jax.value_and_grad(lambda y, t: mean_token_nll(y, t, targets, jnp.bfloat16, 32, impl, 0.5),
+                                   argnums=(0, 1))(y, table) for impl in ("pallas", "xla")}
+  assert called == [(32, 256)], called  # traced once inside the chunk scan
+  (v1, g1), (v2, g2) = outs["pallas"], outs["xla"]
+  assert abs(float(v1) - float(v2)) <= TOL * abs(float(v2))
+  yc, tc = (np.asarray(a.astype(jnp.bfloat16), np.float64) for a in (y.reshape(-1, y.shape[-1]), table))
+  x = jnp.dot(y.astype(jnp.bfloat16).reshape(-1, y.shape[-1]), table.astype(jnp.bfloat16).T)
+  a_dl = np.abs(softmax_grad64(x, targets.reshape(-1), 0.5 / targets.size))
+  for a, b, bound in zip(g1, g2, (2.0 ** -8 * a_dl @ np.abs(tc), 2.0 ** -8 * a_dl.T @ np.abs(yc))):
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(bound.shape)
+    assert np.all(diff <= bound + 1e-6 * np.abs(np.asarray(b)).max()), (diff / bound).max()
+
+
+def test_grad_kernel_lowers_for_cuda(cuda_lowering, monkeypatch):
+  """The gradient kernel (two loops over dynamic column tiles) lowers to one Triton call."""
+  from conftest import triton_calls
+  from parcae.quant.kernels import qdq
+  monkeypatch.setattr(lse, "_backend", lambda interpret, warps=None: (False, qdq.backend(False, warps)[2]))
+  x = jax.ShapeDtypeStruct((64, 32768), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((64,), jnp.int32)
+  f = jax.jit(lambda x, t: lse.row_lse_grad(x, t, 1 / 3, jnp.bfloat16))
+  assert len(triton_calls(f.trace(x, t).lower(lowering_platforms=("cuda",)).as_text())) == 1

@@ -47,8 +47,8 @@ def train_rows(workdir):
   return {r["step"]: r for r in rows if r.get("kind") is None}
 
 
-def lower_sharded_step_for_cuda(cfg):
-  """StableHLO text of cfg's whole train step on a (2, 2, 2) data x fsdp x tensor mesh of the 8 CPU devices,
+def lower_sharded_step_for_cuda(cfg, shape=(2, 2, 2)):
+  """StableHLO text of cfg's whole train step on a data x fsdp x tensor mesh (`shape`) of the 8 CPU devices,
   lowered for CUDA (with the `cuda_lowering` fixture, the kernels lower through Triton)."""
   import jax
   import jax.numpy as jnp
@@ -56,7 +56,7 @@ def lower_sharded_step_for_cuda(cfg):
   from parcae.train import mesh as pmesh
   from parcae.train.loop import init_state
   from parcae.train.step import make_train_step
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
   mesh = pmesh.make_mesh(cfg.mesh, jax.devices())
   graphdef, optimizer, _, abstract, shardings = init_state(cfg, mesh)
   batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))

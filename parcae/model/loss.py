@@ -22,11 +22,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from parcae import compile_target
 from parcae.model import lse
-from parcae.model.rope_norm import kernel_batch_axes
+from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
 
 
 def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto"):
@@ -156,8 +157,13 @@ def _chunk_grads(dtable, y_NxD, table, t_N, lse_N, g_N, logits, cd):
   """One chunk's backward from its logits: dtable + the table gradient, and the input gradient (float32)."""
   onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_N[:, None]
   dlogits = ((jnp.exp(logits.astype(jnp.float32) - lse_N[:, None]) - onehot) * g_N[:, None]).astype(cd)
+  return _grads_from(dtable, y_NxD, table, dlogits)
+
+
+def _grads_from(dtable, y_NxD, table, dlogits):
+  """The two backward GEMMs of a chunk's compute-dtype logit gradient: dtable + table gradient, input gradient."""
   dy_NxD = jnp.dot(dlogits, table, preferred_element_type=jnp.float32)
-  return dtable + jnp.dot(dlogits.T, y_NxD.astype(cd), preferred_element_type=jnp.float32), dy_NxD
+  return dtable + jnp.dot(dlogits.T, y_NxD.astype(dlogits.dtype), preferred_element_type=jnp.float32), dy_NxD
 
 
 def _nll_bwd(cd, kernel, res, g_CxN):
@@ -182,11 +188,17 @@ def _fused_mean_nll(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, layout):
 
 def _fused_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, layout):
   table = table_VxD.astype(cd)
-  # each token's cotangent as autodiff of mean(nll) * scale forms it: scale, then divided by the count
-  g = jnp.float32(scale) / jnp.float32(t_CxN.size)
+  g = _g(scale, t_CxN.size)
+
+  fused = kernel and lse.grad_supported(y_CxNxD.shape[1], table_VxD.shape[0]) and not kernel_axes(
+      jax.sharding.get_abstract_mesh())
 
   def one(dtable, xs):
     y_NxD, t_N = xs
+    if fused:  # log-sum-exp, target logit and logit gradient from one read of the logits (parcae.model.lse)
+      lse_N, target_N, dlogits = lse.row_lse_grad(_logits(y_NxD, table, cd), t_N, g, cd)
+      dtable, dy_NxD = _grads_from(dtable, y_NxD, table, dlogits)
+      return dtable, (lse_N - target_N, dy_NxD)
     logits, lse_N, nll_N = _chunk_forward(y_NxD, t_N, table, cd, kernel)
     dtable, dy_NxD = _chunk_grads(dtable, y_NxD, table, t_N, lse_N, jnp.broadcast_to(g, t_N.shape), logits, cd)
     return dtable, (nll_N, dy_NxD)
@@ -194,6 +206,11 @@ def _fused_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel, scale, layout):
   dtable, (nll, dy) = jax.lax.scan(one, jnp.zeros(table_VxD.shape, jnp.float32), (y_CxNxD, t_CxN))
   loss = jnp.mean(_from_chunks(nll, layout)) * scale
   return loss, (dy.astype(y_CxNxD.dtype), dtable.astype(table_VxD.dtype))
+
+
+def _g(scale, count):
+  """Each token's cotangent as autodiff of mean(nll) * scale forms it: scale, then divided by the count."""
+  return np.float32(scale) / np.float32(count)
 
 
 def _fused_bwd(cd, kernel, scale, layout, res, g):

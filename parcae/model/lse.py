@@ -6,16 +6,23 @@ bandwidth). Here each program reads one [ROWS, cols] tile once and writes the ti
 s = sum exp(x - m); the combine over a row's V / cols tiles is
   lse = M + log(sum_j s_j exp(m_j - M)),   M = max_j m_j
 (in jnp: [V / cols, tokens] floats, ~1/500 of the logits' bytes). Same math as the two-pass formula up to the
-order of the float32 sums. Under the trainer's mesh it runs per device (shard_map; XLA cannot partition a
+order of the float32 sums.
+
+For the training loss (`row_lse_grad`) a second kernel also forms the logit gradient (softmax - onehot) * g in
+the compute dtype and each row's target logit: each program reads its rows' logits once from memory (a pass
+for the row's max and sum of exponentials, then a pass over the same tiles, now in L2, for the gradient) and
+writes the gradient once, where the log-sum-exp kernel and XLA's gradient fusion read the logits twice. Under the trainer's mesh it runs per device (shard_map; XLA cannot partition a
 kernel call): rows over the batch axes, the vocabulary over "tensor" (vocab-parallel logits), with the
 per-device results combined across "tensor" by the same formula.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
@@ -23,6 +30,8 @@ from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
 
 # GPU launch shape: rows per program, widest column tile, Triton warps (bench/lse.py sweeps them).
 ROWS, MAX_COLS, WARPS = 16, 1024, 8
+# The gradient kernel's: rows per program (its tiles stay in L2 between the two passes), column tile, warps.
+GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 4, 2048, 8
 
 
 def _cols(v: int) -> int:
@@ -52,9 +61,9 @@ def combine(m_JxN, s_JxN, axis=0):
   return jnp.squeeze(big, axis) + jnp.log(jnp.sum(s_JxN * jnp.exp(m_JxN - big), axis=axis))
 
 
-def _backend(interpret):
+def _backend(interpret, warps=None):
   from parcae.quant.kernels import qdq  # the kernels' shared backend choice (interpret on a CPU)
-  interpret, _, params = qdq.backend(interpret, WARPS)
+  interpret, _, params = qdq.backend(interpret, warps or WARPS)
   return interpret, params
 
 
@@ -92,3 +101,65 @@ def row_lse(x_NxV, interpret=None):
 
   return jax.shard_map(per_device, in_specs=P(batch, tensor), out_specs=P(batch),
                        axis_names=set(a for a in (*(batch or ()), tensor) if a), check_vma=False)(x_NxV)
+
+
+def grad_supported(n: int, v: int) -> bool:
+  """`row_lse_grad` needs whole row blocks and a vocabulary of whole column tiles."""
+  return n % GRAD_ROWS == 0 and _grad_cols(v) > 0
+
+
+def _grad_cols(v: int) -> int:
+  c = GRAD_COLS
+  while c >= 64 and v % c:
+    c //= 2
+  return c if c >= 64 else 0
+
+
+def _grad_kernel(x_ref, t_ref, d_ref, lse_ref, tgt_ref, *, g, cols):
+  rows, v = x_ref.shape
+  t_R = t_ref[...]
+
+  def tile(j):  # [rows, cols] float32 logits and the one-hot of the targets
+    x = x_ref[:, pl.ds(pl.multiple_of(j * cols, cols), cols)].astype(jnp.float32)
+    col = j * cols + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    return x, col == t_R[:, None]
+
+  def stats(j, carry):  # running max and sum of exp(x - max), rescaled as the max grows; the target logit
+    m, s, tgt = carry
+    x, hot = tile(j)
+    m_new = jnp.maximum(m, jnp.max(x, axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
+    return m_new, s, tgt + jnp.sum(jnp.where(hot, x, 0.0), axis=1)
+
+  init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  m, s, tgt = jax.lax.fori_loop(0, v // cols, stats, init)
+  lse_R = m + jnp.log(s)
+
+  def grad(j, _):
+    x, hot = tile(j)
+    d = (jnp.exp(x - lse_R[:, None]) - hot.astype(jnp.float32)) * g
+    d_ref[:, pl.ds(pl.multiple_of(j * cols, cols), cols)] = d.astype(d_ref.dtype)
+
+  jax.lax.fori_loop(0, v // cols, grad, None)
+  lse_ref[...] = lse_R
+  tgt_ref[...] = tgt
+
+
+def row_lse_grad(x_NxV, t_N, g: float, dtype, interpret=None):
+  """(lse [N], target logit [N], d [N, V]) for logits x [N, V] and targets t [N]: lse as `row_lse`, the
+  target's logit x[i, t_i] in float32, and d = (exp(x - lse) - onehot(t)) * g rounded to `dtype` (the training
+  loss's logit gradient; g a Python float: the cotangent of each token's NLL). One device's whole rows and
+  vocabulary (the caller runs it per device: `mean_token_nll`)."""
+  n, v = x_NxV.shape
+  cols = _grad_cols(v)
+  interpret, params = _backend(interpret, GRAD_WARPS)
+  rows = pl.BlockSpec((GRAD_ROWS,), lambda i: (i,))
+  vec = jax.ShapeDtypeStruct((n,), jnp.float32)
+  kernel = functools.partial(_grad_kernel, g=float(np.float32(g)), cols=cols)
+  d, lse, tgt = pl.pallas_call(
+      kernel, out_shape=(jax.ShapeDtypeStruct((n, v), dtype), vec, vec), grid=(n // GRAD_ROWS,),
+      in_specs=[pl.BlockSpec((GRAD_ROWS, v), lambda i: (i, 0)), rows],
+      out_specs=(pl.BlockSpec((GRAD_ROWS, v), lambda i: (i, 0)), rows, rows),
+      interpret=interpret, **params)(x_NxV, t_N.astype(jnp.int32))
+  return lse, tgt, d
