@@ -155,10 +155,11 @@ def test_grad_kernel_matches_float64(dtype, cols, monkeypatch):
   assert np.abs(ref).max() > 0.1 and (np.abs(ref) > 0).mean() > 0.5  # the check is not over zeros
 
 
-def test_grad_kernel_support():
+def test_grad_kernel_support(monkeypatch):
   assert lse.grad_supported(8192, 32768) and lse._grad_cols(32768) == lse.GRAD_COLS
   assert lse._grad_cols(2048 + 64) == 64 and not lse.grad_supported(8192, 96)
-  assert not lse.grad_supported(8192 + 2, 32768)
+  monkeypatch.setattr(lse, "GRAD_ROWS", 4)
+  assert not lse.grad_supported(8192 + 2, 32768) and lse.grad_supported(8192 + 4, 32768)
 
 
 def test_mean_loss_with_the_grad_kernel_over_several_tiles(monkeypatch):

@@ -31,7 +31,9 @@ from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
 # GPU launch shape: rows per program, widest column tile, Triton warps (bench/lse.py sweeps them).
 ROWS, MAX_COLS, WARPS = 16, 1024, 8
 # The gradient kernel's: rows per program (its tiles stay in L2 between the two passes), column tile, warps.
-GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 4, 2048, 8
+# Swept on the H100 (bench/RESULTS.md, session 22: `python3 bench/lse.py --grad`); whole rows in registers
+# (one exponential per logit) spilled and ran 1.5-20x slower.
+GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 1, 4096, 8
 
 
 def _cols(v: int) -> int:
