@@ -84,6 +84,12 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
           "buffer: profile a `_cmdbuf_off` variant to see each GEMM's shapes):", flush=True)
     for op, (us, n, kernel) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:n]:
       print(f"  {us / 1e3:9.3f} ms {n:5d}x {us / n:8.1f} us  {op[:24]:24s} {desc.get(op, kernel[:48])}", flush=True)
+  memsets = memsets_by_next_kernel(streams, events)
+  if memsets["count"]:
+    print(f"memsets: {memsets['count']} calls, {memsets['ms']:.2f} ms (args of one: {memsets['args']}); by the "
+          f"kernel after each (ms, count):", flush=True)
+    for after, (ms, count) in memsets["by_next"][:12]:
+      print(f"  {ms:8.3f} {count:5d}  -> {after[:70]}", flush=True)
   gaps = idle_gaps(max(streams.values(), key=lambda ev: sum(d for _, d, _ in ev))) if streams else {}
   if gaps:
     print(f"busiest stream: {gaps['busy_ms']:.2f} ms busy in a {gaps['span_ms']:.2f} ms span, idle "
@@ -104,6 +110,25 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
                "hlo_ops": {k: v + ([desc[k]] if k in desc else [])
                            for k, v in sorted(by_op.items(), key=lambda kv: -kv[1][0])}}, f, indent=0)
   return totals
+
+
+def memsets_by_next_kernel(streams, events) -> dict:
+  """Device memsets (XLA zeroing a buffer before a kernel that accumulates into it, or a library's workspace)
+  summed by the first non-memset op after each on its stream: which calls the memsets serve."""
+  by_next, count, total = {}, 0, 0.0
+  for ev in streams.values():
+    ev = sorted(ev)
+    for i, (_, dur, name) in enumerate(ev):
+      if not name.lower().startswith("memset"):
+        continue
+      after = next((n for _, _, n in ev[i + 1:] if not n.lower().startswith("memset")), "(end)")
+      ms, c = by_next.get(after, (0.0, 0))
+      by_next[after] = (ms + dur / 1e3, c + 1)
+      count, total = count + 1, total + dur / 1e3
+  example = next((e.get("args") for e in events if e.get("ph") == "X" and str(e.get("name", "")).lower()
+                  .startswith("memset")), None)
+  return {"count": count, "ms": total, "args": example,
+          "by_next": sorted(by_next.items(), key=lambda kv: -kv[1][0])}
 
 
 def idle_gaps(events) -> dict:

@@ -54,3 +54,14 @@ def test_idle_gaps_sum_the_waits_between_kernels_by_the_pair_around_them():
   assert abs(g["idle_ms"] - (5 + 10 + 5 + 1) / 1e3) < 1e-12
   assert dict(g["by_pair"]) == {("a", "b"): (0.01, 2), ("b", "a"): (0.01, 1), ("c", "a"): (0.001, 1)}
   assert g["by_pair"][-1][0] == ("c", "a")  # largest first
+
+
+def test_memsets_are_summed_by_the_kernel_after_them():
+  stream = [(0, 2, "Memset 3"), (3, 1, "Memset 3"), (5, 10, "nvjet_gemm"), (20, 4, "Memset 3"), (30, 9, "cudnn_bwd"),
+            (40, 3, "Memset 3")]
+  other = [(1, 5, "Memset 3"), (9, 2, "fusion_1")]
+  events = [{"ph": "X", "name": "Memset 3", "dur": 2, "args": {"bytes": 64}}]
+  got = profiling.memsets_by_next_kernel({(1, 1): stream, (1, 2): other}, events)
+  assert got["count"] == 5 and abs(got["ms"] - 15e-3) < 1e-12 and got["args"] == {"bytes": 64}
+  assert dict(got["by_next"]) == {"nvjet_gemm": (3e-3, 2), "fusion_1": (5e-3, 1), "cudnn_bwd": (4e-3, 1),
+                                  "(end)": (3e-3, 1)}

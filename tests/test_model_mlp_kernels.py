@@ -136,6 +136,8 @@ def test_whole_tiles_per_device_under_a_mesh():
 
 
 def test_auto_is_xla_off_hopper_and_mosaic_refuses_shapes_it_cannot_run():
+  if jax.default_backend() != "cpu":
+    pytest.skip("asserts what a machine without a Hopper GPU picks")
   m = M.build(_tiny("auto"), jax.random.key(0))
   mlp = m.core[0].mlp if hasattr(m, "core") else m.blocks[0].mlp
   assert mlp._fused_impl(jnp.zeros((2, 8, 64), jnp.bfloat16), False) is None  # this CPU is not a Hopper GPU
