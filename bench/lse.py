@@ -17,6 +17,7 @@ once). Writes $OUT/lse.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from parcae.model import lse
 from rope_norm import timed  # bench/rope_norm.py: calls back to back, median of 5
@@ -41,6 +43,7 @@ def main():
   p.add_argument("--grad", action="store_true")
   p.add_argument("--grad-rows", default="1,2,4,8")
   p.add_argument("--grad-cols", default="1024,2048,4096")
+  p.add_argument("--variants", default="library", help="';'-separated: library, three=False|True,hot=True|False")
   args = p.parse_args()
   if args.grad:
     return grad_main(args)
@@ -64,10 +67,64 @@ def main():
       gbs = n * args.vocab * 2 / t / 1e9
       print(f"  rows {r:3d} cols {c:5d} warps {w}: {t * 1e3:.4f} ms ({t_xla / t:.2f}x xla, {gbs:.0f} GB/s), "
             f"max |diff| {diff:.2e}", flush=True)
-      rows_out.append({"chunk": n, "rows": r, "cols": c, "warps": w, "ms": t * 1e3, "xla_ms": t_xla * 1e3,
+      rows_out.append({"variant": name, "chunk": n, "rows": r, "cols": c, "warps": w, "ms": t * 1e3, "xla_ms": t_xla * 1e3,
                        "gb_s": gbs, "max_abs_diff": diff})
   with open(os.path.join(os.environ.get("OUT", "/tmp"), "lse.json"), "w") as fh:
     json.dump({"device": jax.devices()[0].device_kind, "rows": rows_out}, fh, indent=1)
+
+
+def _variant_kernel(x_ref, t_ref, d_ref, lse_ref, *, g, cols, three, hot):
+  """Candidate gradient kernels (the target logit is gathered outside): `three` = three loops with elementwise
+  running max / sum vectors, one cross-thread reduction each (else the library's two loops, max and sum
+  reduced per tile); `hot` = the one-hot subtracted in the kernel (else fixed up outside at the targets)."""
+  rows, v = x_ref.shape
+  t_R = t_ref[...]
+  tile = lambda j: x_ref[:, pl.ds(pl.multiple_of(j * cols, cols), cols)].astype(jnp.float32)
+  if three:
+    mv = jax.lax.fori_loop(0, v // cols, lambda j, mv: jnp.maximum(mv, tile(j)),
+                           jnp.full((rows, cols), -jnp.inf, jnp.float32))
+    m = jnp.max(mv, axis=1)
+    sv = jax.lax.fori_loop(0, v // cols, lambda j, sv: sv + jnp.exp(tile(j) - m[:, None]),
+                           jnp.zeros((rows, cols), jnp.float32))
+    lse_R = m + jnp.log(jnp.sum(sv, axis=1))
+  else:
+    def stats(j, carry):
+      m, s = carry
+      x = tile(j)
+      m_new = jnp.maximum(m, jnp.max(x, axis=1))
+      return m_new, s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
+    m, s = jax.lax.fori_loop(0, v // cols, stats, (jnp.full((rows,), -jnp.inf, jnp.float32),
+                                                   jnp.zeros((rows,), jnp.float32)))
+    lse_R = m + jnp.log(s)
+
+  def grad(j, _):
+    p = jnp.exp(tile(j) - lse_R[:, None])
+    if hot:
+      col = j * cols + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+      p = p - (col == t_R[:, None]).astype(jnp.float32)
+    d_ref[:, pl.ds(pl.multiple_of(j * cols, cols), cols)] = (p * g).astype(d_ref.dtype)
+
+  jax.lax.fori_loop(0, v // cols, grad, None)
+  lse_ref[...] = lse_R
+
+
+def variant_lse_grad(x, t, g, dtype, *, three, hot, interpret=None):
+  """(lse, target logit, d) as lse.row_lse_grad, from `_variant_kernel` plus XLA's gather (and fix-up)."""
+  import functools
+  from jax.experimental import pallas as pl_
+  n, v = x.shape
+  cols, r = lse._grad_cols(v), lse.GRAD_ROWS
+  interpret, params = lse._backend(interpret, lse.GRAD_WARPS)
+  kern = functools.partial(_variant_kernel, g=float(np.float32(g)), cols=cols, three=three, hot=hot)
+  d, lse_n = pl_.pallas_call(
+      kern, out_shape=(jax.ShapeDtypeStruct((n, v), dtype), jax.ShapeDtypeStruct((n,), jnp.float32)),
+      grid=(n // r,), in_specs=[pl_.BlockSpec((r, v), lambda i: (i, 0)), pl_.BlockSpec((r,), lambda i: (i,))],
+      out_specs=(pl_.BlockSpec((r, v), lambda i: (i, 0)), pl_.BlockSpec((r,), lambda i: (i,))),
+      interpret=interpret, **params)(x, t.astype(jnp.int32))
+  x_t = jnp.take_along_axis(x, t[:, None], axis=1)[:, 0].astype(jnp.float32)
+  if not hot:
+    d = d.at[jnp.arange(n), t].set(((jnp.exp(x_t - lse_n) - 1.0) * np.float32(g)).astype(dtype))
+  return lse_n, x_t, d
 
 
 def grad_main(args):
@@ -90,25 +147,31 @@ def grad_main(args):
     t0 = timed(f0, x, t, iters=args.iters)
     gb = 2 * n * args.vocab * 2 / 1e9  # logits read once, gradient written once
     print(f"chunk {n} x {args.vocab}: lse kernel + XLA gradient {t0 * 1e3:.4f} ms", flush=True)
-    for r, c, w in itertools.product(*(map(int, a.split(",")) for a in (args.grad_rows, args.grad_cols, args.warps))):
+    variants = {"library": None, **{f"three={th},hot={h}": (th, h) for th in (False, True) for h in (True, False)}}
+    for (name, var), r, c, w in itertools.product(
+        [(k, v) for k, v in variants.items() if k in args.variants.split(";")],
+        *(map(int, a.split(",")) for a in (args.grad_rows, args.grad_cols, args.warps))):
       lse.GRAD_ROWS, lse.GRAD_COLS, lse.GRAD_WARPS = r, c, w
       if not lse.grad_supported(n, args.vocab):
         continue
-      f = jax.jit(lambda x, t: lse.row_lse_grad(x, t, g, jnp.bfloat16))  # fresh: constants read when traced
+      if var is None:  # fresh jits: the module constants are read when traced
+        f = jax.jit(lambda x, t: lse.row_lse_grad(x, t, g, jnp.bfloat16))
+      else:
+        f = jax.jit(functools.partial(variant_lse_grad, g=g, dtype=jnp.bfloat16, three=var[0], hot=var[1]))
       try:
         got = [np.asarray(a, np.float32) for a in f(x, t)]
         tk = timed(f, x, t, iters=args.iters)
       except Exception as e:  # a launch shape that does not compile is reported, not fatal
-        print(f"  rows {r} cols {c} warps {w}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"  {name} rows {r} cols {c} warps {w}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
       dl = float(np.abs(got[0] - want[0]).max())
       same_t = bool(np.array_equal(got[1], want[1]))
       frac = float((got[2] != want[2]).mean())
       rel = float((np.abs(got[2] - want[2]) / np.maximum(np.abs(want[2]), 1e-30)).max())
-      print(f"  rows {r} cols {c:5d} warps {w:2d}: {tk * 1e3:.4f} ms ({t0 / tk:.2f}x, {gb / tk:.0f} GB/s); "
+      print(f"  {name:22s} rows {r} cols {c:5d} warps {w:2d}: {tk * 1e3:.4f} ms ({t0 / tk:.2f}x, {gb / tk:.0f} GB/s); "
             f"lse max |diff| {dl:.1e}, target equal {same_t}, gradient entries differing {frac:.1e} "
             f"(max rel {rel:.1e})", flush=True)
-      rows_out.append({"chunk": n, "rows": r, "cols": c, "warps": w, "ms": tk * 1e3, "before_ms": t0 * 1e3,
+      rows_out.append({"variant": name, "chunk": n, "rows": r, "cols": c, "warps": w, "ms": tk * 1e3, "before_ms": t0 * 1e3,
                        "gb_s": gb / tk, "lse_diff": dl, "grad_frac_differ": frac, "grad_max_rel": rel})
   with open(os.path.join(os.environ.get("OUT", "/tmp"), "lse_grad.json"), "w") as fh:
     json.dump({"device": jax.devices()[0].device_kind, "rows": rows_out}, fh, indent=1)

@@ -1,0 +1,44 @@
+"""bench/lse.py: the candidate gradient kernels it times compute what the library's kernel computes."""
+import importlib.util
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parcae.model import lse
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+
+
+def _bench():
+  sys.path.insert(0, BENCH)  # the script imports its neighbour rope_norm.py
+  try:
+    spec = importlib.util.spec_from_file_location("bench_lse", os.path.join(BENCH, "lse.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+  finally:
+    sys.path.remove(BENCH)
+  return mod
+
+
+@pytest.mark.parametrize("three", [False, True])
+@pytest.mark.parametrize("hot", [True, False])
+def test_variants_match_the_library_kernel(three, hot, monkeypatch):
+  """Over 4 column tiles: the same log-sum-exp within 2e-6, the same target logits, and gradients equal but
+  for entries one bf16 rounding apart (their float32 log-sum-exps differ in the last bits)."""
+  monkeypatch.setattr(lse, "GRAD_COLS", 512)
+  bench = _bench()
+  x = (4.0 * jax.random.normal(jax.random.key(0), (16, 2048), jnp.float32)).at[3].add(50.0).astype(jnp.bfloat16)
+  t = jax.random.randint(jax.random.key(1), (16,), 0, 2048)
+  want = [np.asarray(a, np.float32) for a in lse.row_lse_grad(x, t, 0.01, jnp.bfloat16)]
+  got = [np.asarray(a, np.float32) for a in bench.variant_lse_grad(x, t, 0.01, jnp.bfloat16, three=three, hot=hot)]
+  np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=0)
+  np.testing.assert_array_equal(got[1], want[1])
+  rel = np.abs(got[2] - want[2]) / np.maximum(np.abs(want[2]), 1e-30)
+  assert rel.max() <= 2.0 ** -7 and (got[2] != want[2]).mean() < 1e-3, (rel.max(), (got[2] != want[2]).mean())
+  rows = np.arange(16)
+  assert np.all(want[2][rows, np.asarray(t)] < 0)  # the one-hot is in both (the fix-up path writes it outside)
+  np.testing.assert_array_equal(got[2][rows, np.asarray(t)], want[2][rows, np.asarray(t)])
