@@ -43,6 +43,7 @@ def main():
   p.add_argument("--grad", action="store_true")
   p.add_argument("--grad-rows", default="1,2,4,8")
   p.add_argument("--grad-cols", default="1024,2048,4096")
+  p.add_argument("--stages", default="2", help="Triton pipelining depths of the gradient kernel's loops")
   p.add_argument("--variants", default="library", help="';'-separated: library, three=False|True,hot=True|False")
   args = p.parse_args()
   if args.grad:
@@ -67,7 +68,7 @@ def main():
       gbs = n * args.vocab * 2 / t / 1e9
       print(f"  rows {r:3d} cols {c:5d} warps {w}: {t * 1e3:.4f} ms ({t_xla / t:.2f}x xla, {gbs:.0f} GB/s), "
             f"max |diff| {diff:.2e}", flush=True)
-      rows_out.append({"variant": name, "chunk": n, "rows": r, "cols": c, "warps": w, "ms": t * 1e3, "xla_ms": t_xla * 1e3,
+      rows_out.append({"chunk": n, "rows": r, "cols": c, "warps": w, "ms": t * 1e3, "xla_ms": t_xla * 1e3,
                        "gb_s": gbs, "max_abs_diff": diff})
   with open(os.path.join(os.environ.get("OUT", "/tmp"), "lse.json"), "w") as fh:
     json.dump({"device": jax.devices()[0].device_kind, "rows": rows_out}, fh, indent=1)
@@ -114,7 +115,7 @@ def variant_lse_grad(x, t, g, dtype, *, three, hot, interpret=None):
   from jax.experimental import pallas as pl_
   n, v = x.shape
   cols, r = lse._grad_cols(v), lse.GRAD_ROWS
-  interpret, params = lse._backend(interpret, lse.GRAD_WARPS)
+  interpret, params = lse._backend(interpret, lse.GRAD_WARPS, lse.GRAD_STAGES)
   kern = functools.partial(_variant_kernel, g=float(np.float32(g)), cols=cols, three=three, hot=hot)
   d, lse_n = pl_.pallas_call(
       kern, out_shape=(jax.ShapeDtypeStruct((n, v), dtype), jax.ShapeDtypeStruct((n,), jnp.float32)),
@@ -148,10 +149,10 @@ def grad_main(args):
     gb = 2 * n * args.vocab * 2 / 1e9  # logits read once, gradient written once
     print(f"chunk {n} x {args.vocab}: lse kernel + XLA gradient {t0 * 1e3:.4f} ms", flush=True)
     variants = {"library": None, **{f"three={th},hot={h}": (th, h) for th in (False, True) for h in (True, False)}}
-    for (name, var), r, c, w in itertools.product(
+    for (name, var), r, c, w, st in itertools.product(
         [(k, v) for k, v in variants.items() if k in args.variants.split(";")],
-        *(map(int, a.split(",")) for a in (args.grad_rows, args.grad_cols, args.warps))):
-      lse.GRAD_ROWS, lse.GRAD_COLS, lse.GRAD_WARPS = r, c, w
+        *(map(int, a.split(",")) for a in (args.grad_rows, args.grad_cols, args.warps, args.stages))):
+      lse.GRAD_ROWS, lse.GRAD_COLS, lse.GRAD_WARPS, lse.GRAD_STAGES = r, c, w, st
       if not lse.grad_supported(n, args.vocab):
         continue
       if var is None:  # fresh jits: the module constants are read when traced
@@ -162,16 +163,16 @@ def grad_main(args):
         got = [np.asarray(a, np.float32) for a in f(x, t)]
         tk = timed(f, x, t, iters=args.iters)
       except Exception as e:  # a launch shape that does not compile is reported, not fatal
-        print(f"  {name} rows {r} cols {c} warps {w}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"  {name} rows {r} cols {c} warps {w} stages {st}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
       dl = float(np.abs(got[0] - want[0]).max())
       same_t = bool(np.array_equal(got[1], want[1]))
       frac = float((got[2] != want[2]).mean())
       rel = float((np.abs(got[2] - want[2]) / np.maximum(np.abs(want[2]), 1e-30)).max())
-      print(f"  {name:22s} rows {r} cols {c:5d} warps {w:2d}: {tk * 1e3:.4f} ms ({t0 / tk:.2f}x, {gb / tk:.0f} GB/s); "
+      print(f"  {name:22s} rows {r} cols {c:5d} warps {w:2d} stages {st}: {tk * 1e3:.4f} ms ({t0 / tk:.2f}x, {gb / tk:.0f} GB/s); "
             f"lse max |diff| {dl:.1e}, target equal {same_t}, gradient entries differing {frac:.1e} "
             f"(max rel {rel:.1e})", flush=True)
-      rows_out.append({"variant": name, "chunk": n, "rows": r, "cols": c, "warps": w, "ms": tk * 1e3, "before_ms": t0 * 1e3,
+      rows_out.append({"variant": name, "chunk": n, "rows": r, "cols": c, "warps": w, "stages": st, "ms": tk * 1e3, "before_ms": t0 * 1e3,
                        "gb_s": gb / tk, "lse_diff": dl, "grad_frac_differ": frac, "grad_max_rel": rel})
   with open(os.path.join(os.environ.get("OUT", "/tmp"), "lse_grad.json"), "w") as fh:
     json.dump({"device": jax.devices()[0].device_kind, "rows": rows_out}, fh, indent=1)

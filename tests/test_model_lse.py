@@ -16,6 +16,12 @@ def logits(n, v, dtype, seed=0):
   return x.astype(dtype)
 
 
+def compile_kernels(monkeypatch):
+  """The kernels' Triton backend (not interpret mode), for lowering on this CPU for CUDA."""
+  real = lse._backend
+  monkeypatch.setattr(lse, "_backend", lambda interpret, *a: real(False, *a))
+
+
 def lse64(x):
   with jax.enable_x64(True):
     return np.asarray(jax.nn.logsumexp(jnp.asarray(np.asarray(x.astype(jnp.float32)), jnp.float64), axis=1))
@@ -81,7 +87,6 @@ def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch
   the slices' results combine to the unsharded values; it lowers to one Triton call."""
   from conftest import triton_calls
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from parcae.quant.kernels import qdq
   mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   x = logits(64, 2048, jnp.bfloat16, seed=1)
@@ -93,7 +98,7 @@ def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch
     got = jax.jit(lse.row_lse)(jax.device_put(x, NamedSharding(mesh, P("data", "tensor"))))
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=TOL * np.abs(want).max())
     assert shapes == [(32, 1024)], shapes
-    monkeypatch.setattr(lse, "_backend", lambda interpret, warps=None: (False, qdq.backend(False, lse.WARPS)[2]))
+    compile_kernels(monkeypatch)
     text = jax.jit(lse.row_lse).trace(x).lower(lowering_platforms=("cuda",)).as_text()
   assert len(triton_calls(text)) == 1
 
@@ -105,7 +110,6 @@ def test_sharded_train_step_lowers_with_the_kernel_per_device(cuda_lowering, mon
   vocabulary (the gradient is XLA's: it needs the log-sum-exp over the whole vocabulary); on (2, 4, 1) the
   gradient kernel takes an eighth of each chunk's rows and the whole vocabulary."""
   from conftest import triton_calls
-  from parcae.quant.kernels import qdq
   from train_helpers import lower_sharded_step_for_cuda, tiny_config
   cfg = tiny_config("unused", grad_accum=2, seq_len=64)
   cfg.model.compute_dtype, cfg.model.lse_impl, cfg.model.rope_impl = "bfloat16", "pallas", "xla"
@@ -114,7 +118,7 @@ def test_sharded_train_step_lowers_with_the_kernel_per_device(cuda_lowering, mon
   real, real_grad = lse._local, lse.row_lse_grad
   monkeypatch.setattr(lse, "_local", lambda x, i: shapes.add(x.shape) or real(x, i))
   monkeypatch.setattr(lse, "row_lse_grad", lambda x, *a: grad_shapes.add(x.shape) or real_grad(x, *a))
-  monkeypatch.setattr(lse, "_backend", lambda interpret, warps=None: (False, qdq.backend(False, warps)[2]))
+  compile_kernels(monkeypatch)
   text = lower_sharded_step_for_cuda(cfg, mesh)
   assert len(triton_calls(text)) >= 1
   v = cfg.model.vocab_size
@@ -188,8 +192,7 @@ def test_mean_loss_with_the_grad_kernel_over_several_tiles(monkeypatch):
 def test_grad_kernel_lowers_for_cuda(cuda_lowering, monkeypatch):
   """The gradient kernel (two loops over dynamic column tiles) lowers to one Triton call."""
   from conftest import triton_calls
-  from parcae.quant.kernels import qdq
-  monkeypatch.setattr(lse, "_backend", lambda interpret, warps=None: (False, qdq.backend(False, warps)[2]))
+  compile_kernels(monkeypatch)
   x = jax.ShapeDtypeStruct((64, 32768), jnp.bfloat16)
   t = jax.ShapeDtypeStruct((64,), jnp.int32)
   f = jax.jit(lambda x, t: lse.row_lse_grad(x, t, 1 / 3, jnp.bfloat16))

@@ -17,6 +17,7 @@ per-device results combined across "tensor" by the same formula.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -34,6 +35,7 @@ ROWS, MAX_COLS, WARPS = 16, 1024, 8
 # Swept on the H100 (bench/RESULTS.md, session 22: `python3 bench/lse.py --grad`); whole rows in registers
 # (one exponential per logit) spilled and ran 1.5-20x slower.
 GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 1, 4096, 8
+GRAD_STAGES = 2  # Triton's pipelining depth of the two column-tile loops
 
 
 def _cols(v: int) -> int:
@@ -63,9 +65,11 @@ def combine(m_JxN, s_JxN, axis=0):
   return jnp.squeeze(big, axis) + jnp.log(jnp.sum(s_JxN * jnp.exp(m_JxN - big), axis=axis))
 
 
-def _backend(interpret, warps=None):
+def _backend(interpret, warps=None, stages=None):
   from parcae.quant.kernels import qdq  # the kernels' shared backend choice (interpret on a CPU)
   interpret, _, params = qdq.backend(interpret, warps or WARPS)
+  if stages and params:  # Triton's software pipelining depth of the kernel's loops
+    params["compiler_params"] = dataclasses.replace(params["compiler_params"], num_stages=stages)
   return interpret, params
 
 
@@ -155,7 +159,7 @@ def row_lse_grad(x_NxV, t_N, g: float, dtype, interpret=None):
   vocabulary (the caller runs it per device: `mean_token_nll`)."""
   n, v = x_NxV.shape
   cols = _grad_cols(v)
-  interpret, params = _backend(interpret, GRAD_WARPS)
+  interpret, params = _backend(interpret, GRAD_WARPS, GRAD_STAGES)
   rows = pl.BlockSpec((GRAD_ROWS,), lambda i: (i,))
   vec = jax.ShapeDtypeStruct((n,), jnp.float32)
   kernel = functools.partial(_grad_kernel, g=float(np.float32(g)), cols=cols)
