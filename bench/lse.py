@@ -114,7 +114,7 @@ def variant_lse_grad(x, t, g, dtype, *, three, hot, interpret=None):
   import functools
   from jax.experimental import pallas as pl_
   n, v = x.shape
-  cols, r = lse._grad_cols(v), lse.GRAD_ROWS
+  cols, r = lse._cols(v, lse.GRAD_COLS), lse.GRAD_ROWS
   interpret, params = lse._backend(interpret, lse.GRAD_WARPS, lse.GRAD_STAGES)
   kern = functools.partial(_variant_kernel, g=float(np.float32(g)), cols=cols, three=three, hot=hot)
   d, lse_n = pl_.pallas_call(

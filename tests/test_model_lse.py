@@ -160,8 +160,8 @@ def test_grad_kernel_matches_float64(dtype, cols, monkeypatch):
 
 
 def test_grad_kernel_support(monkeypatch):
-  assert lse.grad_supported(8192, 32768) and lse._grad_cols(32768) == lse.GRAD_COLS
-  assert lse._grad_cols(2048 + 64) == 64 and not lse.grad_supported(8192, 96)
+  assert lse.grad_supported(8192, 32768) and lse._cols(32768, lse.GRAD_COLS) == lse.GRAD_COLS
+  assert lse._cols(2048 + 64, lse.GRAD_COLS) == 64 and not lse.grad_supported(8192, 96)
   monkeypatch.setattr(lse, "GRAD_ROWS", 4)
   assert not lse.grad_supported(8192 + 2, 32768) and lse.grad_supported(8192 + 4, 32768)
 

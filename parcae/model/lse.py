@@ -6,14 +6,15 @@ bandwidth). Here each program reads one [ROWS, cols] tile once and writes the ti
 s = sum exp(x - m); the combine over a row's V / cols tiles is
   lse = M + log(sum_j s_j exp(m_j - M)),   M = max_j m_j
 (in jnp: [V / cols, tokens] floats, ~1/500 of the logits' bytes). Same math as the two-pass formula up to the
-order of the float32 sums.
+order of the float32 sums. Under the trainer's mesh it runs per device (shard_map; XLA cannot partition a
+kernel call): rows over the batch axes, the vocabulary over "tensor" (vocab-parallel logits), with the
+per-device results combined across "tensor" by the same formula.
 
 For the training loss (`row_lse_grad`) a second kernel also forms the logit gradient (softmax - onehot) * g in
 the compute dtype and each row's target logit: each program reads its rows' logits once from memory (a pass
 for the row's max and sum of exponentials, then a pass over the same tiles, now in L2, for the gradient) and
-writes the gradient once, where the log-sum-exp kernel and XLA's gradient fusion read the logits twice. Under the trainer's mesh it runs per device (shard_map; XLA cannot partition a
-kernel call): rows over the batch axes, the vocabulary over "tensor" (vocab-parallel logits), with the
-per-device results combined across "tensor" by the same formula.
+writes the gradient once, where the log-sum-exp kernel and XLA's gradient fusion read the logits twice. It
+takes one device's whole rows and vocabulary (its caller runs it per device).
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 1, 4096, 8
 GRAD_STAGES = 2  # Triton's pipelining depth of the two column-tile loops
 
 
-def _cols(v: int) -> int:
-  """Widest power-of-two tile width <= MAX_COLS dividing v (0: none >= 64)."""
-  c = MAX_COLS
+def _cols(v: int, widest: int = 0) -> int:
+  """Widest power-of-two tile width <= widest (default MAX_COLS) dividing v (0: none >= 64)."""
+  c = widest or MAX_COLS
   while c >= 64 and v % c:
     c //= 2
   return c if c >= 64 else 0
@@ -111,14 +112,7 @@ def row_lse(x_NxV, interpret=None):
 
 def grad_supported(n: int, v: int) -> bool:
   """`row_lse_grad` needs whole row blocks and a vocabulary of whole column tiles."""
-  return n % GRAD_ROWS == 0 and _grad_cols(v) > 0
-
-
-def _grad_cols(v: int) -> int:
-  c = GRAD_COLS
-  while c >= 64 and v % c:
-    c //= 2
-  return c if c >= 64 else 0
+  return n % GRAD_ROWS == 0 and _cols(v, GRAD_COLS) > 0
 
 
 def _grad_kernel(x_ref, t_ref, d_ref, lse_ref, tgt_ref, *, g, cols):
@@ -158,7 +152,7 @@ def row_lse_grad(x_NxV, t_N, g: float, dtype, interpret=None):
   loss's logit gradient; g a Python float: the cotangent of each token's NLL). One device's whole rows and
   vocabulary (the caller runs it per device: `mean_token_nll`)."""
   n, v = x_NxV.shape
-  cols = _grad_cols(v)
+  cols = _cols(v, GRAD_COLS)
   interpret, params = _backend(interpret, GRAD_WARPS, GRAD_STAGES)
   rows = pl.BlockSpec((GRAD_ROWS,), lambda i: (i,))
   vec = jax.ShapeDtypeStruct((n,), jnp.float32)
