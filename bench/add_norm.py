@@ -1,4 +1,5 @@
-"""A block's residual add + RMSNorm (+ cast to bf16) as one Pallas kernel each way, against XLA's fusions.
+"""A block's residual add + RMSNorm (+ cast to bf16) as one Pallas kernel each way (parcae.model.add_norm),
+against XLA's fusions of the same formula.
 
 The pre-norm block computes s = x + f32(y) (residual stream x float32, branch output y bf16) and n =
 bf16(rms(s) * scale), the next GEMM's operand. XLA runs the forward as two passes (add + the row's sum of
@@ -8,17 +9,15 @@ backward reductions per parcae-small step). The kernels here read and write each
   forward : (x, y, scale) -> (s, n, r = rsqrt(mean(s^2) + eps))
   backward: (s, r, scale, ds, dn) -> (dx = ds + r * (g - xhat * mean(g * xhat)), dy = bf16(dx), dscale partials)
              with xhat = s * r, g = f32(dn) * scale: dx is the cotangent of x and of f32(y), both uses summed.
-A row of D = 768 is three 256-wide column chunks (Triton arrays must have power-of-two sizes).
 
   PYTHONPATH=$PWD python bench/add_norm.py             # GPU: parcae-small / medium rows, launch-shape sweep
   PYTHONPATH=$PWD python bench/add_norm.py --smoke     # CPU: interpret mode, tiny shapes
-Checks every output against the XLA formula (and its jax.vjp) and times forward and forward + backward.
-Not used by the model (yet): it measures whether wiring it into `layers.Block` would pay.
+Checks every output against the XLA formula (and its jax.vjp) and times forward and forward + backward;
+`model.norm_impl` puts the kernels into the model (bench/train_throughput.py: parcae_small_norm_pallas).
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -29,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
 
+from parcae.model import add_norm  # noqa: E402
 from rope_norm import timed  # noqa: E402  (calls back to back, median of 5)
 
 EPS = 1e-6
@@ -41,83 +40,6 @@ def xla_add_norm(x, y, scale, eps=EPS, cd=jnp.bfloat16):
   s = x + y.astype(jnp.float32)
   r = jax.lax.rsqrt(jnp.mean(s * s, axis=-1, keepdims=True) + eps)
   return s, ((s * r) * scale).astype(cd)
-
-
-def _width(d: int) -> int:
-  w = 1
-  while d % (2 * w) == 0 and 2 * w <= 512:
-    w *= 2
-  return w
-
-
-def _fwd_kernel(x_ref, y_ref, sc_ref, s_ref, n_ref, r_ref, *, eps, w):
-  d = x_ref.shape[1]
-  parts, ss = [], 0.0
-  for j in range(d // w):
-    sl = pl.ds(j * w, w)
-    s = x_ref[:, sl] + y_ref[:, sl].astype(jnp.float32)
-    s_ref[:, sl] = s
-    parts.append(s)
-    ss = ss + jnp.sum(s * s, axis=1)
-  r = jax.lax.rsqrt(ss / d + eps)
-  for j, s in enumerate(parts):
-    sl = pl.ds(j * w, w)
-    n_ref[:, sl] = ((s * r[:, None]) * sc_ref[sl][None, :]).astype(n_ref.dtype)
-  r_ref[...] = r
-
-
-def _bwd_kernel(s_ref, r_ref, sc_ref, ds_ref, dn_ref, dx_ref, dy_ref, dsc_ref, *, w):
-  d = s_ref.shape[1]
-  r = r_ref[...]
-  xs, gs, dot = [], [], 0.0
-  for j in range(d // w):
-    sl = pl.ds(j * w, w)
-    xhat = s_ref[:, sl] * r[:, None]
-    g = dn_ref[:, sl].astype(jnp.float32) * sc_ref[sl][None, :]
-    xs.append(xhat)
-    gs.append(g)
-    dot = dot + jnp.sum(g * xhat, axis=1)
-  mean = dot / d
-  for j, (xhat, g) in enumerate(zip(xs, gs)):
-    sl = pl.ds(j * w, w)
-    dx = ds_ref[:, sl] + r[:, None] * (g - xhat * mean[:, None])
-    dx_ref[:, sl] = dx
-    dy_ref[:, sl] = dx.astype(dy_ref.dtype)
-    dsc_ref[:, sl] = jnp.sum(dn_ref[:, sl].astype(jnp.float32) * xhat, axis=0)[None, :]
-
-
-def _params(interpret, warps):
-  from parcae.quant.kernels import qdq
-  interpret, _, params = qdq.backend(interpret, warps)
-  return interpret, params
-
-
-def kernel_fwd(x, y, scale, *, rows, warps, eps=EPS, cd=jnp.bfloat16, interpret=None):
-  n, d = x.shape
-  interpret, params = _params(interpret, warps)
-  blk = pl.BlockSpec((rows, d), lambda i: (i, 0))
-  vec = pl.BlockSpec((d,), lambda i: (0,))
-  return pl.pallas_call(
-      functools.partial(_fwd_kernel, eps=eps, w=_width(d)), grid=(n // rows,),
-      out_shape=(jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, d), cd),
-                 jax.ShapeDtypeStruct((n,), jnp.float32)),
-      in_specs=[blk, blk, vec], out_specs=(blk, blk, pl.BlockSpec((rows,), lambda i: (i,))),
-      interpret=interpret, **params)(x, y, scale)
-
-
-def kernel_bwd(s, r, scale, ds, dn, *, rows, warps, interpret=None):
-  """(dx, dy, dscale): the cotangents of x, y and scale."""
-  n, d = s.shape
-  interpret, params = _params(interpret, warps)
-  blk = pl.BlockSpec((rows, d), lambda i: (i, 0))
-  dx, dy, part = pl.pallas_call(
-      functools.partial(_bwd_kernel, w=_width(d)), grid=(n // rows,),
-      out_shape=(jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, d), dn.dtype),
-                 jax.ShapeDtypeStruct((n // rows, d), jnp.float32)),
-      in_specs=[blk, pl.BlockSpec((rows,), lambda i: (i,)), pl.BlockSpec((d,), lambda i: (0,)), blk, blk],
-      out_specs=(blk, blk, pl.BlockSpec((1, d), lambda i: (i, 0))),
-      interpret=interpret, **params)(s, r, scale, ds, dn)
-  return dx, dy, jnp.sum(part, axis=0)
 
 
 def inputs(n, d, seed=0):
@@ -140,12 +62,21 @@ def xla_paths():
 
 
 def kernel_paths(rows, warps, interpret=None):
-  fwd = jax.jit(functools.partial(kernel_fwd, rows=rows, warps=warps, interpret=interpret))
+  """Jitted (forward, forward + backward) of the library's kernels (parcae.model.add_norm) at a launch shape
+  (fresh jits: the module's ROWS / WARPS are read when traced)."""
+  def launch(fn):
+    def run(*a):
+      add_norm.ROWS, add_norm.WARPS = rows, warps
+      return fn(*a)
+    return jax.jit(run)
+
+  def fwd(x, y, scale):
+    return add_norm.forward(x, y, scale, EPS, jnp.bfloat16, interpret)
 
   def fwd_bwd(x, y, scale, ds, dn):
-    s, n, r = kernel_fwd(x, y, scale, rows=rows, warps=warps, interpret=interpret)
-    return (s, n), kernel_bwd(s, r, scale, ds, dn, rows=rows, warps=warps, interpret=interpret)
-  return fwd, jax.jit(fwd_bwd)
+    s, n, r = add_norm.forward(x, y, scale, EPS, jnp.bfloat16, interpret)
+    return (s, n), add_norm.backward(s, r, scale, ds, dn, dn.dtype, interpret)
+  return launch(fwd), launch(fwd_bwd)
 
 
 def compare(got, want):

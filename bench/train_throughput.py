@@ -94,6 +94,9 @@ VARIANTS = {
     # the no-grad loop split in quarters (the recipes: halves)
     "parcae_small_split4": ("parcae", "small", {"model.no_grad_split": 4}),
     "parcae_medium_split4": ("parcae", "medium", {"model.no_grad_split": 4}),
+    # the block's residual add + norm2 as one Pallas kernel each way (model.norm_impl; default "xla")
+    "parcae_small_norm_pallas": ("parcae", "small", {"model.norm_impl": "pallas"}),
+    "gpt_small_norm_pallas": ("gpt", "small", {"model.norm_impl": "pallas"}),
     # CUDA graphs (XLA command buffers): none, and the default set plus device-side while loops and
     # conditionals (the no-grad loop's trip count is data-dependent: the host reads its predicate back)
     "parcae_small_cmdbuf_off": ("parcae", "small", {"_xla_flags": "--xla_gpu_enable_command_buffer="}),

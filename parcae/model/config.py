@@ -15,7 +15,7 @@ SAMPLING_GRANULARITIES = ("per-sequence", "per-batch")
 REMAT_POLICIES = ("full", "dots", "none")
 BLOCK_REMAT_POLICIES = REMAT_POLICIES + ("mlp_act",)  # mlp_act: recompute only the MLP activation
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-KERNEL_IMPLS = ("auto", "xla", "pallas")  # rope_impl, lse_impl
+KERNEL_IMPLS = ("auto", "xla", "pallas")  # rope_impl, lse_impl, norm_impl
 MLP_IMPLS = ("auto", "xla", "mosaic", "jnp")  # mlp_impl ("jnp": the fused path's VJP with jnp kernels, tests)
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
@@ -73,6 +73,10 @@ def default_model_config() -> ml_collections.ConfigDict:
   # on a Hopper GPU where the shapes allow, else XLA's GEMMs and separate elementwise passes ("xla");
   # "mosaic" forces the kernels (an error where they cannot run)
   c.mlp_impl = "auto"
+  # A block's residual add + RMSNorm before its MLP: "xla" (XLA's fusions), "pallas" (one Pallas kernel each way,
+  # model/add_norm.py; interpreted on a CPU; an error where it cannot run), "auto" = the kernels on a GPU where the
+  # shapes allow. Default "xla" until the kernels are timed on a GPU (bench/RESULTS.md, session 22)
+  c.norm_impl = "xla"
   return c
 
 
@@ -106,6 +110,7 @@ def validate_model_config(cfg) -> None:
   _choice(cfg, "rope_impl", KERNEL_IMPLS)
   _choice(cfg, "lse_impl", KERNEL_IMPLS)
   _choice(cfg, "mlp_impl", MLP_IMPLS)
+  _choice(cfg, "norm_impl", KERNEL_IMPLS)
   _choice(cfg, "no_grad_split", (1, 2, 4))
   _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
   positive = ["vocab_size", "d_model", "n_heads", "ffn_mult", "max_seq_len"]

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from parcae import compile_target
-from parcae.model import init, mlp_kernels, rope_norm
+from parcae.model import add_norm, init, mlp_kernels, rope_norm
 from parcae.model.mlp_kernels import relu2  # the MLP activation, defined beside its fused kernels
 
 VE_GATE_WIDTH = 32  # gate reads the first 32 channels of the normed block input
@@ -262,11 +262,28 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, k1, with_ve=with_ve, cd=cd, quant=quant)
     self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.mlp = MLP(cfg, k2, cd=cd, quant=quant)
+    self.cd, self.norm_impl = cd, cfg.get("norm_impl", "xla")
 
   def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None, recompute_act=False):
     k1, k2 = (None, None) if key is None else jax.random.split(key)
-    x = x_BxSxD + self.attn(self.norm1(x_BxSxD), rope, ve_BxSxD, k1).astype(jnp.float32)
+    a = self.attn(self.norm1(x_BxSxD), rope, ve_BxSxD, k1)
+    if self._add_norm_kernels(x_BxSxD.shape):  # the add and norm2 as one kernel each way (the MLP reads cd)
+      x, n = add_norm.add_rms_norm(x_BxSxD, a, self.norm2.scale[...], self.norm2.eps, self.cd)
+      return x + self.mlp(n, k2, recompute_act).astype(jnp.float32)
+    x = x_BxSxD + a.astype(jnp.float32)
     return x + self.mlp(self.norm2(x), k2, recompute_act).astype(jnp.float32)
+
+  def _add_norm_kernels(self, x_shape):
+    if self.norm_impl == "xla":
+      return False
+    ok = add_norm.usable(x_shape)
+    if self.norm_impl == "pallas":
+      if not ok:
+        raise ValueError(f"model.norm_impl='pallas' needs tokens per device divisible by {add_norm.ROWS}, a "
+                         f"width with a power-of-two column chunk >= 64 and no 'tensor' mesh axis (residual "
+                         f"{x_shape}); use norm_impl='auto' or 'xla'")
+      return True
+    return ok and compile_target.platform() == "gpu"
 
 
 def make_stage(cfg, key, ve_flags, cd, quant):

@@ -1,0 +1,168 @@
+"""A block's residual add + RMSNorm + cast as one Pallas kernel each way (`model.norm_impl`).
+
+Inside a pre-norm block the attention branch's output y (compute dtype) joins the float32 residual stream x
+and the sum is normalized for the MLP: s = x + f32(y), n = cd((s * rsqrt(mean(s^2) + eps)) * scale), the
+formula of `layers.Block` with `layers.rms_norm`. XLA runs the forward as two passes over [tokens, D] (the add
+with the row's sum of squares, then the normalized output) and the backward as a row reduction plus a pass
+that also adds the residual path's cotangent and sums the scale's gradient (bench/RESULTS.md, session 22).
+Here each program reads and writes its [ROWS, D] block once each way:
+  forward : (x, y, scale) -> (s, n, r = rsqrt(mean(s^2) + eps))
+  backward: (s, r, scale, ds, dn) -> dx = ds + r * (g - xhat * mean(g * xhat)), dy = dx in y's dtype, and
+            per-program partial sums of the scale's gradient dn * xhat (summed over programs in jnp),
+            with xhat = s * r, g = f32(dn) * scale; dx is the cotangent of x and of f32(y) alike.
+Same arithmetic as autodiff of the formula up to the order of the float32 row sums. A row is processed in
+power-of-two column chunks (Triton arrays must have power-of-two sizes): D = 768 is three chunks of 256.
+Under the trainer's mesh the kernels run per device over the batch axes (shard_map); under a "tensor" axis
+the XLA formula is used.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
+
+# GPU launch shape: token rows per program, Triton warps (bench/add_norm.py sweeps them; not yet measured).
+ROWS, WARPS = 16, 4
+
+
+def chunk(d: int) -> int:
+  """Widest power-of-two column chunk <= 512 dividing d (the kernels need >= 64)."""
+  w = 1
+  while d % (2 * w) == 0 and 2 * w <= 512:
+    w *= 2
+  return w
+
+
+def supported(tokens: int, d: int) -> bool:
+  return chunk(d) >= 64 and tokens % ROWS == 0
+
+
+def _fwd_kernel(x_ref, y_ref, sc_ref, s_ref, n_ref, r_ref, *, eps, w):
+  d = x_ref.shape[1]
+  parts, ss = [], 0.0
+  for j in range(d // w):
+    sl = pl.ds(j * w, w)
+    s = x_ref[:, sl] + y_ref[:, sl].astype(jnp.float32)
+    s_ref[:, sl] = s
+    parts.append(s)
+    ss = ss + jnp.sum(s * s, axis=1)
+  r = jax.lax.rsqrt(ss / d + eps)
+  for j, s in enumerate(parts):
+    sl = pl.ds(j * w, w)
+    n_ref[:, sl] = ((s * r[:, None]) * sc_ref[sl][None, :]).astype(n_ref.dtype)
+  r_ref[...] = r
+
+
+def _bwd_kernel(s_ref, r_ref, sc_ref, ds_ref, dn_ref, dx_ref, dy_ref, dsc_ref, *, w):
+  d = s_ref.shape[1]
+  r = r_ref[...]
+  xs, gs, dot = [], [], 0.0
+  for j in range(d // w):
+    sl = pl.ds(j * w, w)
+    xhat = s_ref[:, sl] * r[:, None]
+    g = dn_ref[:, sl].astype(jnp.float32) * sc_ref[sl][None, :]
+    xs.append(xhat)
+    gs.append(g)
+    dot = dot + jnp.sum(g * xhat, axis=1)
+  mean = dot / d
+  for j, (xhat, g) in enumerate(zip(xs, gs)):
+    sl = pl.ds(j * w, w)
+    dx = ds_ref[:, sl] + r[:, None] * (g - xhat * mean[:, None])
+    dx_ref[:, sl] = dx
+    dy_ref[:, sl] = dx.astype(dy_ref.dtype)
+    dsc_ref[:, sl] = jnp.sum(dn_ref[:, sl].astype(jnp.float32) * xhat, axis=0)[None, :]
+
+
+def _backend(interpret):
+  from parcae.quant.kernels import qdq  # the kernels' shared backend choice (interpret on a CPU)
+  interpret, _, params = qdq.backend(interpret, WARPS)
+  return interpret, params
+
+
+def forward(x_NxD, y_NxD, scale_D, eps, cd, interpret=None):
+  """(s, n, r): the sum (float32), its normalized compute-dtype output, each row's rsqrt."""
+  n, d = x_NxD.shape
+  interpret, params = _backend(interpret)
+  blk = pl.BlockSpec((ROWS, d), lambda i: (i, 0))
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, eps=eps, w=chunk(d)), grid=(n // ROWS,),
+      out_shape=(jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, d), cd),
+                 jax.ShapeDtypeStruct((n,), jnp.float32)),
+      in_specs=[blk, blk, pl.BlockSpec((d,), lambda i: (0,))],
+      out_specs=(blk, blk, pl.BlockSpec((ROWS,), lambda i: (i,))),
+      interpret=interpret, **params)(x_NxD, y_NxD, scale_D)
+
+
+def backward(s_NxD, r_N, scale_D, ds_NxD, dn_NxD, y_dtype, interpret=None):
+  """(dx, dy, dscale): the cotangents of x, y and scale."""
+  n, d = s_NxD.shape
+  interpret, params = _backend(interpret)
+  blk = pl.BlockSpec((ROWS, d), lambda i: (i, 0))
+  dx, dy, part = pl.pallas_call(
+      functools.partial(_bwd_kernel, w=chunk(d)), grid=(n // ROWS,),
+      out_shape=(jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, d), y_dtype),
+                 jax.ShapeDtypeStruct((n // ROWS, d), jnp.float32)),
+      in_specs=[blk, pl.BlockSpec((ROWS,), lambda i: (i,)), pl.BlockSpec((d,), lambda i: (0,)), blk, blk],
+      out_specs=(blk, blk, pl.BlockSpec((1, d), lambda i: (i, 0))),
+      interpret=interpret, **params)(s_NxD, r_N, scale_D, ds_NxD, dn_NxD)
+  return dx, dy, jnp.sum(part, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _local(x, y, scale, eps, cd, y_dtype, interpret):
+  return forward(x, y, scale, eps, cd, interpret)[:2]
+
+
+def _local_fwd(x, y, scale, eps, cd, y_dtype, interpret):
+  s, n, r = forward(x, y, scale, eps, cd, interpret)
+  return (s, n), (s, r, scale)
+
+
+def _local_bwd(eps, cd, y_dtype, interpret, res, ct):
+  s, r, scale = res
+  ds, dn = ct
+  return backward(s, r, scale, ds, dn.astype(cd), y_dtype, interpret)
+
+
+_local.defvjp(_local_fwd, _local_bwd)
+
+
+def _shards(mesh):
+  batch = kernel_batch_axes(mesh)
+  n = 1
+  for a in batch:
+    n *= mesh.shape[a]
+  return batch, n
+
+
+def usable(x_shape) -> bool:
+  """Whether the kernels take an [B, S, D] residual under the current mesh: whole row blocks per device (the
+  batch split over the batch axes), a column chunk of >= 64, and no "tensor" axis."""
+  b, s, d = x_shape
+  mesh = jax.sharding.get_abstract_mesh()
+  batch, n = _shards(mesh)
+  return "tensor" not in kernel_axes(mesh) and b % n == 0 and supported(b // n * s, d)
+
+
+def add_rms_norm(x_BxSxD, y_BxSxD, scale_D, eps: float, cd, interpret=None):
+  """(x + f32(y), cd(rms_norm(x + f32(y)) * scale)) for the float32 residual x and a branch output y
+  (shapes `usable`)."""
+  b, s, d = x_BxSxD.shape
+
+  def per_device(x, y, scale):
+    bl = x.shape[0]
+    out = _local(x.reshape(bl * s, d), y.reshape(bl * s, d), scale, eps, jnp.dtype(cd), jnp.dtype(y.dtype),
+                 interpret)
+    return tuple(o.reshape(bl, s, d) for o in out)
+
+  batch, _ = _shards(jax.sharding.get_abstract_mesh())
+  if not batch:
+    return per_device(x_BxSxD, y_BxSxD, scale_D)
+  spec = P(batch, None, None)
+  return jax.shard_map(per_device, in_specs=(spec, spec, P()), out_specs=(spec, spec), axis_names=set(batch),
+                       check_vma=False)(x_BxSxD, y_BxSxD, scale_D)
