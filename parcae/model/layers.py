@@ -265,13 +265,26 @@ class Block(nnx.Module):
     self.cd, self.norm_impl = cd, cfg.get("norm_impl", "xla")
 
   def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None, recompute_act=False):
+    x, m = self.branches(x_BxSxD, None, rope, ve_BxSxD, key, recompute_act)
+    return x + m.astype(jnp.float32)
+
+  def branches(self, x_BxSxD, pending, rope, ve_BxSxD=None, key=None, recompute_act=False):
+    """(x + f32(pending) + f32(attention branch), MLP branch output): the block without its last residual add,
+    so that the next block can fuse it with its norm1 (`run_stage`). With the add + norm kernels
+    (`model.norm_impl`) each add that a norm reads is one kernel each way; pending needs them."""
     k1, k2 = (None, None) if key is None else jax.random.split(key)
-    a = self.attn(self.norm1(x_BxSxD), rope, ve_BxSxD, k1)
-    if self._add_norm_kernels(x_BxSxD.shape):  # the add and norm2 as one kernel each way (the MLP reads cd)
-      x, n = add_norm.add_rms_norm(x_BxSxD, a, self.norm2.scale[...], self.norm2.eps, self.cd)
-      return x + self.mlp(n, k2, recompute_act).astype(jnp.float32)
-    x = x_BxSxD + a.astype(jnp.float32)
-    return x + self.mlp(self.norm2(x), k2, recompute_act).astype(jnp.float32)
+    kernels = self._add_norm_kernels(x_BxSxD.shape)
+    if pending is not None:  # the previous block's MLP output joins the residual inside norm1's kernel
+      x, h = add_norm.add_rms_norm(x_BxSxD, pending, self.norm1.scale[...], self.norm1.eps, self.cd)
+    else:
+      x, h = x_BxSxD, self.norm1(x_BxSxD)
+    a = self.attn(h, rope, ve_BxSxD, k1)
+    if kernels:  # the add and norm2 as one kernel each way (the MLP reads the compute dtype)
+      x, n = add_norm.add_rms_norm(x, a, self.norm2.scale[...], self.norm2.eps, self.cd)
+    else:
+      x = x + a.astype(jnp.float32)
+      n = self.norm2(x)
+    return x, self.mlp(n, k2, recompute_act)
 
   def _add_norm_kernels(self, x_shape):
     if self.norm_impl == "xla":
@@ -294,16 +307,26 @@ def make_stage(cfg, key, ve_flags, cd, quant):
 def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int = 0):
   """The blocks in order; each rematerialized with the named policy (`REMAT`) unless "none" (or, for
   "mlp_act", recomputing only its MLP's activation); with first > 0 only the first `first` blocks are (a
-  memory / speed trade finer than all or nothing)."""
+  memory / speed trade finer than all or nothing). With the add + norm kernels (`model.norm_impl`) a block's
+  last residual add is left to the next block's norm1 kernel (`Block.branches`) and done here after the last."""
+  pending = None
   for i, blk in enumerate(blocks):
     k = None if key is None else jax.random.fold_in(key, i)
+    fuse = blk._add_norm_kernels(x.shape)  # pylint: disable=protected-access
+    if not fuse and pending is not None:
+      x, pending = x + pending.astype(jnp.float32), None
     if policy in ("none", "mlp_act") or 0 < first <= i:
-      x = blk(x, rope, ves[i], k, recompute_act=policy == "mlp_act" and not 0 < first <= i)
-      continue
-    graphdef, state = nnx.split(blk)
-    x = remat(lambda st, x, rope, ve, k: nnx.merge(graphdef, st)(x, rope, ve, k), policy)(
-        state, x, rope, ves[i], k)
-  return x
+      act = policy == "mlp_act" and not 0 < first <= i
+      out = blk.branches(x, pending, rope, ves[i], k, act) if fuse else blk(x, rope, ves[i], k, recompute_act=act)
+    else:
+      graphdef, state = nnx.split(blk)
+      if fuse:
+        f = lambda st, x, p, rope, ve, k: nnx.merge(graphdef, st).branches(x, p, rope, ve, k)
+      else:
+        f = lambda st, x, p, rope, ve, k: nnx.merge(graphdef, st)(x, rope, ve, k)
+      out = remat(f, policy)(state, x, pending, rope, ves[i], k)
+    x, pending = out if fuse else (out, None)
+  return x if pending is None else x + pending.astype(jnp.float32)
 
 
 def head_logits(y_BxSxD, table_VxD, cd):
