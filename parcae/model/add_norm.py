@@ -1,8 +1,8 @@
 """A block's residual add + RMSNorm + cast as one Pallas kernel each way (`model.norm_impl`).
 
-Inside a pre-norm block the attention branch's output y (compute dtype) joins the float32 residual stream x
-and the sum is normalized for the MLP: s = x + f32(y), n = cd((s * rsqrt(mean(s^2) + eps)) * scale), the
-formula of `layers.Block` with `layers.rms_norm`. XLA runs the forward as two passes over [tokens, D] (the add
+A branch's output y (compute dtype: attention's before norm2, the previous block's MLP's before norm1) joins
+the float32 residual stream x and the sum is normalized for the next GEMM: s = x + f32(y), n = cd((s *
+rsqrt(mean(s^2) + eps)) * scale), the formula of `layers.Block` with `layers.rms_norm`. XLA runs the forward as two passes over [tokens, D] (the add
 with the row's sum of squares, then the normalized output) and the backward as a row reduction plus a pass
 that also adds the residual path's cotangent and sums the scale's gradient (bench/RESULTS.md, session 22).
 Here each program reads and writes its [ROWS, D] block once each way:

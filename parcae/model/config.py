@@ -73,9 +73,10 @@ def default_model_config() -> ml_collections.ConfigDict:
   # on a Hopper GPU where the shapes allow, else XLA's GEMMs and separate elementwise passes ("xla");
   # "mosaic" forces the kernels (an error where they cannot run)
   c.mlp_impl = "auto"
-  # A block's residual add + RMSNorm before its MLP: "xla" (XLA's fusions), "pallas" (one Pallas kernel each way,
-  # model/add_norm.py; interpreted on a CPU; an error where it cannot run), "auto" = the kernels on a GPU where the
-  # shapes allow. Default "xla" until the kernels are timed on a GPU (bench/RESULTS.md, session 22)
+  # The residual adds that a block's RMSNorms read (norm2; norm1 but in a stage's first block): "xla" (XLA's
+  # fusions), "pallas" (add + norm as one Pallas kernel each way, model/add_norm.py; interpreted on a CPU; an error
+  # where it cannot run), "auto" = the kernels on a GPU where the shapes allow. Default "xla" until the kernels
+  # are timed on a GPU (bench/RESULTS.md, session 22)
   c.norm_impl = "xla"
   return c
 
