@@ -119,8 +119,8 @@ def test_model_with_the_kernels_matches_the_xla_path(kind, block_remat, monkeypa
 
 def test_pallas_refuses_shapes_it_cannot_run_and_auto_falls_back():
   m = build(_tiny("pallas"), jax.random.key(0))
-  with pytest.raises(ValueError, match=r"norm_impl='pallas' needs tokens per device divisible by 16"):
-    m(jnp.zeros((1, 8), jnp.int32))
+  with pytest.raises(ValueError, match=rf"norm_impl='pallas' needs tokens per device divisible by {add_norm.ROWS}"):
+    m(jnp.zeros((1, add_norm.ROWS // 2), jnp.int32))
   auto = build(_tiny("auto"), jax.random.key(0))
   xla = build(_tiny("xla"), jax.random.key(0))
   ids = jnp.zeros((2, 16), jnp.int32)
@@ -145,7 +145,7 @@ def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch
   real = add_norm.forward
   monkeypatch.setattr(add_norm, "forward", lambda x, *a: shapes.append(x.shape) or real(x, *a))
   with jax.set_mesh(mesh):
-    assert add_norm.usable(x.shape) and not add_norm.usable((2, 32, 256))  # 16 rows per device: one block
+    assert add_norm.usable(x.shape) and not add_norm.usable((2, 32, 256))  # 2 sequences: not every device
     got = jax.jit(grad)(x, y, scale)
   assert shapes == [(32, 256)], shapes
   for g, w in zip(got, want):

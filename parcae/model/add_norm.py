@@ -26,8 +26,10 @@ from jax.sharding import PartitionSpec as P
 
 from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
 
-# GPU launch shape: token rows per program, Triton warps (bench/add_norm.py sweeps them; not yet measured).
-ROWS, WARPS = 16, 4
+# GPU launch shape: token rows per program, Triton warps (bench/add_norm.py sweeps them; not yet measured on
+# a GPU). 8 rows keep the backward's two [rows, D] float32 arrays (xhat, g) at 96 registers per thread with 4
+# warps at D = 768 (16 rows would need ~192 and likely spill).
+ROWS, WARPS = 8, 4
 
 
 def chunk(d: int) -> int:
