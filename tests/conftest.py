@@ -92,3 +92,18 @@ def triton_calls(stablehlo_text):
   import re
   return [(int(re.search(r"\(tensor<(\d+)x", ln).group(1)), ln) for ln in stablehlo_text.splitlines()
           if "xla.gpu.triton" in ln]
+
+
+def load_bench(name):
+  """The module of bench/<name>.py (with bench/ on sys.path while it loads: the scripts import neighbours)."""
+  import importlib.util
+  import sys
+  bench = os.path.join(os.path.dirname(__file__), "..", "bench")
+  sys.path.insert(0, bench)
+  try:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(bench, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+  finally:
+    sys.path.remove(bench)
+  return mod

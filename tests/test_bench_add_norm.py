@@ -1,20 +1,10 @@
 """bench/add_norm.py: its kernel path (the library's kernels at a launch shape) and XLA path agree."""
-import importlib.util
-import os
-import sys
-
-BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+from conftest import load_bench
+from parcae.model import add_norm
 
 
 def test_kernel_and_xla_paths_agree(monkeypatch):
-  sys.path.insert(0, BENCH)
-  try:
-    spec = importlib.util.spec_from_file_location("bench_add_norm", os.path.join(BENCH, "add_norm.py"))
-    an = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(an)
-  finally:
-    sys.path.remove(BENCH)
-  from parcae.model import add_norm
+  an = load_bench("add_norm")
   for name in ("ROWS", "WARPS"):  # the bench sets the launch shape when tracing; restored afterwards
     monkeypatch.setattr(add_norm, name, getattr(add_norm, name))
   data = an.inputs(64, 768, seed=1)

@@ -1,28 +1,11 @@
 """bench/lse.py: the candidate gradient kernels it times compute what the library's kernel computes."""
-import importlib.util
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_bench
 from parcae.model import lse
-
-BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
-
-
-def _bench():
-  sys.path.insert(0, BENCH)  # the script imports its neighbour rope_norm.py
-  try:
-    spec = importlib.util.spec_from_file_location("bench_lse", os.path.join(BENCH, "lse.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-  finally:
-    sys.path.remove(BENCH)
-  return mod
-
 
 @pytest.mark.parametrize("three", [False, True])
 @pytest.mark.parametrize("hot", [True, False])
@@ -30,7 +13,7 @@ def test_variants_match_the_library_kernel(three, hot, monkeypatch):
   """Over 4 column tiles: the same log-sum-exp within 2e-6, the same target logits, and gradients equal but
   for entries one bf16 rounding apart (their float32 log-sum-exps differ in the last bits)."""
   monkeypatch.setattr(lse, "GRAD_COLS", 512)
-  bench = _bench()
+  bench = load_bench("lse")
   x = (4.0 * jax.random.normal(jax.random.key(0), (16, 2048), jnp.float32)).at[3].add(50.0).astype(jnp.bfloat16)
   t = jax.random.randint(jax.random.key(1), (16,), 0, 2048)
   want = [np.asarray(a, np.float32) for a in lse.row_lse_grad(x, t, 0.01, jnp.bfloat16)]
