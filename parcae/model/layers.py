@@ -273,7 +273,7 @@ class Block(nnx.Module):
     so that the next block can fuse it with its norm1 (`run_stage`). With the add + norm kernels
     (`model.norm_impl`) each add that a norm reads is one kernel each way; pending needs them."""
     k1, k2 = (None, None) if key is None else jax.random.split(key)
-    kernels = self._add_norm_kernels(x_BxSxD.shape)
+    kernels = self.add_norm_kernels(x_BxSxD.shape)
     if pending is not None:  # the previous block's MLP output joins the residual inside norm1's kernel
       x, h = add_norm.add_rms_norm(x_BxSxD, pending, self.norm1.scale[...], self.norm1.eps, self.cd)
     else:
@@ -286,7 +286,8 @@ class Block(nnx.Module):
       n = self.norm2(x)
     return x, self.mlp(n, k2, recompute_act)
 
-  def _add_norm_kernels(self, x_shape):
+  def add_norm_kernels(self, x_shape) -> bool:
+    """Whether this block's norms take the add + norm kernels for a residual of x_shape (`model.norm_impl`)."""
     if self.norm_impl == "xla":
       return False
     ok = add_norm.usable(x_shape)
@@ -312,7 +313,7 @@ def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int =
   pending = None
   for i, blk in enumerate(blocks):
     k = None if key is None else jax.random.fold_in(key, i)
-    fuse = blk._add_norm_kernels(x.shape)  # pylint: disable=protected-access
+    fuse = blk.add_norm_kernels(x.shape)
     if not fuse and pending is not None:
       x, pending = x + pending.astype(jnp.float32), None
     if policy in ("none", "mlp_act") or 0 < first <= i:
