@@ -18,6 +18,7 @@ the XLA formula is used.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -135,11 +136,9 @@ _local.defvjp(_local_fwd, _local_bwd)
 
 
 def _shards(mesh):
+  """The batch axes a kernel call runs per device over, and how many shards they cut the batch into."""
   batch = kernel_batch_axes(mesh)
-  n = 1
-  for a in batch:
-    n *= mesh.shape[a]
-  return batch, n
+  return batch, math.prod(mesh.shape[a] for a in batch)
 
 
 def usable(x_shape) -> bool:
