@@ -18,14 +18,13 @@ the XLA formula is used.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
+from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_shards
 
 # GPU launch shape: token rows per program, Triton warps (bench/add_norm.py sweeps them; not yet measured on
 # a GPU). 8 rows keep the backward's two [rows, D] float32 arrays (xhat, g) at 96 registers per thread with 4
@@ -135,18 +134,12 @@ def _local_bwd(eps, cd, y_dtype, interpret, res, ct):
 _local.defvjp(_local_fwd, _local_bwd)
 
 
-def _shards(mesh):
-  """The batch axes a kernel call runs per device over, and how many shards they cut the batch into."""
-  batch = kernel_batch_axes(mesh)
-  return batch, math.prod(mesh.shape[a] for a in batch)
-
-
 def usable(x_shape) -> bool:
   """Whether the kernels take an [B, S, D] residual under the current mesh: whole row blocks per device (the
   batch split over the batch axes), a column chunk of >= 64, and no "tensor" axis."""
   b, s, d = x_shape
   mesh = jax.sharding.get_abstract_mesh()
-  batch, n = _shards(mesh)
+  n = kernel_batch_shards(mesh)
   return "tensor" not in kernel_axes(mesh) and b % n == 0 and supported(b // n * s, d)
 
 
@@ -161,7 +154,7 @@ def add_rms_norm(x_BxSxD, y_BxSxD, scale_D, eps: float, cd, interpret=None):
                  interpret)
     return tuple(o.reshape(bl, s, d) for o in out)
 
-  batch, _ = _shards(jax.sharding.get_abstract_mesh())
+  batch = kernel_batch_axes(jax.sharding.get_abstract_mesh())
   if not batch:
     return per_device(x_BxSxD, y_BxSxD, scale_D)
   spec = P(batch, None, None)

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from parcae import compile_target
 from parcae.model import lse
-from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
+from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_shards
 
 
 def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto"):
@@ -55,7 +55,7 @@ def mean_token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl
   n = _chunk(b * s, chunk)
   mesh = jax.sharding.get_abstract_mesh()
   batch = kernel_batch_axes(mesh)
-  shards = math.prod(mesh.shape[a] for a in batch)
+  shards = kernel_batch_shards(mesh)
   if not batch or b % shards or n % shards:
     return _mean_nll(y_BxSxD, table_VxD, targets_BxS, cd, n, lse_impl, scale)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
+from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_shards
 
 # GPU launch shape: rows per program, widest column tile, Triton warps (bench/lse.py sweeps them).
 ROWS, MAX_COLS, WARPS = 16, 1024, 8
@@ -92,7 +91,7 @@ def row_lse(x_NxV, interpret=None):
   mesh = jax.sharding.get_abstract_mesh()
   axes = kernel_axes(mesh)
   batch = kernel_batch_axes(mesh) or None
-  shards = math.prod(mesh.shape[a] for a in batch or ())
+  shards = kernel_batch_shards(mesh)
   if batch and (n % shards or (n // shards) % ROWS):
     batch = None  # rows that do not split into whole row blocks per device: all rows on every device
   tensor = "tensor" if "tensor" in axes and _cols(v // mesh.shape["tensor"]) and not v % mesh.shape["tensor"] else None

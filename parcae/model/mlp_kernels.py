@@ -25,14 +25,13 @@ Under the trainer's mesh the kernels run per device (shard_map): rows over the b
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from parcae.model.rope_norm import kernel_axes, kernel_batch_axes
+from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_shards
 
 BM, BN, STEPS, WGS = 128, 128, 3, 2   # launch shape (bench/fused_mlp.py measured STEPS 2 and 3)
 CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) sharing each weight tile
@@ -318,6 +317,6 @@ def shapes_ok(n_rows: int, d: int, f: int) -> bool:
   (split over the batch axes) and of F (split over "tensor")."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = kernel_axes(mesh)
-  shards = math.prod(mesh.shape[a] for a in axes if a != "tensor")
+  shards = kernel_batch_shards(mesh)
   tensor = mesh.shape["tensor"] if "tensor" in axes else 1
   return n_rows % shards == 0 and f % tensor == 0 and supported(n_rows // shards, d, f // tensor)

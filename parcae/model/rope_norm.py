@@ -45,6 +45,11 @@ def kernel_batch_axes(mesh):
   return tuple(a for a in kernel_axes(mesh) if a != "tensor")
 
 
+def kernel_batch_shards(mesh) -> int:
+  """How many shards `kernel_batch_axes` cut a batch into (1 without any)."""
+  return math.prod(mesh.shape[a] for a in kernel_batch_axes(mesh))
+
+
 def supported(y_shape, k: int) -> bool:
   """The kernels need a power-of-two head_dim >= 32 and sequences that are whole row blocks."""
   return k >= 32 and k & (k - 1) == 0 and y_shape[1] % ROWS == 0
@@ -202,7 +207,7 @@ def rope_qk_norm(y_BxSxTx3xG, cos_SxK2, sin_SxK2, *, n_heads: int, norm: bool, i
   if not axes:
     return per_device(y_BxSxTx3xG, cos, sin)
   batch = kernel_batch_axes(mesh) or None
-  if batch and b % math.prod(mesh.shape[a] for a in batch):
+  if batch and b % kernel_batch_shards(mesh):
     batch = None  # a batch the data-parallel axes do not split: whole on every device
   # The tensor axis splits the T shards of y (Attention orders them per device); with T = 1 (heads that do not
   # divide the axis) y is whole on every device and so is the result.
