@@ -94,9 +94,12 @@ VARIANTS = {
     # the no-grad loop split in quarters (the recipes: halves)
     "parcae_small_split4": ("parcae", "small", {"model.no_grad_split": 4}),
     "parcae_medium_split4": ("parcae", "medium", {"model.no_grad_split": 4}),
-    # the block's residual add + norm2 as one Pallas kernel each way (model.norm_impl; default "xla")
-    "parcae_small_norm_pallas": ("parcae", "small", {"model.norm_impl": "pallas"}),
-    "gpt_small_norm_pallas": ("gpt", "small", {"model.norm_impl": "pallas"}),
+    # the residual adds + norms through XLA's fusions instead of the Pallas kernels (model.norm_impl; default "auto")
+    "parcae_small_norm_xla": ("parcae", "small", {"model.norm_impl": "xla"}),
+    "gpt_small_norm_xla": ("gpt", "small", {"model.norm_impl": "xla"}),
+    "parcae_medium_norm_xla": ("parcae", "medium", {"model.norm_impl": "xla"}),
+    "gpt_medium_norm_xla": ("gpt", "medium", {"model.norm_impl": "xla"}),
+    "parcae_medium_quartet_norm_xla": ("parcae", "medium", {"quant.recipe": "quartet", "model.norm_impl": "xla"}),
     # CUDA graphs (XLA command buffers): none, and the default set plus device-side while loops and
     # conditionals (the no-grad loop's trip count is data-dependent: the host reads its predicate back)
     "parcae_small_cmdbuf_off": ("parcae", "small", {"_xla_flags": "--xla_gpu_enable_command_buffer="}),

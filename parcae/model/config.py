@@ -73,11 +73,11 @@ def default_model_config() -> ml_collections.ConfigDict:
   # on a Hopper GPU where the shapes allow, else XLA's GEMMs and separate elementwise passes ("xla");
   # "mosaic" forces the kernels (an error where they cannot run)
   c.mlp_impl = "auto"
-  # The residual adds that a block's RMSNorms read (norm2; norm1 but in a stage's first block): "xla" (XLA's
-  # fusions), "pallas" (add + norm as one Pallas kernel each way, model/add_norm.py; interpreted on a CPU; an error
-  # where it cannot run), "auto" = the kernels on a GPU where the shapes allow. Default "xla" until the kernels
-  # are timed on a GPU (bench/RESULTS.md, session 22)
-  c.norm_impl = "xla"
+  # The residual adds that a block's RMSNorms read (norm2; norm1 but in a stage's first block): "auto" = add + norm
+  # as one Pallas kernel each way (model/add_norm.py) on a GPU where the shapes allow, else XLA's fusions ("xla");
+  # "pallas" forces the kernels (interpreted on a CPU; an error where they cannot run). H100 training: +1.0% /
+  # +1.3% / +1.2% for parcae-small / gpt-small / parcae-medium (bench/RESULTS.md, session 23)
+  c.norm_impl = "auto"
   return c
 
 

@@ -262,7 +262,7 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, k1, with_ve=with_ve, cd=cd, quant=quant)
     self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.mlp = MLP(cfg, k2, cd=cd, quant=quant)
-    self.cd, self.norm_impl = cd, cfg.get("norm_impl", "xla")
+    self.cd, self.norm_impl = cd, cfg.get("norm_impl", "auto")
 
   def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None, recompute_act=False):
     x, m = self.branches(x_BxSxD, None, rope, ve_BxSxD, key, recompute_act)
