@@ -99,7 +99,7 @@ VARIANTS = {
     "gpt_small_norm_xla": ("gpt", "small", {"model.norm_impl": "xla"}),
     "parcae_medium_norm_xla": ("parcae", "medium", {"model.norm_impl": "xla"}),
     "gpt_medium_norm_xla": ("gpt", "medium", {"model.norm_impl": "xla"}),
-    "parcae_medium_quartet_norm_xla": ("parcae", "medium", {"quant.recipe": "quartet", "model.norm_impl": "xla"}),
+    "parcae_small_quartet_norm_xla": ("parcae", "small", {"quant.recipe": "quartet", "model.norm_impl": "xla"}),
     # CUDA graphs (XLA command buffers): none, and the default set plus device-side while loops and
     # conditionals (the no-grad loop's trip count is data-dependent: the host reads its predicate back)
     "parcae_small_cmdbuf_off": ("parcae", "small", {"_xla_flags": "--xla_gpu_enable_command_buffer="}),
