@@ -130,6 +130,20 @@ def test_pallas_refuses_shapes_it_cannot_run_and_auto_falls_back():
     C.validate_model_config(cfg)
 
 
+def test_auto_is_the_default_and_takes_the_kernels_when_compiling_for_a_gpu():
+  """The default config's norm_impl ("auto") picks the kernels for a GPU target where the shape allows and
+  XLA's path on this CPU; "xla" never takes them."""
+  from parcae import compile_target
+  assert C.default_model_config().norm_impl == "auto"
+  block = build(_tiny("auto"), jax.random.key(0)).core[0]
+  xla_block = build(_tiny("xla"), jax.random.key(0)).core[0]
+  usable, odd = (2, 16, 64), (1, add_norm.ROWS // 2, 64)
+  assert not block.add_norm_kernels(usable)
+  with compile_target.compiling_for("gpu"):
+    assert block.add_norm_kernels(usable) and not block.add_norm_kernels(odd)
+    assert not xla_block.add_norm_kernels(usable)
+
+
 def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch):
   """Under a (data 2, fsdp 2) mesh each device's kernel takes its quarter of the rows and the results equal
   the unsharded ones (the scale's gradient summed over devices); the op lowers to two Triton calls; under a
