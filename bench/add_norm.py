@@ -11,7 +11,6 @@ backward reductions per parcae-small step). The kernels here read and write each
              with xhat = s * r, g = f32(dn) * scale: dx is the cotangent of x and of f32(y), both uses summed.
 
   PYTHONPATH=$PWD python bench/add_norm.py             # GPU: parcae-small / medium rows, launch-shape sweep
-  PYTHONPATH=$PWD python bench/add_norm.py --rows 4 --warps 8 --loops 1,4,16,64   # backward row blocks per program
   PYTHONPATH=$PWD python bench/add_norm.py --smoke     # CPU: interpret mode, tiny shapes
 Checks every output against the XLA formula (and its jax.vjp) and times forward and forward + backward;
 `model.norm_impl` puts the kernels into the model (bench/train_throughput.py: parcae_small_norm_pallas).
@@ -62,12 +61,12 @@ def xla_paths():
   return fwd, jax.jit(fwd_bwd)
 
 
-def kernel_paths(rows, warps, loops=1, interpret=None):
+def kernel_paths(rows, warps, interpret=None):
   """Jitted (forward, forward + backward) of the library's kernels (parcae.model.add_norm) at a launch shape
-  (fresh jits: the module's ROWS / WARPS / BWD_LOOPS are read when traced)."""
+  (fresh jits: the module's ROWS / WARPS are read when traced)."""
   def launch(fn):
     def run(*a):
-      add_norm.ROWS, add_norm.WARPS, add_norm.BWD_LOOPS = rows, warps, loops
+      add_norm.ROWS, add_norm.WARPS = rows, warps
       return fn(*a)
     return jax.jit(run)
 
@@ -95,11 +94,10 @@ def main():
   p.add_argument("--shapes", default="32768x768,32768x1024")
   p.add_argument("--rows", default="4,8,16,32")
   p.add_argument("--warps", default="4,8")
-  p.add_argument("--loops", default="1", help="row blocks per backward program (add_norm.BWD_LOOPS)")
   p.add_argument("--iters", type=int, default=20)
   args = p.parse_args()
   if args.smoke:
-    args.shapes, args.rows, args.warps, args.loops, args.iters = "64x768", "16", "4", "1,2", 2
+    args.shapes, args.rows, args.warps, args.iters = "64x768", "16", "4", 2
   out = []
   for shape in args.shapes.split(","):
     n, d = map(int, shape.split("x"))
@@ -109,19 +107,18 @@ def main():
     t_f, t_fb = timed(xf, *data[:3], iters=args.iters), timed(xfb, *data, iters=args.iters)
     gb_f, gb_fb = n * d * (4 + 2 + 4 + 2) / 1e9, n * d * (4 + 2 + 4 + 2 + 4 + 4 + 2 + 4 + 2) / 1e9
     print(f"{n} x {d}: XLA forward {t_f * 1e3:.4f} ms, forward + backward {t_fb * 1e3:.4f} ms", flush=True)
-    for rows, warps, loops in itertools.product(*(map(int, a.split(",")) for a in (args.rows, args.warps,
-                                                                                    args.loops))):
-      kf, kfb = kernel_paths(rows, warps, loops, interpret=True if args.smoke else None)
+    for rows, warps in itertools.product(*(map(int, a.split(",")) for a in (args.rows, args.warps))):
+      kf, kfb = kernel_paths(rows, warps, interpret=True if args.smoke else None)
       try:
         errs = compare(kfb(*data), want)
         k_f, k_fb = timed(kf, *data[:3], iters=args.iters), timed(kfb, *data, iters=args.iters)
       except Exception as e:  # a launch shape that does not compile is reported, not fatal
-        print(f"  rows {rows} warps {warps} loops {loops}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"  rows {rows} warps {warps}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
-      print(f"  rows {rows:3d} warps {warps} loops {loops:2d}: forward {k_f * 1e3:.4f} ms ({t_f / k_f:.2f}x, {gb_f / k_f:.0f} GB/s), "
+      print(f"  rows {rows:3d} warps {warps}: forward {k_f * 1e3:.4f} ms ({t_f / k_f:.2f}x, {gb_f / k_f:.0f} GB/s), "
             f"forward + backward {k_fb * 1e3:.4f} ms ({t_fb / k_fb:.2f}x, {gb_fb / k_fb:.0f} GB/s); max rel diff "
             f"s/n/dx/dy/dscale " + " ".join(f"{e:.1e}" for e in errs), flush=True)
-      out.append({"n": n, "d": d, "rows": rows, "warps": warps, "loops": loops, "fwd_ms": k_f * 1e3, "fwd_bwd_ms": k_fb * 1e3,
+      out.append({"n": n, "d": d, "rows": rows, "warps": warps, "fwd_ms": k_f * 1e3, "fwd_bwd_ms": k_fb * 1e3,
                   "xla_fwd_ms": t_f * 1e3, "xla_fwd_bwd_ms": t_fb * 1e3, "rel_diff": errs})
   with open(os.path.join(os.environ.get("OUT", "/tmp"), "add_norm.json"), "w") as fh:
     json.dump({"device": jax.devices()[0].device_kind, "rows": out}, fh, indent=1)

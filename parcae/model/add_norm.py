@@ -18,7 +18,6 @@ the XLA formula is used.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +30,6 @@ from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_
 # 8 warps fastest of {4, 8, 16, 32} x {4, 8} over D = 768 and 1024 (forward + backward 0.291 ms against XLA's
 # 0.346 at 32768 x 768); 32 rows spill (up to 7x slower).
 ROWS, WARPS = 4, 8
-# Row blocks one backward program takes in turn (the scale's column sums carried in registers): its partial
-# sums are n / (ROWS * BWD_LOOPS) rows instead of n / ROWS (at 4 rows, a quarter of the float32 input again).
-BWD_LOOPS = 1
 
 
 def chunk(d: int) -> int:
@@ -64,36 +60,24 @@ def _fwd_kernel(x_ref, y_ref, sc_ref, s_ref, n_ref, r_ref, *, eps, w):
   r_ref[...] = r
 
 
-def _bwd_kernel(s_ref, r_ref, sc_ref, ds_ref, dn_ref, dx_ref, dy_ref, dsc_ref, *, w, loops):
-  """`loops` blocks of ROWS rows one after the other, the scale's column sums carried across them (one
-  partial row per program)."""
+def _bwd_kernel(s_ref, r_ref, sc_ref, ds_ref, dn_ref, dx_ref, dy_ref, dsc_ref, *, w):
   d = s_ref.shape[1]
-  sls = [pl.ds(j * w, w) for j in range(d // w)]
-  scs = [sc_ref[sl][None, :] for sl in sls]
-
-  def block(i, acc):
-    rs = pl.ds(0 if loops == 1 else pl.multiple_of(i * ROWS, ROWS), ROWS)
-    r = r_ref[rs]
-    xs, gs, dot = [], [], 0.0
-    for sl, sc in zip(sls, scs):
-      xhat = s_ref[rs, sl] * r[:, None]
-      g = dn_ref[rs, sl].astype(jnp.float32) * sc
-      xs.append(xhat)
-      gs.append(g)
-      dot = dot + jnp.sum(g * xhat, axis=1)
-    mean = dot / d
-    out = []
-    for sl, xhat, g, a in zip(sls, xs, gs, acc):
-      dx = ds_ref[rs, sl] + r[:, None] * (g - xhat * mean[:, None])
-      dx_ref[rs, sl] = dx
-      dy_ref[rs, sl] = dx.astype(dy_ref.dtype)
-      out.append(a + jnp.sum(dn_ref[rs, sl].astype(jnp.float32) * xhat, axis=0))
-    return tuple(out)
-
-  acc = tuple(jnp.zeros((w,), jnp.float32) for _ in sls)
-  acc = block(0, acc) if loops == 1 else jax.lax.fori_loop(0, loops, block, acc)
-  for sl, a in zip(sls, acc):
-    dsc_ref[:, sl] = a[None, :]
+  r = r_ref[...]
+  xs, gs, dot = [], [], 0.0
+  for j in range(d // w):
+    sl = pl.ds(j * w, w)
+    xhat = s_ref[:, sl] * r[:, None]
+    g = dn_ref[:, sl].astype(jnp.float32) * sc_ref[sl][None, :]
+    xs.append(xhat)
+    gs.append(g)
+    dot = dot + jnp.sum(g * xhat, axis=1)
+  mean = dot / d
+  for j, (xhat, g) in enumerate(zip(xs, gs)):
+    sl = pl.ds(j * w, w)
+    dx = ds_ref[:, sl] + r[:, None] * (g - xhat * mean[:, None])
+    dx_ref[:, sl] = dx
+    dy_ref[:, sl] = dx.astype(dy_ref.dtype)
+    dsc_ref[:, sl] = jnp.sum(dn_ref[:, sl].astype(jnp.float32) * xhat, axis=0)[None, :]
 
 
 def _backend(interpret):
@@ -120,13 +104,12 @@ def backward(s_NxD, r_N, scale_D, ds_NxD, dn_NxD, y_dtype, interpret=None):
   """(dx, dy, dscale): the cotangents of x, y and scale."""
   n, d = s_NxD.shape
   interpret, params = _backend(interpret)
-  loops = math.gcd(n // ROWS, BWD_LOOPS)  # row blocks per program: a divisor of the row-block count
-  blk = pl.BlockSpec((ROWS * loops, d), lambda i: (i, 0))
+  blk = pl.BlockSpec((ROWS, d), lambda i: (i, 0))
   dx, dy, part = pl.pallas_call(
-      functools.partial(_bwd_kernel, w=chunk(d), loops=loops), grid=(n // (ROWS * loops),),
+      functools.partial(_bwd_kernel, w=chunk(d)), grid=(n // ROWS,),
       out_shape=(jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, d), y_dtype),
-                 jax.ShapeDtypeStruct((n // (ROWS * loops), d), jnp.float32)),
-      in_specs=[blk, pl.BlockSpec((ROWS * loops,), lambda i: (i,)), pl.BlockSpec((d,), lambda i: (0,)), blk, blk],
+                 jax.ShapeDtypeStruct((n // ROWS, d), jnp.float32)),
+      in_specs=[blk, pl.BlockSpec((ROWS,), lambda i: (i,)), pl.BlockSpec((d,), lambda i: (0,)), blk, blk],
       out_specs=(blk, blk, pl.BlockSpec((1, d), lambda i: (i, 0))),
       interpret=interpret, **params)(s_NxD, r_N, scale_D, ds_NxD, dn_NxD)
   return dx, dy, jnp.sum(part, axis=0)
