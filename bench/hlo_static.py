@@ -5,8 +5,12 @@ computation and of the loops it runs) with its bytes (operands read + results wr
 cuBLAS GEMMs, its FLOPs; a loop body's kernels count as often as XLA's known trip count says (a loop whose
 count depends on data counts once and is reported). No GPU needed: with `parcae info --target` / bench/aot_gpu.py
 the program comes from a compile-only H100, so variants can be compared before device time is spent.
-Bytes are an upper bound of the DRAM traffic (a fusion may read an operand through a slice); use differences
-between variants, not absolute times.
+Bytes are an upper bound of the DRAM traffic (a fusion may read an operand through a slice, a dynamic update
+slice writes in place); use differences between variants, not absolute times. `sites` groups the bytes by the
+model source line that made each kernel:
+
+  python bench/aot_gpu.py --only parcae_small --target h100 --hlo   # writes parcae_small.hlo.txt.gz
+  python bench/hlo_static.py parcae_small.hlo.txt.gz --sites        # XLA's fusions by source line, largest first
 """
 from __future__ import annotations
 
@@ -110,8 +114,56 @@ def summary(hlo: str) -> dict:
           "gemm_TFLOP": round(sum(v[2] for v in by.values()), 4), "loops_with_unknown_trip_count": unknown}
 
 
+def stack_frames(hlo: str) -> dict:
+  """{stack_frame_id: ["file.py:line function", ...] innermost first} from the program's source tables
+  (FileNames, FunctionNames, FileLocations, StackFrames; as XLA prints them, a frame's parent_frame_id is its
+  parent's id + 1, so 1 = none)."""
+  first = re.search(r"^(?:%|ENTRY )", hlo, re.M)  # the tables sit between the module line and the first computation
+  head = hlo[:first.start()] if first else hlo
+  table = lambda name: re.findall(r"^(\d+) (.*)$", head.split(name + "\n", 1)[1].split("\n\n", 1)[0], re.M) \
+      if name + "\n" in head else []
+  files = {i: v.strip('"').rsplit("/", 1)[-1] for i, v in table("FileNames")}
+  funcs = {i: v.strip('"') for i, v in table("FunctionNames")}
+  locs = {i: re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", v).groups()
+          for i, v in table("FileLocations")}
+  parents = {i: (re.search(r"file_location_id=(\d+)", v).group(1),
+                 int((re.search(r"parent_frame_id=(\d+)", v) or re.match("()", "")).group(1) or 0))
+             for i, v in table("StackFrames")}
+  out = {}
+  for frame in parents:
+    chain, f = [], frame
+    while f in parents and len(chain) < 64:
+      loc, parent = parents[f]
+      fi, fu, line = locs[loc]
+      chain.append(f"{files[fi]}:{line} {funcs[fu].rsplit('.', 1)[-1]}")
+      f = str(parent - 1) if parent > 1 else None
+    out[frame] = chain
+  return out
+
+
+def sites(hlo: str, depth: int = 3, kinds: str = "fusion") -> list:
+  """[(site, launches, bytes)] per step of the kernels whose kind starts with `kinds` (default: XLA's own
+  fusions), grouped by the innermost `depth` frames of the source line that made them, largest first: which
+  model code the memory-bound passes come from. Loops of unknown trip count count once (as in `kernels`)."""
+  frames = stack_frames(hlo)
+  comps, _ = parse(hlo)
+  attrs = {(c, n): a for c, ins in comps.items() for n, _, _, _, a in ins}
+  by = defaultdict(lambda: [0, 0.0])
+  for kind, comp, name, n, b, _ in kernels(hlo)[0]:
+    if kind.startswith(kinds):
+      frame = re.search(r"stack_frame_id=(\d+)", attrs[(comp, name)])
+      site = " < ".join(frames.get(frame.group(1), [])[:depth]) if frame else ""
+      by[site or "?"][0] += n
+      by[site or "?"][1] += n * b
+  return sorted(((k, v[0], v[1]) for k, v in by.items()), key=lambda r: -r[2])
+
+
 if __name__ == "__main__":
   import gzip
   import sys
   text = (gzip.open if sys.argv[1].endswith(".gz") else open)(sys.argv[1], "rt").read()
-  print(json.dumps(summary(text), indent=1))
+  if "--sites" in sys.argv:  # python bench/hlo_static.py PROGRAM.hlo.txt.gz --sites: XLA fusions by source line
+    for site, n, nbytes in sites(text)[:30]:
+      print(f"{nbytes / 1e9:8.1f} GB {n:6d} launches  {site}")
+  else:
+    print(json.dumps(summary(text), indent=1))

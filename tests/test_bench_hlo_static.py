@@ -75,3 +75,47 @@ def test_kernels_bytes_flops_and_trip_counts():
   assert s["kinds"]["gemm"] == {"launches": 8, "GB": round(8 * gemm[4] / 1e9, 3),
                                 "TFLOP": round(8 * gemm[5] / 1e12, 4)}
   assert s["kinds"]["fusion:kLoop"]["launches"] == 9 and s["loops_with_unknown_trip_count"] == ["main/while.2"]
+
+
+# The same program with the source tables a compile prints between the module line and the first computation
+# (as XLA prints them: a frame's parent_frame_id is its parent's id + 1, so 1 = none): the loop's fusion comes from model.py:12 `norm`, called from
+# model.py:30 `block` under train.py:5 `step`; the entry fusion from model.py:30 `block` directly; the loop
+# of unknown count's fusion carries no frame.
+TABLES = """
+FileNames
+1 "/src/pkg/model.py"
+2 "/src/pkg/train.py"
+
+FunctionNames
+1 "norm"
+2 "Block.block"
+3 "step"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=12 end_line=12 column=1 end_column=9}
+2 {file_name_id=1 function_name_id=2 line=30 end_line=30 column=1 end_column=9}
+3 {file_name_id=2 function_name_id=3 line=5 end_line=5 column=1 end_column=9}
+
+StackFrames
+1 {file_location_id=3 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+3 {file_location_id=1 parent_frame_id=3}
+
+"""
+
+
+def test_sites_group_fusion_bytes_by_source_line():
+  module, rest = HLO.split("\n", 1)
+  hlo = (module + "\n" + TABLES + rest).replace(
+      "kind=kLoop, calls=%fused_add\n  %gte.0", 'kind=kLoop, calls=%fused_add, metadata={op_name="add" stack_frame_id=3}\n  %gte.0').replace(
+      "kind=kInput, calls=%fused_add\n", 'kind=kInput, calls=%fused_add, metadata={stack_frame_id=2}\n')
+  frames = hlo_static.stack_frames(hlo)
+  assert frames == {"1": ["train.py:5 step"], "2": ["model.py:30 block", "train.py:5 step"],
+                    "3": ["model.py:12 norm", "model.py:30 block", "train.py:5 step"]}
+  add = 64 * 32 * 4 * 2 + 64 * 32 * 2
+  assert hlo_static.sites(hlo, depth=2) == [
+      ("model.py:12 norm < model.py:30 block", 8, 8 * add),
+      ("model.py:30 block < train.py:5 step", 1, 2 * 64 * 32 * 4),
+      ("?", 1, 16 * 4 + 16 * 4)]
+  assert hlo_static.sites(HLO)[0][0] == "?"  # no tables: every kernel unattributed
+  assert hlo_static.sites(hlo, kinds="__cublas")[0][:2] == ("?", 8)
