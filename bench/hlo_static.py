@@ -120,15 +120,20 @@ def stack_frames(hlo: str) -> dict:
   parent's id + 1, so 1 = none)."""
   first = re.search(r"^(?:%|ENTRY )", hlo, re.M)  # the tables sit between the module line and the first computation
   head = hlo[:first.start()] if first else hlo
-  table = lambda name: re.findall(r"^(\d+) (.*)$", head.split(name + "\n", 1)[1].split("\n\n", 1)[0], re.M) \
-      if name + "\n" in head else []
+
+  def table(name):
+    if name + "\n" not in head:
+      return []
+    return re.findall(r"^(\d+) (.*)$", head.split(name + "\n", 1)[1].split("\n\n", 1)[0], re.M)
+
   files = {i: v.strip('"').rsplit("/", 1)[-1] for i, v in table("FileNames")}
   funcs = {i: v.strip('"') for i, v in table("FunctionNames")}
   locs = {i: re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", v).groups()
           for i, v in table("FileLocations")}
-  parents = {i: (re.search(r"file_location_id=(\d+)", v).group(1),
-                 int((re.search(r"parent_frame_id=(\d+)", v) or re.match("()", "")).group(1) or 0))
-             for i, v in table("StackFrames")}
+  parents = {}
+  for i, v in table("StackFrames"):
+    parent = re.search(r"parent_frame_id=(\d+)", v)
+    parents[i] = (re.search(r"file_location_id=(\d+)", v).group(1), int(parent.group(1)) if parent else 0)
   out = {}
   for frame in parents:
     chain, f = [], frame
