@@ -8,6 +8,7 @@ moved, GEMM TFLOP per step. What it cannot tell: time (no autotuning, no device)
 their differences, then measure the promising ones on the GPU.
 
   python bench/aot_gpu.py --only gpt_medium,gpt_medium_mlp_act2 --target h100
+  python bench/aot_gpu.py --only parcae_small --target h100 --sites 12   # + XLA's fusions by source line
   python bench/aot_gpu.py --only parcae_medium --target h100x8 --set mesh.fsdp=8   # sharded, 8 GPUs
 Writes $OUT/aot_gpu.json (or ./aot_gpu.json) and, with --hlo, each program as <variant>.hlo.txt.gz.
 """
@@ -31,6 +32,7 @@ def main():
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE (e.g. mesh.fsdp=8)")
   p.add_argument("--hlo", action="store_true", help="also write each optimized program")
+  p.add_argument("--sites", type=int, default=0, help="print the N largest XLA fusion groups by source line")
   args = p.parse_args()
   # Without a device XLA cannot autotune, and its untuned choice puts every GEMM into a Triton fusion with a
   # default tiling; a GPU run's autotuner picks cuBLAS for the plain GEMMs, so compile with cuBLAS GEMMs.
@@ -61,6 +63,8 @@ def main():
     print(f"{name:28s} peak {row['peak_estimate_gib']:7.3f} GiB  temp {row['temp_gib']:7.3f}  "
           f"GEMM {row['gemm_TFLOP']:8.2f} TFLOP  moved {row['total_GB']:9.1f} GB  launches "
           f"{sum(v['launches'] for v in kinds.values()):7d}  (compile {seconds:.0f} s)", flush=True)
+    for site, n, nbytes in hlo_static.sites(hlo)[:args.sites]:
+      print(f"  {nbytes / 1e9:8.1f} GB {n:6d} launches  {site}", flush=True)
   with open(os.path.join(out_dir, "aot_gpu.json"), "w") as f:
     json.dump(rows, f, indent=1)
 
