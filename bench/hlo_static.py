@@ -5,8 +5,9 @@ computation and of the loops it runs) with its bytes (operands read + results wr
 cuBLAS GEMMs, its FLOPs; a loop body's kernels count as often as XLA's known trip count says (a loop whose
 count depends on data counts once and is reported). No GPU needed: with `parcae info --target` / bench/aot_gpu.py
 the program comes from a compile-only H100, so variants can be compared before device time is spent.
-Bytes are an upper bound of the DRAM traffic (a fusion may read an operand through a slice, a dynamic update
-slice writes in place); use differences between variants, not absolute times. `sites` groups the bytes by the
+Bytes are an upper bound of the DRAM traffic: each operand counts whole, except one a fusion only reads through
+dynamic slices (the slices count) or updates in place (the update counts); use differences between variants,
+not absolute times. `sites` groups the bytes by the
 model source line that made each kernel:
 
   python bench/aot_gpu.py --only parcae_small --target h100 --hlo   # writes parcae_small.hlo.txt.gz
@@ -35,8 +36,9 @@ def shape_bytes(shape: str) -> int:
 
 
 def parse(hlo: str):
-  """{computation: [(name, shape, op, operand names, attributes)]} and the entry computation's name."""
-  comps, entry, cur = {}, None, None
+  """{computation: [(name, shape, op, operand names, attributes)]} (a parameter's operand: its index), the
+  entry computation's name and {computation: its ROOT instruction's name}."""
+  comps, entry, roots, cur = {}, None, {}, None
   for line in hlo.splitlines():
     m = _COMP.match(line)
     if m and not line.startswith(" "):
@@ -49,8 +51,33 @@ def parse(hlo: str):
     m = _INSTR.match(line)
     if m:
       name, shape, op, args, attrs = m.groups()
-      comps[cur].append((name, shape, op, re.findall(r"%([\w.\-]+)", args), attrs))
-  return comps, entry
+      comps[cur].append((name, shape, op, [args] if op == "parameter" else re.findall(r"%([\w.\-]+)", args), attrs))
+      if line.lstrip().startswith("ROOT "):
+        roots[cur] = name
+  return comps, entry, roots
+
+
+def _fusion_bytes(body, root, operand_shapes, shape):
+  """Bytes a fusion moves: its result written and each operand read, except an operand only dynamically
+  sliced (the slices' bytes) or updated in place by the root dynamic-update-slice (the update's bytes, read
+  nowhere else and written once)."""
+  shapes = {n: s for n, s, *_ in body}
+  params = {n: int(a[0]) for n, _, op, a, _ in body if op == "parameter"}
+  users = defaultdict(list)
+  for _, s, op, args, _ in body:
+    for i, a in enumerate(args):
+      users[a].append((op, i, s))
+  read = [shape_bytes(s) for s in operand_shapes]
+  for p, i in params.items():
+    if i < len(read) and users[p] and all(op == "dynamic-slice" and j == 0 for op, j, _ in users[p]):
+      read[i] = sum(shape_bytes(s) for *_, s in users[p])
+  written = shape_bytes(shape)
+  op_args = {n: (op, a) for n, _, op, a, _ in body}
+  op, args = op_args.get(root, ("", []))
+  if op == "dynamic-update-slice" and args[0] in params and params[args[0]] < len(read) and len(users[args[0]]) == 1:
+    read[params[args[0]]] = 0
+    written = shape_bytes(shapes[args[1]])
+  return written + sum(read)
 
 
 def _gemm_flops(shape, operand_shapes, attrs):
@@ -66,7 +93,7 @@ def _gemm_flops(shape, operand_shapes, attrs):
 def kernels(hlo: str):
   """[(kind, computation, name, count, bytes, flops)] of every kernel, counts multiplied by trip counts;
   and the loops whose trip count is unknown."""
-  comps, entry = parse(hlo)
+  comps, entry, roots = parse(hlo)
   out, unknown = [], []
 
   def walk(comp, mult):
@@ -89,6 +116,9 @@ def kernels(hlo: str):
         if "matmul" in kind or "gemm" in kind:  # a cuBLAS call's result is (product, workspace): count the product
           written = "%s[%s]" % _ARRAY.findall(shape)[0]
         nbytes = shape_bytes(written) + sum(shape_bytes(s) for s in operand_shapes)
+        callee = re.search(r"calls=%([\w.\-]+)", attrs)
+        if op == "fusion" and callee and callee.group(1) in comps:
+          nbytes = _fusion_bytes(comps[callee.group(1)], roots.get(callee.group(1)), operand_shapes, shape)
         if op == "fusion":
           kind = "triton-gemm" if "__triton_gemm" in attrs or "nested_gemm" in attrs else \
               "fusion:" + re.search(r"kind=(\w+)", attrs).group(1)
@@ -151,7 +181,7 @@ def sites(hlo: str, depth: int = 3, kinds: str = "fusion") -> list:
   fusions), grouped by the innermost `depth` frames of the source line that made them, largest first: which
   model code the memory-bound passes come from. Loops of unknown trip count count once (as in `kernels`)."""
   frames = stack_frames(hlo)
-  comps, _ = parse(hlo)
+  comps = parse(hlo)[0]
   attrs = {(c, n): a for c, ins in comps.items() for n, _, _, _, a in ins}
   by = defaultdict(lambda: [0, 0.0])
   for kind, comp, name, n, b, _ in kernels(hlo)[0]:

@@ -78,9 +78,9 @@ def test_kernels_bytes_flops_and_trip_counts():
 
 
 # The same program with the source tables a compile prints between the module line and the first computation
-# (as XLA prints them: a frame's parent_frame_id is its parent's id + 1, so 1 = none): the loop's fusion comes from model.py:12 `norm`, called from
-# model.py:30 `block` under train.py:5 `step`; the entry fusion from model.py:30 `block` directly; the loop
-# of unknown count's fusion carries no frame.
+# (as XLA prints them: a frame's parent_frame_id is its parent's id + 1, so 1 = none): the loop's fusion comes
+# from model.py:12 `norm`, called from model.py:30 `block` under train.py:5 `step`; the entry fusion from
+# model.py:30 `block` directly; the loop of unknown count's fusion carries no frame.
 TABLES = """
 FileNames
 1 "/src/pkg/model.py"
@@ -107,7 +107,8 @@ StackFrames
 def test_sites_group_fusion_bytes_by_source_line():
   module, rest = HLO.split("\n", 1)
   hlo = (module + "\n" + TABLES + rest).replace(
-      "kind=kLoop, calls=%fused_add\n  %gte.0", 'kind=kLoop, calls=%fused_add, metadata={op_name="add" stack_frame_id=3}\n  %gte.0').replace(
+      "kind=kLoop, calls=%fused_add\n  %gte.0",
+      'kind=kLoop, calls=%fused_add, metadata={op_name="add" stack_frame_id=3}\n  %gte.0').replace(
       "kind=kInput, calls=%fused_add\n", 'kind=kInput, calls=%fused_add, metadata={stack_frame_id=2}\n')
   frames = hlo_static.stack_frames(hlo)
   assert frames == {"1": ["train.py:5 step"], "2": ["model.py:30 block", "train.py:5 step"],
@@ -119,3 +120,53 @@ def test_sites_group_fusion_bytes_by_source_line():
       ("?", 1, 16 * 4 + 16 * 4)]
   assert hlo_static.sites(HLO)[0][0] == "?"  # no tables: every kernel unattributed
   assert hlo_static.sites(hlo, kinds="__cublas")[0][:2] == ("?", 8)
+
+
+# A chunk loop's fusions: one writes a chunk's [8, 32] float32 result into a [4, 8, 32] buffer in place (a
+# dynamic-update-slice of its parameter), one reads a chunk of that buffer (a dynamic-slice) and converts it,
+# one reads the whole buffer (a reduction over it) and the sliced parameter elsewhere as well.
+SLICES = """HloModule jit_chunks, is_scheduled=true
+
+%fused_dus (p0: f32[4,8,32], p1: f32[8,32], p2: s32[]) -> f32[4,8,32] {
+  %p0 = f32[4,8,32]{2,1,0} parameter(0)
+  %p1 = f32[8,32]{1,0} parameter(1)
+  %b = f32[1,8,32]{2,1,0} bitcast(%p1)
+  %p2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[4,8,32]{2,1,0} dynamic-update-slice(%p0, %b, %p2, %z, %z)
+}
+
+%fused_ds (q0: f32[4,8,32], q1: s32[]) -> bf16[1,8,32] {
+  %q0 = f32[4,8,32]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %z.1 = s32[] constant(0)
+  %ds = f32[1,8,32]{2,1,0} dynamic-slice(%q0, %q1, %z.1, %z.1), dynamic_slice_sizes={1,8,32}
+  ROOT %c = bf16[1,8,32]{2,1,0} convert(%ds)
+}
+
+%fused_both (r0: f32[4,8,32], r1: s32[]) -> (f32[1,8,32], f32[4,8,32]) {
+  %r0 = f32[4,8,32]{2,1,0} parameter(0)
+  %r1 = s32[] parameter(1)
+  %z.2 = s32[] constant(0)
+  %ds.1 = f32[1,8,32]{2,1,0} dynamic-slice(%r0, %r1, %z.2, %z.2), dynamic_slice_sizes={1,8,32}
+  %n = f32[4,8,32]{2,1,0} negate(%r0)
+  ROOT %t = (f32[1,8,32]{2,1,0}, f32[4,8,32]{2,1,0}) tuple(%ds.1, %n)
+}
+
+ENTRY %main (buf: f32[4,8,32], chunk: f32[8,32], i: s32[]) -> bf16[1,8,32] {
+  %buf = f32[4,8,32]{2,1,0} parameter(0)
+  %chunk = f32[8,32]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %loop_dynamic_update_slice_fusion = f32[4,8,32]{2,1,0} fusion(%buf, %chunk, %i), kind=kLoop, calls=%fused_dus
+  %loop_fusion.2 = (f32[1,8,32]{2,1,0}, f32[4,8,32]{2,1,0}) fusion(%loop_dynamic_update_slice_fusion, %i), kind=kLoop, calls=%fused_both
+  ROOT %loop_convert_fusion = bf16[1,8,32]{2,1,0} fusion(%loop_dynamic_update_slice_fusion, %i), kind=kLoop, calls=%fused_ds
+}
+"""
+
+
+def test_fusions_count_slices_and_in_place_updates_not_whole_buffers():
+  by_name = {k[2]: k[4] for k in hlo_static.kernels(SLICES)[0]}
+  chunk = 8 * 32 * 4
+  assert by_name["loop_dynamic_update_slice_fusion"] == chunk + chunk + 4  # update read, written in place; index
+  assert by_name["loop_convert_fusion"] == chunk + 4 + 8 * 32 * 2  # one chunk of the buffer read
+  assert by_name["loop_fusion.2"] == 4 * chunk + 4 + chunk + 4 * chunk  # read whole (not only sliced)
