@@ -371,7 +371,7 @@ def test_no_grad_split_runs_the_deeper_halves_alone():
 
     def spy(real=real, seen=seen):
       step = real()
-      return lambda st, h, *a: seen.append(h.shape[0]) or step(st, h, *a)
+      return lambda st, carry, *a: seen.append(carry[0].shape[0]) or step(st, carry, *a)
     m._core_fn = spy
     outs[split] = np.asarray(m.hidden(ids, n_B, k_B, grad_steps=1)[0])
     batches[split] = sorted(set(seen))

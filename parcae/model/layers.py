@@ -264,20 +264,21 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, k2, cd=cd, quant=quant)
     self.cd, self.norm_impl = cd, cfg.get("norm_impl", "auto")
 
-  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None, recompute_act=False):
-    x, m = self.branches(x_BxSxD, None, rope, ve_BxSxD, key, recompute_act)
+  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None, recompute_act=False, normed=None):
+    x, m = self.branches(x_BxSxD, None, rope, ve_BxSxD, key, recompute_act, normed)
     return x + m.astype(jnp.float32)
 
-  def branches(self, x_BxSxD, pending, rope, ve_BxSxD=None, key=None, recompute_act=False):
+  def branches(self, x_BxSxD, pending, rope, ve_BxSxD=None, key=None, recompute_act=False, normed=None):
     """(x + f32(pending) + f32(attention branch), MLP branch output): the block without its last residual add,
     so that the next block can fuse it with its norm1 (`run_stage`). With the add + norm kernels
-    (`model.norm_impl`) each add that a norm reads is one kernel each way; pending needs them."""
+    (`model.norm_impl`) each add that a norm reads is one kernel each way; pending needs them. normed: norm1(x)
+    already computed (the loop boundary's kernel, `loop_boundary`)."""
     k1, k2 = (None, None) if key is None else jax.random.split(key)
     kernels = self.add_norm_kernels(x_BxSxD.shape)
     if pending is not None:  # the previous block's MLP output joins the residual inside norm1's kernel
       x, h = add_norm.add_rms_norm(x_BxSxD, pending, self.norm1.scale[...], self.norm1.eps, self.cd)
     else:
-      x, h = x_BxSxD, self.norm1(x_BxSxD)
+      x, h = x_BxSxD, self.norm1(x_BxSxD) if normed is None else normed
     a = self.attn(h, rope, ve_BxSxD, k1)
     if kernels:  # the add and norm2 as one kernel each way (the MLP reads the compute dtype)
       x, n = add_norm.add_rms_norm(x, a, self.norm2.scale[...], self.norm2.eps, self.cd)
@@ -305,28 +306,34 @@ def make_stage(cfg, key, ve_flags, cd, quant):
   return nnx.List([Block(cfg, keys[i], with_ve=f, cd=cd, quant=quant) for i, f in enumerate(ve_flags)])
 
 
-def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int = 0):
+def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int = 0, normed=None, defer=False):
   """The blocks in order; each rematerialized with the named policy (`REMAT`) unless "none" (or, for
   "mlp_act", recomputing only its MLP's activation); with first > 0 only the first `first` blocks are (a
   memory / speed trade finer than all or nothing). With the add + norm kernels (`model.norm_impl`) a block's
-  last residual add is left to the next block's norm1 kernel (`Block.branches`) and done here after the last."""
+  last residual add is left to the next block's norm1 kernel (`Block.branches`) and done here after the last,
+  or with defer=True left to the caller: (x, pending MLP output). normed: the first block's norm1(x), given."""
   pending = None
   for i, blk in enumerate(blocks):
     k = None if key is None else jax.random.fold_in(key, i)
     fuse = blk.add_norm_kernels(x.shape)
     if not fuse and pending is not None:
       x, pending = x + pending.astype(jnp.float32), None
+    nrm = normed if i == 0 else None
     if policy in ("none", "mlp_act") or 0 < first <= i:
       act = policy == "mlp_act" and not 0 < first <= i
-      out = blk.branches(x, pending, rope, ves[i], k, act) if fuse else blk(x, rope, ves[i], k, recompute_act=act)
+      out = blk.branches(x, pending, rope, ves[i], k, act, nrm) if fuse else blk(x, rope, ves[i], k, act, nrm)
     else:
       graphdef, state = nnx.split(blk)
       if fuse:
-        f = lambda st, x, p, rope, ve, k: nnx.merge(graphdef, st).branches(x, p, rope, ve, k)
+        f = lambda st, x, p, n, rope, ve, k: nnx.merge(graphdef, st).branches(x, p, rope, ve, k, normed=n)
       else:
-        f = lambda st, x, p, rope, ve, k: nnx.merge(graphdef, st)(x, rope, ve, k)
-      out = remat(f, policy)(state, x, pending, rope, ves[i], k)
+        f = lambda st, x, p, n, rope, ve, k: nnx.merge(graphdef, st)(x, rope, ve, k, normed=n)
+      out = remat(f, policy)(state, x, pending, nrm, rope, ves[i], k)
     x, pending = out if fuse else (out, None)
+  if defer:
+    if pending is None:
+      raise ValueError("run_stage(defer=True) needs the add + norm kernels (model.norm_impl) on its last block")
+    return x, pending
   return x if pending is None else x + pending.astype(jnp.float32)
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from parcae.model import init, layers, sampler
+from parcae.model import init, layers, loop_boundary, sampler
 from parcae.model.config import grad_depth, ve_layout
 from parcae.model.injection import make_injection
 
@@ -112,13 +112,13 @@ class Parcae(nnx.Module):
     zeros_B = jnp.zeros((b,), jnp.int32)
 
     def advance(carry, t):
-      done, h, d_BxS = carry
+      done, c = carry
       n_B = jnp.full((b,), t, jnp.int32)
-      h, d_BxS = no_grad(h, d_BxS, ctx, ves, n_B, done, t)
-      return (t, h, d_BxS), readout(self._decode(h, ids_BxS, rope, None), self._telemetry(h, d_BxS, n_B, zeros_B))
+      c = no_grad(c, ctx, ves, n_B, done, t)
+      h, d_BxS = c[:2]
+      return (t, c), readout(self._decode(h, ids_BxS, rope, None), self._telemetry(h, d_BxS, n_B, zeros_B))
 
-    d0 = jnp.zeros(h0.shape[:2], jnp.float32)
-    return jax.lax.scan(advance, (jnp.int32(0), sg(h0), d0), loops_K)[1]
+    return jax.lax.scan(advance, (jnp.int32(0), self._carry(sg(h0), ctx, frozen=True)), loops_K)[1]
 
   def _encode(self, ids_BxS, key, quant_key):
     """(rope tables, initial loop state h0, the injection's context of the prelude output, core VE lookups)."""
@@ -135,28 +135,50 @@ class Parcae(nnx.Module):
                          self.cfg.block_remat, self.cfg.block_remat_first)
     return self.final_norm(y)
 
-  def _core_fn(self):
-    """A pure step (core_state, h, ctx, ves, key) -> h' so the same code serves frozen and live weights."""
-    graphdef, _ = nnx.split(self.core)
-    inject = self.injection.step
+  def _fused_boundary(self, shape) -> bool:
+    """Whether the loop's boundary (update, injection, norm1) is one kernel each way: `loop_boundary`."""
+    return self.cfg.injection == "diagonal" and self.core[-1].add_norm_kernels(shape)
 
-    def step(core_state, h, ctx, ves, rope, key):
+  def _carry(self, h, ctx, frozen: bool):
+    """The loop carry at state h: (h, |h - h_prev| per token (zeros), pre), pre = None or, with the fused
+    boundary, the next pass's input u = inject(h) and its first block's norm1 output (the core's parameters
+    stopped when frozen)."""
+    d0 = jnp.zeros(h.shape[:2], jnp.float32)
+    if not self._fused_boundary(h.shape):
+      return h, d0, None
+    norm1 = self.core[0].norm1
+    scale = jax.lax.stop_gradient(norm1.scale[...]) if frozen else norm1.scale[...]
+    u = self.injection.step(h, ctx)
+    return h, d0, (u, (layers.rms_norm(u, norm1.eps) * scale).astype(self.cd))
+
+  def _core_fn(self):
+    """A pure step (core_state, carry, ctx, ves, rope, key, live_B) -> carry (`_carry`): one pass through the
+    core and the masked update, so the same code serves frozen and live weights."""
+    graphdef, _ = nnx.split(self.core)
+    inject, cd = self.injection.step, self.cd
+
+    def step(core_state, carry, ctx, ves, rope, key, live_B):
       core = nnx.merge(graphdef, core_state)
-      return layers.run_stage(core, inject(h, ctx), rope, ves, key)
+      h, d_BxS, pre = carry
+      if pre is None:
+        return _update(live_B, layers.run_stage(core, inject(h, ctx), rope, ves, key), h, d_BxS) + (None,)
+      x, p = layers.run_stage(core, pre[0], rope, ves, key, normed=pre[1], defer=True)
+      norm1 = core[0].norm1
+      h, dist, u, n = loop_boundary.boundary(x, p, h, ctx, live_B, norm1.scale[...], norm1.eps, cd)
+      return h, jnp.where(live_B[:, None], dist, d_BxS), (u, n)
     return step
 
   def _no_grad_fn(self, rope, quant_key):
-    """no_grad(h, d_BxS, ctx, ves, n_B, start, stop): phase-1 iterations start..stop-1 with the core's
-    parameters frozen; sequence b changes only while i < n_b (see `_loop`)."""
+    """no_grad(carry, ctx, ves, n_B, start, stop) -> carry (`_carry`): phase-1 iterations start..stop-1 with the
+    core's parameters frozen; sequence b changes only while i < n_b (see `_loop`)."""
     step = self._core_fn()
     frozen = jax.lax.stop_gradient(nnx.state(self.core))
 
-    def no_grad(h, d_BxS, ctx, ves, n_B, start, stop):
-      def body(carry):
-        i, h, d_BxS = carry
-        new = step(frozen, h, ctx, ves, rope, _keyed(quant_key, 0, i))
-        return (i + 1,) + _update(i < n_B, new, h, d_BxS)
-      return jax.lax.while_loop(lambda c: c[0] < stop, body, (start, h, d_BxS))[1:]
+    def no_grad(carry, ctx, ves, n_B, start, stop):
+      def body(ic):
+        i, c = ic
+        return i + 1, step(frozen, c, ctx, ves, rope, _keyed(quant_key, 0, i), i < n_B)
+      return jax.lax.while_loop(lambda ic: ic[0] < stop, body, (start, carry))[1]
     return no_grad
 
   def _loop(self, h0, ctx, ves, rope, n_B, k_B, grad_steps, quant_key):
@@ -168,23 +190,22 @@ class Parcae(nnx.Module):
     frozen = (sg(ctx), sg(ves))
     no_grad = self._no_grad_fn(rope, quant_key)
 
-    d0 = jnp.zeros(h0.shape[:2], jnp.float32)
-    h, d_BxS = _split_no_grad(no_grad, sg(h0), d0, frozen[0], frozen[1], n_B, self.cfg.no_grad_split)
+    carry = self._carry(sg(h0), frozen[0], frozen=True)
+    h, d_BxS, _ = _split_no_grad(no_grad, carry, frozen[0], frozen[1], n_B, self.cfg.no_grad_split)
     if grad_steps == 0:
       return h, d_BxS
     unroll = self.cfg.grad_unroll
     live_step = layers.remat(step, self.cfg.remat, in_scan=not unroll)
+    carry = (h, d_BxS, self._carry(h, ctx, frozen=False)[2])  # the injection and norm1 with gradient
 
     def grad_body(carry, i):
-      h, d_BxS = carry
-      new = live_step(state, h, ctx, ves, rope, _keyed(quant_key, 1, i))
-      return _update(i < k_B, new, h, d_BxS), None
+      return live_step(state, carry, ctx, ves, rope, _keyed(quant_key, 1, i), i < k_B), None
 
     if not unroll:
-      return jax.lax.scan(grad_body, (h, d_BxS), jnp.arange(grad_steps))[0]
+      return jax.lax.scan(grad_body, carry, jnp.arange(grad_steps))[0][:2]
     for i in range(grad_steps):  # a Python loop: jax's unrolled scan would still stack the residuals
-      (h, d_BxS), _ = grad_body((h, d_BxS), jnp.int32(i))
-    return h, d_BxS
+      carry, _ = grad_body(carry, jnp.int32(i))
+    return carry[:2]
 
   def _telemetry(self, h, step_BxS, n_B, k_B):
     """Loop statistics the reference never logs (all float32 scalars, cheap)."""
@@ -234,21 +255,21 @@ def _halves(b: int, split: int):
   return lower, upper, merge
 
 
-def _split_no_grad(no_grad, h, d_BxS, ctx, ves, n_B, split: int, start=0):
+def _split_no_grad(no_grad, carry, ctx, ves, n_B, split: int, start=0):
   """Phase 1 (module doc): one while loop from `start` to max(n_B), or with split > 1 the whole batch to the
   shallower halves' deepest n and then the deeper halves alone, split again with split / 2 (the same
-  iterations for every sequence)."""
+  iterations for every sequence). carry: `Parcae._carry`, every array with the batch first."""
   b = n_B.shape[0]
   halves = _halves(b, split) if b else None
   if halves is None:
-    return no_grad(h, d_BxS, ctx, ves, n_B, jnp.int32(start), jnp.max(n_B) if b else 0)
+    return no_grad(carry, ctx, ves, n_B, jnp.int32(start), jnp.max(n_B) if b else 0)
   lower, upper, merge = halves
   n_lo = jnp.maximum(jnp.max(lower(n_B)), start)  # under a mesh a shard's deeper half may be shallower
-  h, d_BxS = no_grad(h, d_BxS, ctx, ves, n_B, jnp.int32(start), n_lo)
+  carry = no_grad(carry, ctx, ves, n_B, jnp.int32(start), n_lo)
   per_seq = lambda a: upper(a) if a.ndim == 3 and a.shape[0] == b else a  # [B, S, D] inputs
-  h_hi, d_hi = _split_no_grad(no_grad, upper(h), upper(d_BxS), jax.tree.map(per_seq, ctx),
-                              jax.tree.map(per_seq, ves), upper(n_B), split // 2, n_lo)
-  return merge(lower(h), h_hi), merge(lower(d_BxS), d_hi)
+  hi = _split_no_grad(no_grad, jax.tree.map(upper, carry), jax.tree.map(per_seq, ctx),
+                      jax.tree.map(per_seq, ves), upper(n_B), split // 2, n_lo)
+  return jax.tree.map(lambda c, h: merge(lower(c), h), carry, hi)
 
 
 def executed_no_grad_iters(n_B, split: int, start=0):
