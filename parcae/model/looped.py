@@ -115,10 +115,10 @@ class Parcae(nnx.Module):
       done, c = carry
       n_B = jnp.full((b,), t, jnp.int32)
       c = no_grad(c, ctx, ves, n_B, done, t)
-      h, d_BxS = c[:2]
+      h, d_BxS = self._settle(c)
       return (t, c), readout(self._decode(h, ids_BxS, rope, None), self._telemetry(h, d_BxS, n_B, zeros_B))
 
-    return jax.lax.scan(advance, (jnp.int32(0), self._carry(sg(h0), ctx, frozen=True)), loops_K)[1]
+    return jax.lax.scan(advance, (jnp.int32(0), self._carry(sg(h0))), loops_K)[1]
 
   def _encode(self, ids_BxS, key, quant_key):
     """(rope tables, initial loop state h0, the injection's context of the prelude output, core VE lookups)."""
@@ -139,33 +139,40 @@ class Parcae(nnx.Module):
     """Whether the loop's boundary (update, injection, norm1) is one kernel each way: `loop_boundary`."""
     return self.cfg.injection == "diagonal" and self.core[-1].add_norm_kernels(shape)
 
-  def _carry(self, h, ctx, frozen: bool):
-    """The loop carry at state h: (h, |h - h_prev| per token (zeros), pre), pre = None or, with the fused
-    boundary, the next pass's input u = inject(h) and its first block's norm1 output (the core's parameters
-    stopped when frozen)."""
-    d0 = jnp.zeros(h.shape[:2], jnp.float32)
-    if not self._fused_boundary(h.shape):
-      return h, d0, None
-    norm1 = self.core[0].norm1
-    scale = jax.lax.stop_gradient(norm1.scale[...]) if frozen else norm1.scale[...]
-    u = self.injection.step(h, ctx)
-    return h, d0, (u, (layers.rms_norm(u, norm1.eps) * scale).astype(self.cd))
+  def _carry(self, h):
+    """The loop carry at state h: (h, |h - h_prev| per token (zeros), pending). pending = None, or with the fused
+    boundary the last pass's output not yet added to h (x, its MLP output p, live_B), which the next pass's
+    boundary kernel applies: here h itself (x = h, p = 0, every row live)."""
+    b, s, _ = h.shape
+    pending = (h, jnp.zeros(h.shape, self.cd), jnp.ones((b,), bool)) if self._fused_boundary(h.shape) else None
+    return h, jnp.zeros((b, s), jnp.float32), pending
+
+  @staticmethod
+  def _settle(carry):
+    """(h, d_BxS) of a carry: its pending update applied (`_update`)."""
+    h, d_BxS, pending = carry
+    if pending is None:
+      return h, d_BxS
+    x, p, live_B = pending
+    return _update(live_B, x + p.astype(jnp.float32), h, d_BxS)
 
   def _core_fn(self):
     """A pure step (core_state, carry, ctx, ves, rope, key, live_B) -> carry (`_carry`): one pass through the
-    core and the masked update, so the same code serves frozen and live weights."""
+    core and the masked update, so the same code serves frozen and live weights. With the fused boundary the
+    pass starts with the kernel (last pass's update, injection, first norm1) and leaves its own update pending."""
     graphdef, _ = nnx.split(self.core)
     inject, cd = self.injection.step, self.cd
 
     def step(core_state, carry, ctx, ves, rope, key, live_B):
       core = nnx.merge(graphdef, core_state)
-      h, d_BxS, pre = carry
-      if pre is None:
+      h, d_BxS, pending = carry
+      if pending is None:
         return _update(live_B, layers.run_stage(core, inject(h, ctx), rope, ves, key), h, d_BxS) + (None,)
-      x, p = layers.run_stage(core, pre[0], rope, ves, key, normed=pre[1], defer=True)
+      x, p, was_live = pending
       norm1 = core[0].norm1
-      h, dist, u, n = loop_boundary.boundary(x, p, h, ctx, live_B, norm1.scale[...], norm1.eps, cd)
-      return h, jnp.where(live_B[:, None], dist, d_BxS), (u, n)
+      h, dist, u, n = loop_boundary.boundary(x, p, h, ctx, was_live, norm1.scale[...], norm1.eps, cd)
+      x, p = layers.run_stage(core, u, rope, ves, key, normed=n, defer=True)
+      return h, jnp.where(was_live[:, None], dist, d_BxS), (x, p, live_B)
     return step
 
   def _no_grad_fn(self, rope, quant_key):
@@ -190,22 +197,20 @@ class Parcae(nnx.Module):
     frozen = (sg(ctx), sg(ves))
     no_grad = self._no_grad_fn(rope, quant_key)
 
-    carry = self._carry(sg(h0), frozen[0], frozen=True)
-    h, d_BxS, _ = _split_no_grad(no_grad, carry, frozen[0], frozen[1], n_B, self.cfg.no_grad_split)
+    carry = _split_no_grad(no_grad, self._carry(sg(h0)), frozen[0], frozen[1], n_B, self.cfg.no_grad_split)
     if grad_steps == 0:
-      return h, d_BxS
+      return self._settle(carry)
     unroll = self.cfg.grad_unroll
     live_step = layers.remat(step, self.cfg.remat, in_scan=not unroll)
-    carry = (h, d_BxS, self._carry(h, ctx, frozen=False)[2])  # the injection and norm1 with gradient
 
     def grad_body(carry, i):
       return live_step(state, carry, ctx, ves, rope, _keyed(quant_key, 1, i), i < k_B), None
 
     if not unroll:
-      return jax.lax.scan(grad_body, carry, jnp.arange(grad_steps))[0][:2]
+      return self._settle(jax.lax.scan(grad_body, carry, jnp.arange(grad_steps))[0])
     for i in range(grad_steps):  # a Python loop: jax's unrolled scan would still stack the residuals
       carry, _ = grad_body(carry, jnp.int32(i))
-    return carry[:2]
+    return self._settle(carry)
 
   def _telemetry(self, h, step_BxS, n_B, k_B):
     """Loop statistics the reference never logs (all float32 scalars, cheap)."""
