@@ -95,7 +95,7 @@ def test_parcae_takes_the_kernel_and_matches_the_xla_path(split, monkeypatch):
   n_B, k_B = jnp.array([1, 3, 0, 2]), jnp.array([2, 1, 2, 2])
   calls = []
   real_f, real_b = loop_boundary.forward, loop_boundary.backward
-  monkeypatch.setattr(loop_boundary, "forward", lambda *a: calls.append("fwd") or real_f(*a))
+  monkeypatch.setattr(loop_boundary, "forward", lambda *a, **k: calls.append("fwd") or real_f(*a, **k))
   monkeypatch.setattr(loop_boundary, "backward", lambda *a: calls.append("bwd") or real_b(*a))
 
   def run(impl):
@@ -138,7 +138,7 @@ def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch
   want = grad(*prim)
   shapes = []
   real = loop_boundary.forward
-  monkeypatch.setattr(loop_boundary, "forward", lambda x, *a: shapes.append(x.shape) or real(x, *a))
+  monkeypatch.setattr(loop_boundary, "forward", lambda x, *a, **k: shapes.append(x.shape) or real(x, *a, **k))
   with jax.set_mesh(mesh):
     got = jax.jit(grad)(*prim)
   assert shapes == [(8, 256)], shapes

@@ -85,8 +85,10 @@ def _specs(d):
           pl.BlockSpec((d,), lambda i: (0,)))
 
 
-def forward(x_NxD, p_NxD, h_NxD, be_NxD, live_N, decay_D, scale_D, eps, cd, interpret=None):
-  """(h', dist, u, n, r) for N token rows (live_N: 1.0 where the row's sequence is still looping, else 0.0)."""
+def forward(x_NxD, p_NxD, h_NxD, be_NxD, live_N, decay_D, scale_D, eps, cd, interpret=None, alias=False):
+  """(h', dist, u, n, r) for N token rows (live_N: 1.0 where the row's sequence is still looping, else 0.0).
+  alias: h' written into h's buffer (a no-grad while loop's carry updated in place; under differentiation h
+  is the last iteration's residual, which aliasing would make XLA copy first)."""
   n, d = x_NxD.shape
   interpret, params = add_norm._backend(interpret)
   blk, row, col = _specs(d)
@@ -95,6 +97,7 @@ def forward(x_NxD, p_NxD, h_NxD, be_NxD, live_N, decay_D, scale_D, eps, cd, inte
       functools.partial(_fwd_kernel, eps=eps, w=add_norm.chunk(d)), grid=(n // add_norm.ROWS,),
       out_shape=(f32(n, d), f32(n), f32(n, d), jax.ShapeDtypeStruct((n, d), cd), f32(n)),
       in_specs=[blk, blk, blk, blk, row, col, col], out_specs=(blk, row, blk, blk, row),
+      input_output_aliases={2: 0} if alias else {},
       interpret=interpret, **params)(x_NxD, p_NxD, h_NxD, be_NxD, live_N, decay_D, scale_D)
 
 
@@ -116,7 +119,7 @@ def backward(hn_NxD, u_NxD, r_N, live_N, decay_D, scale_D, dhn_NxD, du_NxD, dn_N
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _local(x, p, h, be, live, decay, scale, eps, cd, p_dtype, interpret):
-  return forward(x, p, h, be, live, decay, scale, eps, cd, interpret)[:4]
+  return forward(x, p, h, be, live, decay, scale, eps, cd, interpret, alias=True)[:4]
 
 
 def _local_fwd(x, p, h, be, live, decay, scale, eps, cd, p_dtype, interpret):

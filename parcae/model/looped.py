@@ -142,9 +142,11 @@ class Parcae(nnx.Module):
   def _carry(self, h):
     """The loop carry at state h: (h, |h - h_prev| per token (zeros), pending). pending = None, or with the fused
     boundary the last pass's output not yet added to h (x, its MLP output p, live_B), which the next pass's
-    boundary kernel applies: here h itself (x = h, p = 0, every row live)."""
+    boundary kernel applies: here none (no row live; zeros, not h, so the loop's buffers stay distinct)."""
     b, s, _ = h.shape
-    pending = (h, jnp.zeros(h.shape, self.cd), jnp.ones((b,), bool)) if self._fused_boundary(h.shape) else None
+    pending = None
+    if self._fused_boundary(h.shape):
+      pending = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(h.shape, self.cd), jnp.zeros((b,), bool))
     return h, jnp.zeros((b, s), jnp.float32), pending
 
   @staticmethod
@@ -245,7 +247,8 @@ def _batch_shards(b: int) -> int:
 
 
 def _halves(b: int, split: int):
-  """(lower, upper, merge) for each batch shard's shallower / deeper half, or None when there is no split.
+  """(lower, upper, merge) for each batch shard's shallower / deeper half, or None when there is no split;
+  merge(full, hi) puts hi in place of full's deeper halves.
   Shards hold contiguous runs of the batch, so [B] -> [shards, B / shards] keeps each shard's rows local."""
   shards = _batch_shards(b)
   per = b // shards
@@ -254,9 +257,9 @@ def _halves(b: int, split: int):
   cut = lambda a, sl: a.reshape((shards, per) + a.shape[1:])[:, sl].reshape((b // 2,) + a.shape[1:])
   lower, upper = (lambda a: cut(a, slice(None, per // 2))), (lambda a: cut(a, slice(per // 2, None)))
 
-  def merge(lo, hi):
-    parts = [x.reshape((shards, per // 2) + x.shape[1:]) for x in (lo, hi)]
-    return jnp.concatenate(parts, axis=1).reshape((b,) + lo.shape[1:])
+  def merge(full, hi):  # full with its deeper halves replaced by hi: an in-place update of those rows
+    view = full.reshape((shards, per) + full.shape[1:])
+    return view.at[:, per // 2:].set(hi.reshape((shards, per // 2) + hi.shape[1:])).reshape(full.shape)
   return lower, upper, merge
 
 
@@ -274,7 +277,7 @@ def _split_no_grad(no_grad, carry, ctx, ves, n_B, split: int, start=0):
   per_seq = lambda a: upper(a) if a.ndim == 3 and a.shape[0] == b else a  # [B, S, D] inputs
   hi = _split_no_grad(no_grad, jax.tree.map(upper, carry), jax.tree.map(per_seq, ctx),
                       jax.tree.map(per_seq, ves), upper(n_B), split // 2, n_lo)
-  return jax.tree.map(lambda c, h: merge(lower(c), h), carry, hi)
+  return jax.tree.map(merge, carry, hi)
 
 
 def executed_no_grad_iters(n_B, split: int, start=0):
