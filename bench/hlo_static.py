@@ -12,6 +12,8 @@ model source line that made each kernel:
 
   python bench/aot_gpu.py --only parcae_small --target h100 --hlo   # writes parcae_small.hlo.txt.gz
   python bench/hlo_static.py parcae_small.hlo.txt.gz --sites        # XLA's fusions by source line, largest first
+  python bench/hlo_static.py hlo_V.txt.gz --timed prof_V.json 2      # a profile's measured time by source line
+(the last from `bench/train_throughput.py --only V_cmdbuf_off --profile`, which writes both files to $OUT).
 """
 from __future__ import annotations
 
@@ -193,11 +195,35 @@ def sites(hlo: str, depth: int = 3, kinds: str = "fusion") -> list:
   return sorted(((k, v[0], v[1]) for k, v in by.items()), key=lambda r: -r[2])
 
 
+def timed_sites(hlo: str, hlo_ops: dict, depth: int = 3, steps: int = 1) -> list:
+  """[(site, launches, ms)] per step of a profile's measured device time grouped like `sites`: hlo_ops maps an
+  instruction name of this program to (microseconds, calls, ...) over `steps` steps (the "hlo_ops" table that
+  bench/profiling.py writes; profile a variant with command buffers off so each kernel names its own
+  instruction). Instructions without a stack frame (or not in the program) group under "?"."""
+  frames = stack_frames(hlo)
+  attrs = {n: a for ins in parse(hlo)[0].values() for n, _, _, _, a in ins}
+  by = defaultdict(lambda: [0, 0.0])
+  for op, (us, calls, *_) in hlo_ops.items():
+    frame = re.search(r"stack_frame_id=(\d+)", attrs.get(op, ""))
+    site = " < ".join(frames.get(frame.group(1), [])[:depth]) if frame else ""
+    by[site or "?"][0] += calls / steps
+    by[site or "?"][1] += us / 1e3 / steps
+  return sorted(((k, v[0], v[1]) for k, v in by.items()), key=lambda r: -r[2])
+
+
 if __name__ == "__main__":
   import gzip
   import sys
   text = (gzip.open if sys.argv[1].endswith(".gz") else open)(sys.argv[1], "rt").read()
-  if "--sites" in sys.argv:  # python bench/hlo_static.py PROGRAM.hlo.txt.gz --sites: XLA fusions by source line
+  if "--timed" in sys.argv:  # ... --timed PROFILE.json [STEPS]: a profile's device time by source line
+    i = sys.argv.index("--timed")
+    steps = int(sys.argv[i + 2]) if len(sys.argv) > i + 2 else 2
+    with open(sys.argv[i + 1]) as f:
+      rows = timed_sites(text, json.load(f)["hlo_ops"], steps=steps)
+    print(f"{sum(r[2] for r in rows):.2f} ms of device time per step")
+    for site, n, ms in rows[:40]:
+      print(f"{ms:8.2f} ms {n:7.0f} launches  {site}")
+  elif "--sites" in sys.argv:  # python bench/hlo_static.py PROGRAM.hlo.txt.gz --sites: XLA fusions by source line
     for site, n, nbytes in sites(text)[:30]:
       print(f"{nbytes / 1e9:8.1f} GB {n:6d} launches  {site}")
   else:

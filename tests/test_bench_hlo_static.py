@@ -122,6 +122,21 @@ def test_sites_group_fusion_bytes_by_source_line():
   assert hlo_static.sites(hlo, kinds="__cublas")[0][:2] == ("?", 8)
 
 
+def test_timed_sites_group_a_profiles_time_by_source_line():
+  """Measured time per step by source line: the loop's add (8 calls over 2 steps) and the entry's reduction
+  under their frames, an instruction without a frame and one not in the program under "?"."""
+  module, rest = HLO.split("\n", 1)
+  hlo = (module + "\n" + TABLES + rest).replace(
+      "kind=kLoop, calls=%fused_add\n  %gte.0",
+      'kind=kLoop, calls=%fused_add, metadata={op_name="add" stack_frame_id=3}\n  %gte.0').replace(
+      "kind=kInput, calls=%fused_add\n", 'kind=kInput, calls=%fused_add, metadata={stack_frame_id=2}\n')
+  ops = {"loop_add_fusion": [800.0, 16, "k"], "input_reduce_fusion": [300.0, 2], "custom-call.7": [100.0, 16],
+         "gone.1": [20.0, 2]}
+  got = hlo_static.timed_sites(hlo, ops, depth=1, steps=2)
+  assert [r[:2] for r in got] == [("model.py:12 norm", 8), ("model.py:30 block", 1), ("?", 9)], got
+  assert [round(r[2], 9) for r in got] == [0.4, 0.15, 0.06], got
+
+
 # A chunk loop's fusions: one writes a chunk's [8, 32] float32 result into a [4, 8, 32] buffer in place (a
 # dynamic-update-slice of its parameter), one reads a chunk of that buffer (a dynamic-slice) and converts it,
 # one reads the whole buffer (a reduction over it) and the sliced parameter elsewhere as well.
