@@ -76,7 +76,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   # The residual adds that a block's RMSNorms read (norm2; norm1 but in a stage's first block): "auto" = add + norm
   # as one Pallas kernel each way (model/add_norm.py) on a GPU where the shapes allow, else XLA's fusions ("xla");
   # "pallas" forces the kernels (interpreted on a CPU; an error where they cannot run). H100 training: +1.0% /
-  # +1.3% / +1.2% for parcae-small / gpt-small / parcae-medium (bench/RESULTS.md, session 23)
+  # +1.3% / +1.2% for parcae-small / gpt-small / parcae-medium (bench/RESULTS.md, session 23). With a diagonal
+  # injection the loop's boundary (state update, injection, next pass's norm1) then runs as one kernel each way
+  # too (model/loop_boundary.py; session 24: training +0.3%, evaluation +1.7% on parcae-small)
   c.norm_impl = "auto"
   return c
 
