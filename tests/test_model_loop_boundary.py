@@ -150,3 +150,23 @@ def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch
   monkeypatch.setattr(add_norm, "_backend", lambda interpret: real_backend(False))
   text = jax.jit(grad).trace(*prim).lower(lowering_platforms=("cuda",)).as_text()
   assert len(triton_calls(text)) == 2
+
+
+def test_sharded_train_step_with_the_split_loop_lowers_with_the_kernel(cuda_lowering, monkeypatch):
+  """The whole train step (norm_impl "pallas", the no-grad loop split in halves) on a (data 2, fsdp 4) mesh
+  lowers for CUDA with the boundary kernel per device: on one device's rows in the whole-batch loops and on
+  half of them in the deeper halves' loop."""
+  from conftest import triton_calls
+  from train_helpers import lower_sharded_step_for_cuda, tiny_config
+  from parcae.model import add_norm
+  cfg = tiny_config("unused", grad_accum=2, seq_len=64, micro_batch_size=16)
+  cfg.model.compute_dtype, cfg.model.norm_impl, cfg.model.no_grad_split = "bfloat16", "pallas", 2
+  cfg.model.rope_impl = cfg.model.lse_impl = "xla"
+  shapes = set()
+  real_f, real_backend = loop_boundary.forward, add_norm._backend
+  monkeypatch.setattr(loop_boundary, "forward", lambda x, *a, **k: shapes.add(x.shape) or real_f(x, *a, **k))
+  monkeypatch.setattr(add_norm, "_backend", lambda interpret: real_backend(False))
+  text = lower_sharded_step_for_cuda(cfg, (2, 4, 1))
+  assert len(triton_calls(text)) >= 2
+  rows = cfg.train.micro_batch_size * cfg.train.seq_len // 8
+  assert shapes == {(rows, cfg.model.d_model), (rows // 2, cfg.model.d_model)}, shapes
