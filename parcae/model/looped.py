@@ -13,6 +13,9 @@ The loop of `hidden`:
            residuals the backward pass keeps are not stacked into [grad_depth, ...] loop buffers.
 Per-sequence depths mask the update: sequence b changes only while i < n_b (phase 1) and i < k_b (phase 2),
 as the reference does. A test-time forward at T loops is phase 1 with n_b = T and no phase 2.
+With the add + norm kernels and the diagonal injection, an iteration leaves its masked update pending in the
+loop carry; the next iteration's boundary kernel (model/loop_boundary.py) applies it together with the
+injection and its first norm1, and `_settle` applies the one a loop ends with.
 """
 from __future__ import annotations
 
