@@ -60,9 +60,11 @@ def _fwd_kernel(x_ref, y_ref, sc_ref, s_ref, n_ref, r_ref, *, eps, w):
   r_ref[...] = r
 
 
-def _bwd_kernel(s_ref, r_ref, sc_ref, ds_ref, dn_ref, dx_ref, dy_ref, dsc_ref, *, w):
+def norm_grads(s_ref, r, sc_ref, dn_ref, ds_ref, w):
+  """(column slice, xhat, ds + r * (g - xhat * mean(g * xhat))) for each w-wide column chunk of a row block:
+  RMSNorm's backward (xhat = s * r, g = f32(dn) * scale) plus the residual path's cotangent ds, the row mean
+  taken over all chunks first (this module's and `loop_boundary`'s backward kernels)."""
   d = s_ref.shape[1]
-  r = r_ref[...]
   xs, gs, dot = [], [], 0.0
   for j in range(d // w):
     sl = pl.ds(j * w, w)
@@ -72,9 +74,13 @@ def _bwd_kernel(s_ref, r_ref, sc_ref, ds_ref, dn_ref, dx_ref, dy_ref, dsc_ref, *
     gs.append(g)
     dot = dot + jnp.sum(g * xhat, axis=1)
   mean = dot / d
-  for j, (xhat, g) in enumerate(zip(xs, gs)):
+  for j, (xhat, g) in enumerate(zip(xs, gs)):  # a generator: the caller's stores follow each chunk's gradient
     sl = pl.ds(j * w, w)
-    dx = ds_ref[:, sl] + r[:, None] * (g - xhat * mean[:, None])
+    yield sl, xhat, ds_ref[:, sl] + r[:, None] * (g - xhat * mean[:, None])
+
+
+def _bwd_kernel(s_ref, r_ref, sc_ref, ds_ref, dn_ref, dx_ref, dy_ref, dsc_ref, *, w):
+  for sl, xhat, dx in norm_grads(s_ref, r_ref[...], sc_ref, dn_ref, ds_ref, w):
     dx_ref[:, sl] = dx
     dy_ref[:, sl] = dx.astype(dy_ref.dtype)
     dsc_ref[:, sl] = jnp.sum(dn_ref[:, sl].astype(jnp.float32) * xhat, axis=0)[None, :]

@@ -54,21 +54,9 @@ def _fwd_kernel(x_ref, p_ref, h_ref, be_ref, live_ref, dec_ref, sc_ref, hn_ref, 
 
 def _bwd_kernel(hn_ref, u_ref, r_ref, live_ref, dec_ref, sc_ref, dhn_ref, du_ref, dn_ref,
                 dx_ref, dp_ref, dh_ref, dbe_ref, ddec_ref, dsc_ref, *, w):
-  d = u_ref.shape[1]
   r = r_ref[...]
   live = live_ref[...][:, None] > 0
-  uhats, gs, dot = [], [], 0.0
-  for j in range(d // w):
-    sl = pl.ds(j * w, w)
-    uhat = u_ref[:, sl] * r[:, None]
-    g = dn_ref[:, sl].astype(jnp.float32) * sc_ref[sl][None, :]
-    uhats.append(uhat)
-    gs.append(g)
-    dot = dot + jnp.sum(g * uhat, axis=1)
-  mean = dot / d
-  for j, (uhat, g) in enumerate(zip(uhats, gs)):
-    sl = pl.ds(j * w, w)
-    gu = du_ref[:, sl] + r[:, None] * (g - uhat * mean[:, None])
+  for sl, uhat, gu in add_norm.norm_grads(u_ref, r, sc_ref, dn_ref, du_ref, w):
     dbe_ref[:, sl] = gu
     t = dhn_ref[:, sl] + dec_ref[sl][None, :] * gu
     dx = jnp.where(live, t, 0.0)
