@@ -170,3 +170,29 @@ def test_sharded_train_step_with_the_split_loop_lowers_with_the_kernel(cuda_lowe
   assert len(triton_calls(text)) >= 2
   rows = cfg.train.micro_batch_size * cfg.train.seq_len // 8
   assert shapes == {(rows, cfg.model.d_model), (rows // 2, cfg.model.d_model)}, shapes
+
+
+@pytest.mark.slow
+def test_quartet_recipe_with_the_kernel():
+  """Under the Quartet recipe (quantized core GEMMs, stochastic rounding keyed alike) the forward loss with the
+  boundary kernel equals the XLA path's to float32 rounding (the quantizers see the same bf16 norm1 output),
+  and every parameter gradient points the same way (cosine >= 0.95; the backward's stochastic rounding
+  sees float32 cotangents summed in another order, so it may round some entries differently)."""
+  ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  res = {}
+  for impl in ("xla", "pallas"):
+    cfg = _tiny(impl, "parcae")
+    cfg.compute_dtype = "bfloat16"
+    graphdef, state = nnx.split(build(cfg, jax.random.key(0), quant="quartet"))
+    state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), state)
+
+    def loss(state):
+      model = nnx.merge(graphdef, state)
+      y, _ = model.hidden(ids, jnp.array([3, 1]), jnp.array([1, 2]), key=jax.random.key(3), grad_steps=2,
+                          quant_key=jax.random.key(4))
+      return jnp.mean(model.logits(y).astype(jnp.float32) ** 2)
+    res[impl] = jax.value_and_grad(loss)(state)
+  np.testing.assert_allclose(float(res["pallas"][0]), float(res["xla"][0]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(res["xla"][1]), jax.tree.leaves(res["pallas"][1])):
+    a, b = f64(a).ravel(), f64(b).ravel()
+    assert np.all(np.isfinite(b)) and a @ b >= 0.95 * np.linalg.norm(a) * np.linalg.norm(b)
