@@ -61,8 +61,8 @@ def parse(hlo: str):
 
 def _fusion_bytes(body, root, operand_shapes, shape):
   """Bytes a fusion moves: its result written and each operand read, except an operand only dynamically
-  sliced (the slices' bytes) or updated in place by the root dynamic-update-slice (the update's bytes, read
-  nowhere else and written once)."""
+  sliced (the slices' bytes) or updated in place by the root dynamic-update-slice, directly or through
+  bitcasts (the update's bytes, read nowhere else and written once)."""
   shapes = {n: s for n, s, *_ in body}
   params = {n: int(a[0]) for n, _, op, a, _ in body if op == "parameter"}
   users = defaultdict(list)
@@ -76,8 +76,11 @@ def _fusion_bytes(body, root, operand_shapes, shape):
   written = shape_bytes(shape)
   op_args = {n: (op, a) for n, _, op, a, _ in body}
   op, args = op_args.get(root, ("", []))
-  if op == "dynamic-update-slice" and args[0] in params and params[args[0]] < len(read) and len(users[args[0]]) == 1:
-    read[params[args[0]]] = 0
+  base = args[0] if op == "dynamic-update-slice" else None
+  while base in op_args and op_args[base][0] == "bitcast" and len(users[base]) == 1:  # a view of the buffer
+    base = op_args[base][1][0]
+  if base in params and params[base] < len(read) and len(users[base]) == 1:
+    read[params[base]] = 0
     written = shape_bytes(shapes[args[1]])
   return written + sum(read)
 

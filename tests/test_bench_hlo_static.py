@@ -151,6 +151,16 @@ SLICES = """HloModule jit_chunks, is_scheduled=true
   ROOT %dus = f32[4,8,32]{2,1,0} dynamic-update-slice(%p0, %b, %p2, %z, %z)
 }
 
+%fused_dus_view (v0: f32[32,32], v1: f32[8,32], v2: s32[]) -> f32[4,8,32] {
+  %v0 = f32[32,32]{1,0} parameter(0)
+  %vb = f32[4,8,32]{2,1,0} bitcast(%v0)
+  %v1 = f32[8,32]{1,0} parameter(1)
+  %b.1 = f32[1,8,32]{2,1,0} bitcast(%v1)
+  %v2 = s32[] parameter(2)
+  %z.3 = s32[] constant(0)
+  ROOT %dus.1 = f32[4,8,32]{2,1,0} dynamic-update-slice(%vb, %b.1, %v2, %z.3, %z.3)
+}
+
 %fused_ds (q0: f32[4,8,32], q1: s32[]) -> bf16[1,8,32] {
   %q0 = f32[4,8,32]{2,1,0} parameter(0)
   %q1 = s32[] parameter(1)
@@ -173,6 +183,8 @@ ENTRY %main (buf: f32[4,8,32], chunk: f32[8,32], i: s32[]) -> bf16[1,8,32] {
   %chunk = f32[8,32]{1,0} parameter(1)
   %i = s32[] parameter(2)
   %loop_dynamic_update_slice_fusion = f32[4,8,32]{2,1,0} fusion(%buf, %chunk, %i), kind=kLoop, calls=%fused_dus
+  %flat = f32[32,32]{1,0} bitcast(%buf)
+  %loop_dynamic_update_slice_fusion.1 = f32[4,8,32]{2,1,0} fusion(%flat, %chunk, %i), kind=kLoop, calls=%fused_dus_view
   %loop_fusion.2 = (f32[1,8,32]{2,1,0}, f32[4,8,32]{2,1,0}) fusion(%loop_dynamic_update_slice_fusion, %i), kind=kLoop, calls=%fused_both
   ROOT %loop_convert_fusion = bf16[1,8,32]{2,1,0} fusion(%loop_dynamic_update_slice_fusion, %i), kind=kLoop, calls=%fused_ds
 }
@@ -183,5 +195,6 @@ def test_fusions_count_slices_and_in_place_updates_not_whole_buffers():
   by_name = {k[2]: k[4] for k in hlo_static.kernels(SLICES)[0]}
   chunk = 8 * 32 * 4
   assert by_name["loop_dynamic_update_slice_fusion"] == chunk + chunk + 4  # update read, written in place; index
+  assert by_name["loop_dynamic_update_slice_fusion.1"] == chunk + chunk + 4  # the same through a bitcast view
   assert by_name["loop_convert_fusion"] == chunk + 4 + 8 * 32 * 2  # one chunk of the buffer read
   assert by_name["loop_fusion.2"] == 4 * chunk + 4 + chunk + 4 * chunk  # read whole (not only sliced)
