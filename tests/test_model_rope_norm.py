@@ -85,6 +85,68 @@ def test_kernels_match_float64_within_bf16_rounding(shape):
     jax.config.update("jax_enable_x64", False)
 
 
+def _ve_case(shape, seed=0):
+  """Value embeddings [B, S, H x K] and their gate [B, S, H] in (0, 2), float32 as Attention.project forms them."""
+  b, s, t, h, k = shape
+  ve = jax.random.normal(jax.random.key(seed + 10), (b, s, h * k))
+  gate = 2.0 * jax.nn.sigmoid(jax.random.normal(jax.random.key(seed + 11), (b, s, h)))
+  return ve, gate
+
+
+def _ve_jnp(y, cos, sin, h, ve, gate):
+  """Attention.project's unfused path with value embeddings."""
+  q, k, v = jnp_path(y, cos, sin, h)
+  b, s = v.shape[:2]
+  return q, k, (v.astype(jnp.float32) + gate[..., None] * ve.reshape(v.shape)).astype(v.dtype)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_value_embeddings_inside_the_kernels_match_float64_and_the_jnp_path(shape, gather):
+  """v = bf16(v + gate * ve) formed in the kernels' v programs: v equal to the jnp path's and within bf16
+  rounding of float64; the cotangents of ve (gate * dv) and of the gate (sum over K of dv * ve, from the
+  backward kernel) within float32 rounding of float64, y's v columns exactly dv; q and k as without value
+  embeddings. gather: the kernels read ve = table[ids] from the table, and the ve handed in (only the
+  cotangent's carrier) is NaN: any read of it would show."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    y, cos, sin, h, cts = _case(shape, seed=7)
+    ve, gate = _ve_case(shape, seed=7)
+    table_ids = None
+    if gather:
+      table = jax.random.normal(jax.random.key(12), (96, ve.shape[-1]))
+      ids = jax.random.randint(jax.random.key(13), ve.shape[:2], 0, 96)
+      ve, table_ids = table[ids], (table, ids)
+    stand_in = jnp.full_like(ve, jnp.nan) if gather else ve
+    fused = lambda y, ve, gate: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True, ve_BxSxD=ve,
+                                                     gate_BxSxH=gate, ve_table_ids=table_ids)
+    got = jax.jit(fused)(y, stand_in, gate)
+    want = _ve_jnp(y, cos, sin, h, ve, gate)
+    # one compiler may contract v + gate * ve into a fused multiply-add and the other not: the float32 sums
+    # then differ by a rounding, which moves a bf16 result near a rounding midpoint by one ulp (2 of 65,536 here)
+    _equal_but_rare_last_bit(got[2], want[2])
+    for a, b in zip(got[:2], jax.jit(lambda y: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True))(y)[:2]):
+      assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))  # q, k untouched by ve
+    b_, s_ = y.shape[:2]
+    v64 = (y[:, :, :, 2].reshape(b_, s_, h, -1).astype(jnp.float64)
+           + gate.astype(jnp.float64)[..., None] * ve.astype(jnp.float64).reshape(b_, s_, h, -1))
+    a = np.asarray(got[2], np.float64)
+    assert np.all(np.abs(a - v64) <= 2.0 ** -8 * np.abs(v64) + 1e-30), np.abs(a - v64).max()
+    dy, dve, dgate = jax.jit(lambda *a: jax.vjp(fused, *a[:3])[1](a[3]))(y, stand_in, gate, cts)
+    dv64 = np.asarray(cts[2], np.float64)
+    ve64 = np.asarray(ve, np.float64).reshape(dv64.shape)
+    dve64 = (np.asarray(gate, np.float64)[..., None] * dv64).reshape(ve.shape)
+    dgate64 = np.sum(dv64 * ve64, axis=-1)
+    assert np.abs(np.asarray(dve) - dve64).max() <= 2.0 ** -23 * np.abs(dve64).max()
+    assert np.abs(np.asarray(dgate) - dgate64).max() <= 1e-5 * np.abs(dgate64).max(), np.abs(dgate - dgate64).max()
+    dy_v = np.asarray(dy, np.float32)[:, :, :, 2].reshape(dv64.shape)
+    assert np.array_equal(dy_v, np.asarray(cts[2], np.float32))
+    gy = np.asarray(jax.jit(lambda y, c: jax.vjp(lambda y: _ve_jnp(y, cos, sin, h, ve, gate), y)[1](c)[0])(y, cts))
+    assert np.abs(np.asarray(dy, np.float32) - gy).max() <= 2.0 ** -7 * np.abs(gy).max()
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
 def _tiny_attention(rope_impl, d=256, h=2):
   cfg = M.default_model_config()
   cfg.d_model, cfg.n_heads, cfg.rope_impl = d, h, rope_impl
@@ -97,23 +159,24 @@ def _tiny_attention(rope_impl, d=256, h=2):
 
 def test_attention_with_the_kernels_equals_the_xla_path_with_its_gradients():
   """A whole attention layer (value embeddings too, float32 compute) with rope_impl "pallas" and "xla": same
-  output and parameter gradients; "auto" keeps the jnp path on this CPU."""
+  output and parameter gradients; "auto" keeps the jnp path on a CPU."""
   m_k, m_x = _tiny_attention("pallas"), _tiny_attention("xla")
   for lin in ("o",):  # the output projection is zero at init: give it values so gradients reach q, k, v
     for m in (m_k, m_x):
       getattr(m.attn, lin).kernel[...] = 0.02 * jax.random.normal(jax.random.key(9), (256, 256))
   x = jax.random.normal(jax.random.key(1), (2, 64, 256))
-  ve = jax.random.normal(jax.random.key(2), (2, 64, 256))
+  ids = jax.random.randint(jax.random.key(2), (2, 64), 0, M.default_model_config().vocab_size)
   rope = layers.rope_tables(64, 128, 50000.0)
 
-  def loss(m):
-    return jnp.sum(jnp.sin(m.attn(x, rope, ve)))
+  def loss(m):  # the value-embedding table's gradient too (the kernels read its rows at ids)
+    return jnp.sum(jnp.sin(m.attn(x, rope, m.attn.lookup_ve(ids))))
   (lk, gk), (lx, gx) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (m_k, m_x))
   assert float(lk) == pytest.approx(float(lx), rel=1e-5)
   for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gx)):  # float32: summation-order error of each leaf
     a, b = np.asarray(a), np.asarray(b)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
-  assert not _tiny_attention("auto").attn._fused_rope((2, 64, 1, 3, 256), True)
+  on_gpu = jax.devices()[0].platform == "gpu"  # this test also runs on the GPU machine (real Triton kernels)
+  assert _tiny_attention("auto").attn._fused_rope((2, 64, 1, 3, 256), True) == on_gpu
   assert _tiny_attention("pallas").attn._fused_rope((2, 64, 1, 3, 256), True)
 
 
@@ -171,6 +234,50 @@ def test_kernels_run_per_device_under_a_mesh_and_lower_for_cuda(cuda_lowering, m
     text = jax.jit(jax.value_and_grad(loss)).trace(ys).lower(lowering_platforms=("cuda",)).as_text()
   assert len(triton_calls(text)) == 2  # forward and backward
   assert shapes and set(shapes) == {(2 * 64, 3 * 2 * 64)}, shapes  # a device's 2 sequences and its 2 heads (of 4)
+
+
+@pytest.mark.parametrize("batch_axis", ["data", "fsdp"])
+def test_value_embeddings_per_device_under_a_mesh(batch_axis, cuda_lowering, monkeypatch):
+  """With value embeddings under a (data 2, tensor 2) mesh each device's call gets its rows, its heads'
+  gates and its rows' ids with its heads' table columns (the kernels gather); under (fsdp 2, tensor 2), whose
+  fsdp axis shards the table, the looked-up rows instead. v and the cotangents of y, ve and the gate equal
+  the unsharded call's (within one bf16 / float32 rounding, see _equal_but_rare_last_bit), and the step
+  lowers with the Triton kernels."""
+  from conftest import triton_calls
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2, 2), (batch_axis, "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  shape = (4, 64, 2, 4, 64)
+  y, cos, sin, h, cts = _case(shape, seed=8)
+  _, gate = _ve_case(shape, seed=8)
+  table = jax.random.normal(jax.random.key(14), (96, 4 * 64))
+  ids = jax.random.randint(jax.random.key(15), (4, 64), 0, 96)
+  ve = table[ids]
+  f = lambda y, ve, gate: rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=True, ve_BxSxD=ve, gate_BxSxH=gate,
+                                                 ve_table_ids=(table, ids))
+  loss = lambda *a: sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(f(*a), cts))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  want, want_g = f(y, ve, gate), grads(y, ve, gate)
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  args = (put(y, P(batch_axis, None, "tensor", None, None)), put(ve, P(batch_axis)), put(gate, P(batch_axis)))
+  with jax.set_mesh(mesh):
+    got, got_g = jax.jit(f)(*args), grads(*args)
+    shapes = []
+    real = rope_norm._local
+    record = lambda y2, ve_in, g: shapes.append((y2.shape, tuple(a.shape for a in ve_in), g.shape))
+    monkeypatch.setattr(rope_norm, "_local", lambda y2, *a: record(y2, *a[2:4]) or real(y2, *a))
+    monkeypatch.setattr(rope_norm, "_backend", lambda interpret: (False, __import__(
+        "parcae.quant.kernels.qdq", fromlist=["x"]).backend(False, rope_norm.WARPS)[2]))
+    text = jax.jit(jax.value_and_grad(loss)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  for a, b in zip(got, want):
+    _equal_but_rare_last_bit(a, b)
+  _equal_but_rare_last_bit(got_g[0], want_g[0])
+  for a, b in zip(got_g[1:], want_g[1:]):  # float32: the gate's sum over K runs on the same 64 channels
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max(), np.abs(a - b).max()
+  assert len(triton_calls(text)) == 2
+  gathered = ((2 * 64,), (96, 2 * 64)) if batch_axis == "data" else ()  # a device's ids and its heads' columns
+  assert shapes and set(shapes) == {((2 * 64, 3 * 2 * 64), ((2 * 64, 2 * 64),) + gathered, (2, 2 * 64))}, shapes
 
 
 def test_backward_keeps_the_rounded_rope_output_not_the_gemm_output():

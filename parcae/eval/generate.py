@@ -90,11 +90,11 @@ def _attend(q_BxSxHxK, k_BxHxLxK, v_BxHxLxK, pos):
   return jnp.einsum("bhql,bhlk->bqhk", probs, v_BxHxLxK)
 
 
-def _block(blk, x_BxSxD, rope, ve_BxSxD, k_cache, v_cache, pos):
+def _block(blk, x_BxSxD, rope, ve, k_cache, v_cache, pos):
   """One pre-norm block on new positions, reading and extending its cache slot (the model's Block math)."""
   a = blk.attn
   b, s, d = x_BxSxD.shape
-  q, k, v = a.project(blk.norm1(x_BxSxD), rope, ve_BxSxD)
+  q, k, v = a.project(blk.norm1(x_BxSxD), rope, ve)
   k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, pos, 0))
   v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, pos, 0))
   out = _attend(q, k_cache, v_cache, pos)

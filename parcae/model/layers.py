@@ -129,8 +129,10 @@ class Attention(nnx.Module):
       self.ve_gate = self.ve_table = None
 
   def lookup_ve(self, ids_BxS):
-    """Value embeddings of the token ids (float32), or None for blocks without them."""
-    return None if self.ve_table is None else self.ve_table(ids_BxS)
+    """(value embeddings of the token ids (float32), the ids), or None for blocks without them. With the RoPE
+    kernels the embeddings are read from the table by the kernels at the ids; the lookup is then never
+    formed (XLA drops it) and serves autodiff only: its transpose adds the kernels' cotangent into the table."""
+    return None if self.ve_table is None else (self.ve_table(ids_BxS), ids_BxS)
 
   def _qkv_gemm(self, x_BxSxD, key=None):
     """y [B, S, T, 3, G]: q, k, v from one GEMM of the three kernels side by side: one read of x and, for a
@@ -151,22 +153,27 @@ class Attention(nnx.Module):
     y = self._qkv_gemm(x_BxSxD, key)
     return tuple(y[:, :, :, i].reshape(b, s, self.n_heads, d // self.n_heads) for i in range(3))
 
-  def project(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
-    """q, k, v [B, S, H, K] as attention reads them: RoPE and QK-norm on q and k, value embeddings added to v.
-    RoPE + QK-norm run as one Pallas kernel each way (parcae.model.rope_norm) where rope_impl picks it."""
+  def project(self, x_BxSxD, rope, ve=None, key=None):
+    """q, k, v [B, S, H, K] as attention reads them: RoPE and QK-norm on q and k, value embeddings (`lookup_ve`)
+    added to v. RoPE + QK-norm and the value embeddings' mix run as one Pallas kernel each way
+    (parcae.model.rope_norm) where rope_impl picks it."""
     b, s, d = x_BxSxD.shape
     h = self.n_heads
     y = self._qkv_gemm(x_BxSxD, key)
     cos, sin = rope
-    if self._fused_rope(y.shape, cos.shape[0] >= s):
-      q, k, v = rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=self.use_qk_norm)
-    else:
-      q, k, v = (y[:, :, :, i].reshape(b, s, h, d // h) for i in range(3))
-      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-      if self.use_qk_norm:
-        q, k = qk_norm(q), qk_norm(k)
-    if ve_BxSxD is not None:
+    ve_BxSxD, ids_BxS = (None, None) if ve is None else ve
+    gate_BxSxH = None
+    if ve is not None:
       gate_BxSxH = 2.0 * jax.nn.sigmoid(self.ve_gate(x_BxSxD[..., :VE_GATE_WIDTH]).astype(jnp.float32))
+    if self._fused_rope(y.shape, cos.shape[0] >= s):
+      table_ids = None if ve is None else (self.ve_table.embedding[...], ids_BxS)
+      return rope_norm.rope_qk_norm(y, cos, sin, n_heads=h, norm=self.use_qk_norm, ve_BxSxD=ve_BxSxD,
+                                    gate_BxSxH=gate_BxSxH, ve_table_ids=table_ids)
+    q, k, v = (y[:, :, :, i].reshape(b, s, h, d // h) for i in range(3))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if self.use_qk_norm:
+      q, k = qk_norm(q), qk_norm(k)
+    if ve_BxSxD is not None:
       v = (v.astype(jnp.float32) + gate_BxSxH[..., None] * ve_BxSxD.reshape(b, s, h, d // h)).astype(self.cd)
     return q, k, v
 
@@ -181,10 +188,10 @@ class Attention(nnx.Module):
       return True
     return ok and compile_target.platform() == "gpu"
 
-  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None):
+  def __call__(self, x_BxSxD, rope, ve=None, key=None):
     b, s, d = x_BxSxD.shape
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
-    q, k, v = (shard_heads(t) for t in self.project(x_BxSxD, rope, ve_BxSxD, keys[0]))
+    q, k, v = (shard_heads(t) for t in self.project(x_BxSxD, rope, ve, keys[0]))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._impl())
     return self.o(out.reshape(b, s, d), keys[3])
 
@@ -264,11 +271,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, k2, cd=cd, quant=quant)
     self.cd, self.norm_impl = cd, cfg.get("norm_impl", "auto")
 
-  def __call__(self, x_BxSxD, rope, ve_BxSxD=None, key=None, recompute_act=False, normed=None):
-    x, m = self.branches(x_BxSxD, None, rope, ve_BxSxD, key, recompute_act, normed)
+  def __call__(self, x_BxSxD, rope, ve=None, key=None, recompute_act=False, normed=None):
+    x, m = self.branches(x_BxSxD, None, rope, ve, key, recompute_act, normed)
     return x + m.astype(jnp.float32)
 
-  def branches(self, x_BxSxD, pending, rope, ve_BxSxD=None, key=None, recompute_act=False, normed=None):
+  def branches(self, x_BxSxD, pending, rope, ve=None, key=None, recompute_act=False, normed=None):
     """(x + f32(pending) + f32(attention branch), MLP branch output): the block without its last residual add,
     so that the next block can fuse it with its norm1 (`run_stage`). With the add + norm kernels
     (`model.norm_impl`) each add that a norm reads is one kernel each way; pending needs them. normed: norm1(x)
@@ -279,7 +286,7 @@ class Block(nnx.Module):
       x, h = add_norm.add_rms_norm(x_BxSxD, pending, self.norm1.scale[...], self.norm1.eps, self.cd)
     else:
       x, h = x_BxSxD, self.norm1(x_BxSxD) if normed is None else normed
-    a = self.attn(h, rope, ve_BxSxD, k1)
+    a = self.attn(h, rope, ve, k1)
     if kernels:  # the add and norm2 as one kernel each way (the MLP reads the compute dtype)
       x, n = add_norm.add_rms_norm(x, a, self.norm2.scale[...], self.norm2.eps, self.cd)
     else:

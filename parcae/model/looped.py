@@ -277,7 +277,7 @@ def _split_no_grad(no_grad, carry, ctx, ves, n_B, split: int, start=0):
   lower, upper, merge = halves
   n_lo = jnp.maximum(jnp.max(lower(n_B)), start)  # under a mesh a shard's deeper half may be shallower
   carry = no_grad(carry, ctx, ves, n_B, jnp.int32(start), n_lo)
-  per_seq = lambda a: upper(a) if a.ndim == 3 and a.shape[0] == b else a  # [B, S, D] inputs
+  per_seq = lambda a: upper(a) if a.ndim >= 2 and a.shape[0] == b else a  # [B, S, D] inputs, [B, S] ids
   hi = _split_no_grad(no_grad, jax.tree.map(upper, carry), jax.tree.map(per_seq, ctx),
                       jax.tree.map(per_seq, ves), upper(n_B), split // 2, n_lo)
   return jax.tree.map(merge, carry, hi)
