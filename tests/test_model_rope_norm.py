@@ -170,7 +170,8 @@ def test_attention_with_the_kernels_equals_the_xla_path_with_its_gradients():
 
   def loss(m):  # the value-embedding table's gradient too (the kernels read its rows at ids)
     return jnp.sum(jnp.sin(m.attn(x, rope, m.attn.lookup_ve(ids))))
-  (lk, gk), (lx, gx) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (m_k, m_x))
+  with jax.default_matmul_precision("highest"):  # on a GPU: float32 GEMMs, not TF32 (an H100's default)
+    (lk, gk), (lx, gx) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (m_k, m_x))
   assert float(lk) == pytest.approx(float(lx), rel=1e-5)
   for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gx)):  # float32: summation-order error of each leaf
     a, b = np.asarray(a), np.asarray(b)

@@ -432,3 +432,30 @@ def test_run_length_given_per_call_equals_the_built_in_one():
     assert float(s2.metrics["lr"]) == pytest.approx(float(s1.metrics["lr"]), rel=1e-6)
   with pytest.raises(ValueError, match="run length"):
     bare.update(grads, s2, params)
+
+
+def test_same_shape_muon_leaves_stacked_equal_one_call_per_leaf():
+  """The update runs Muon once per (shape, dtype) group, the group's matrices stacked on a batch axis; each
+  leaf's update, momentum and second moment equal muon_leaf's on that leaf alone (bf16 Polar Express, as
+  the shipped recipes run it), within one float32 rounding of the update's entries."""
+  cfg = _cfg(muon_ortho_dtype="bfloat16")
+  params, grads = _params_and_grads(3, 1, [1.0])
+  tree, g_tree = (jax.tree.map(jnp.asarray, _nested(t)) for t in (params, grads[0]))
+  tx = optim.make_optimizer(cfg, tree, 8)
+  state = tx.init(tree)
+  u, new = jax.jit(tx.update)(g_tree, state, tree)
+  routes = [r for _, r in optim.param_routes(tree, cfg.name)]
+  leaves = [jax.tree.leaves(t) for t in (g_tree, tree, state.mu, state.nu, u, new.mu, new.nu)]
+  groups = optim._same_shape_groups(leaves[1], routes)
+  assert max(len(gr) for gr in groups) >= 2  # k and v: [D, D] (B and C are AdamW's)
+  _, g_norm = optim.clip_by_global_norm(leaves[0], cfg.grad_clip)
+  hp = optim.hyperparams_at(cfg, jnp.int32(0), optim.schedules.run_length(cfg, 8))
+  scale = jnp.minimum(1.0, cfg.grad_clip / g_norm) if cfg.grad_clip else 1.0
+  one = jax.jit(lambda g, p, m, v: optim.muon_leaf(
+      g * scale, p, m, v, lr=hp["muon_lr"], momentum=hp["muon_momentum"], beta2=cfg.muon_beta2,
+      wd=hp["muon_wd"], ns_steps=cfg.muon_ns_steps, ortho_dtype=jnp.bfloat16))
+  for i in (i for gr in groups for i in gr):
+    want = one(*(leaves[k][i] for k in range(4)))
+    for got, w in zip((leaves[4][i], leaves[5][i], leaves[6][i]), want):
+      got, w = np.asarray(got), np.asarray(w)
+      assert np.abs(got - w).max() <= 2.0 ** -22 * np.abs(w).max(), (i, np.abs(got - w).max())

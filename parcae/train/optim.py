@@ -243,6 +243,27 @@ def _muon_nu_shape(shape):
   return shape[:-2] + ((1, shape[-1]) if rows >= cols else (shape[-2], 1))
 
 
+def _same_shape_groups(p_leaves, routes):
+  """Indices of the Muon leaves grouped by (shape, dtype), in first-appearance order."""
+  groups = {}
+  for i, (p, r) in enumerate(zip(p_leaves, routes)):
+    if r == "muon":
+      groups.setdefault((p.shape, p.dtype), []).append(i)
+  return list(groups.values())
+
+
+def _stacked(step, group, trees, outs):
+  """outs[i] = step(leaf i of each of trees) for i in group, as one call on the leaves stacked on a new leading
+  axis (a batch axis of Muon's matrices): one Polar Express GEMM per iteration for every [768, 768] kernel of
+  a model instead of one each, which a single small matrix leaves mostly idle on a GPU."""
+  if len(group) == 1:
+    outs[group[0]] = step(*(t[group[0]] for t in trees))
+    return
+  res = step(*(jnp.stack([t[i] for i in group]) for t in trees))
+  for j, i in enumerate(group):
+    outs[i] = tuple(r[j] for r in res)
+
+
 # ------------------------------------------------------------------------------------------ transform
 
 class OptState(NamedTuple):
@@ -298,16 +319,17 @@ def make_optimizer(optim_cfg, params, total_steps: int | None = None) -> optax.G
     g_leaves, grad_norm = clip_by_global_norm(g_leaves, cfg.grad_clip)
     hp = hyperparams_at(cfg, state.step, run)
     count = (state.count + 1).astype(jnp.float32)
-    outs = []
-    for g, p, m, v, r in zip(g_leaves, p_leaves, m_leaves, v_leaves, routes):
-      if r == "muon":
-        outs.append(muon_leaf(g, p, m, v, lr=hp["muon_lr"], momentum=hp["muon_momentum"],
-                              beta2=cfg.muon_beta2, wd=hp["muon_wd"], ns_steps=cfg.muon_ns_steps,
-                              ortho_dtype=ortho_dtype))
-      else:
+    outs = [None] * len(g_leaves)
+    for i, (g, p, m, v, r) in enumerate(zip(g_leaves, p_leaves, m_leaves, v_leaves, routes)):
+      if r != "muon":
         wd = hp["weight_decay"] if p.ndim >= 2 else 0.0
-        outs.append(adamw_leaf(g, p.astype(jnp.float32), m, v, count=count, lr=hp["lr"], b1=cfg.b1,
-                               b2=cfg.b2, eps=cfg.eps, wd=wd))
+        outs[i] = adamw_leaf(g, p.astype(jnp.float32), m, v, count=count, lr=hp["lr"], b1=cfg.b1,
+                             b2=cfg.b2, eps=cfg.eps, wd=wd)
+    muon = lambda g, p, m, v: muon_leaf(g, p, m, v, lr=hp["muon_lr"], momentum=hp["muon_momentum"],
+                                        beta2=cfg.muon_beta2, wd=hp["muon_wd"], ns_steps=cfg.muon_ns_steps,
+                                        ortho_dtype=ortho_dtype)
+    for group in _same_shape_groups(p_leaves, routes):
+      _stacked(muon, group, (g_leaves, p_leaves, m_leaves, v_leaves), outs)
     finite = jnp.isfinite(grad_norm)
     if loss is not None:
       finite = finite & jnp.all(jnp.isfinite(loss))
