@@ -1,4 +1,7 @@
-"""The RoPE + QK-norm kernels (parcae.model.rope_norm; interpret mode here) against the jnp path and float64."""
+"""The RoPE + QK-norm kernels (parcae.model.rope_norm; interpret mode here) against the jnp path and float64.
+
+On a GPU (real Triton kernels) run them with XLA_FLAGS=--xla_allow_excess_precision=false: XLA then rounds the
+jnp path's intermediates to bf16 where the program does, as the kernels do (bench/RESULTS.md, session 25)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,5 @@
-"""RoPE and QK-norm of the fused q/k/v GEMM's output: one Pallas kernel forward, one backward.
+"""RoPE and QK-norm of the fused q/k/v GEMM's output, and the value embeddings' mix into v: one Pallas kernel
+forward, one backward.
 
 XLA runs this step as 4-6 memory passes per attention call (the norm's reduction, the rotation, casts, a copy
 of v) and writes the backward's q / k / v gradient in one fusion that evaluates the rotation and the norm's
@@ -16,6 +17,10 @@ backward's residual (what autodiff of the jnp path keeps; keeping y instead woul
 Programs: (row block, head, q | k | v), each reading and writing one [rows, K] block; the backward writes the
 whole [tokens, T x 3 x G] gradient in place. Under the trainer's mesh it runs per device (shard_map): XLA cannot
 partition a kernel call.
+Value embeddings (layers.Attention.project): v's programs form cd(v + gate * ve) and, backward, the gate's
+gradient sum_K dv * ve, reading ve's rows from the table at the token ids (`rope_qk_norm`'s ve_table_ids), so
+the looked-up [tokens, D] float32 array is neither written nor read: one pass each way less per call
+(bench/RESULTS.md, session 25).
 """
 from __future__ import annotations
 
