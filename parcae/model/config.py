@@ -63,8 +63,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.block_remat = "none"
   c.block_remat_first = 0  # block_remat only for the first N blocks of each of those stages (0 = every block)
   c.attention_impl = "auto"  # "auto" = cuDNN fused attention on a GPU with bf16 compute, else "xla"
-  # RoPE + QK-norm: "auto" = one Pallas kernel each way on a GPU where the shape allows (else the jnp path,
-  # "xla"); "pallas" forces the kernels (interpreted on a CPU; an error where they cannot run, e.g. decode steps)
+  # RoPE + QK-norm and the value embeddings' mix: "auto" = one Pallas kernel each way on a GPU where the shape
+  # allows (else the jnp path, "xla"); "pallas" forces the kernels (interpreted on a CPU; an error where they
+  # cannot run, e.g. decode steps)
   c.rope_impl = "auto"
   # Loss head's log-sum-exp: "auto" = one Pallas pass over the logits on a GPU where chunk and vocabulary allow (else
   # the two-pass jnp formula, "xla"); "pallas" forces the kernel (interpreted on a CPU; an error where it cannot run)
