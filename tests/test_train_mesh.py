@@ -262,34 +262,39 @@ def test_gathered_spec_drops_only_fsdp():
     assert mesh_lib.gathered_spec(P()) == P()
 
 
-def _all_gather_sizes(fsdp: int):
-    """Element counts of every all-gather result in the compiled train step of the trainer tests' tiny Parcae
-    model on a (data 8/fsdp, fsdp) mesh of the CPU devices, and the largest parameter's element count."""
-    import math
+def _all_gather_shapes(fsdp: int):
+    """The shapes of every all-gather result in the compiled train step of the trainer tests' tiny Parcae model
+    on a (data 8/fsdp, fsdp) mesh of the CPU devices, and the shapes a parameter gather may have: a parameter's,
+    or some of a group of same-shape Muon kernels stacked (the optimizer orthogonalizes each group as one batch)."""
     import re
+    from parcae.model import build
+    from parcae.train import optim
     from parcae.train.loop import compile_train_step
     from train_helpers import tiny_config
     cfg = tiny_config("unused", micro_batch_size=16, seq_len=32, grad_accum=2, loss_chunk=128)  # no data read
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 8 // fsdp, fsdp, 1
     compiled, _, _ = compile_train_step(cfg, jax.devices()[:8])
-    sizes = [math.prod(int(d) for d in dims.split(",") if d)
-             for dims in re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", compiled.as_text())]
-    m = cfg.model
-    largest = m.d_model * m.ffn_mult * m.d_model  # fc / proj kernels: d x 4d
-    return sizes, largest
+    gathered = {tuple(int(d) for d in dims.split(",") if d)
+                for dims in re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", compiled.as_text())}
+    params = nnx.state(nnx.eval_shape(lambda: build(cfg.model, jax.random.key(0))), nnx.Param)
+    leaves = jax.tree.leaves(params)
+    routes = [r for _, r in optim.param_routes(params, cfg.optim.name)]
+    # a stacked group may also be gathered in parts (GSPMD can split it over the devices by matrix)
+    allowed = {x.shape for x in leaves} | {(m,) + leaves[g[0]].shape for g in optim._same_shape_groups(leaves, routes)
+                                           for m in range(1, len(g) + 1)}
+    return gathered, allowed
 
 
 def test_fsdp_gathers_weights_not_activations(monkeypatch):
-    """Under FSDP the train step all-gathers parameters (each at most the largest kernel's size), never an
-    activation over the batch (the tiny model's MLP activations, 16 x 32 x 256 per micro-batch, are 8x the
-    largest kernel). Without `constrain_like_params` (patched out below) GSPMD gathered activations to form
-    weight gradients, so the check can fail."""
-    sizes, largest = _all_gather_sizes(fsdp=4)
-    assert sizes, "expected FSDP to gather parameters"
-    assert max(sizes) <= largest, sorted(sizes)[-5:]
+    """Under FSDP the train step all-gathers parameters (a kernel, or a same-shape group of Muon kernels
+    stacked), never an activation over the batch. Without `constrain_like_params` (patched out below) GSPMD
+    gathered activations ([8, 32, 192] among them) to form weight gradients, so the check can fail."""
+    gathered, allowed = _all_gather_shapes(fsdp=4)
+    assert gathered, "expected FSDP to gather parameters"
+    assert gathered <= allowed, sorted(gathered - allowed)
     monkeypatch.setattr(mesh_lib, "constrain_like_params", lambda tree, gathered: tree)
-    sizes, largest = _all_gather_sizes(fsdp=4)
-    assert max(sizes) > largest
+    gathered, allowed = _all_gather_shapes(fsdp=4)
+    assert not gathered <= allowed
 
 
 def _head_loop_collectives():
