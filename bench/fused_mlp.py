@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import os
 import sys
@@ -77,9 +76,6 @@ def main():
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--ops", default="gemm,fwd,bwd,pair,gemmT")
   p.add_argument("--clusters", default="1,2,4", help="Mosaic GPU cluster sizes to time")
-  p.add_argument("--epi", default="", help="Mosaic GPU epilogues to time, e.g. 1n,2s,2sld: column pieces per "
-                 "output tile (mlp_kernels.EPI_SPLIT), s / n: buffers swizzled or not (EPI_SWIZZLE), l: "
-                 "EPI_WAIT_LATE, d: EPI_DIRECT; default the library's")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--impls", default="xla,pallas,mgpu", help="which of xla, pallas (Triton), mgpu (Mosaic GPU)")
   args = p.parse_args()
@@ -126,15 +122,11 @@ def main():
       record("fwd", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t))
       record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
     if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU kernels (wgmma + TMA): Hopper only
-      knobs = ("STEPS", "CLUSTER", "EPI_SPLIT", "EPI_SWIZZLE", "EPI_WAIT_LATE", "EPI_DIRECT")
-      default = tuple(getattr(mlp_kernels, k) for k in knobs)
-      epi = lambda e: (int(e[0]), "s" in e[1:], "l" in e[1:], "d" in e[1:])
-      epis = [epi(e) for e in args.epi.split(",")] if args.epi else [default[2:]]
-      for (steps, cluster), e in itertools.product(((3, int(c)) for c in args.clusters.split(",")), epis):
+      default = mlp_kernels.STEPS, mlp_kernels.CLUSTER
+      for steps, cluster in ((3, int(c)) for c in args.clusters.split(",")):
         # read when a kernel is traced: a fresh jit per launch shape
-        for k, v in zip(knobs, (steps, cluster) + e):
-          setattr(mlp_kernels, k, v)
-        kw = tuple((k.lower(), v) for k, v in zip(knobs, (steps, cluster) + e))
+        mlp_kernels.STEPS, mlp_kernels.CLUSTER = steps, cluster
+        kw = (("steps", steps), ("cluster", cluster))
         record("gemm", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
             (x, w), x.shape[1], w.shape[1], lambda a, _: (a,), trans_b=False)[0]))
         # fresh lambdas: jit's trace cache is keyed on the function, and STEPS is read only when tracing
@@ -143,8 +135,7 @@ def main():
         record("pair", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._pair_matmul_mosaic(x, w)))  # pylint: disable=protected-access
         record("gemmT", "mgpu_ws", kw, jax.jit(lambda g, w2: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
             (g, w2), g.shape[1], w2.shape[0], lambda a, _: (a,), trans_b=True)[0]))
-      for k, v in zip(knobs, default):
-        setattr(mlp_kernels, k, v)
+      mlp_kernels.STEPS, mlp_kernels.CLUSTER = default
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)
   best = {}

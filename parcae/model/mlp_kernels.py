@@ -36,10 +36,6 @@ from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_
 BM, BN, STEPS, WGS = 128, 128, 3, 2   # launch shape (bench/fused_mlp.py measured STEPS 2 and 3)
 CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) sharing each weight tile
 TK = 64                               # K step: one 128-byte swizzled row of bf16
-EPI_SPLIT = 2                         # column pieces per output tile in the epilogue (each its own buffer)
-EPI_SWIZZLE = True                    # output buffers 128-byte swizzled (conflict-free register stores)
-EPI_WAIT_LATE = False                 # (no h operand) wait for the previous tile's stores only before writing
-EPI_DIRECT = False                    # outputs after the first stored from registers to GMEM (no TMA)
 
 
 def _target_gpu():
@@ -154,57 +150,33 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
 
   return plgpu.kernel(
       kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
-      scratch_types=[_out_buffers(), plgpu.Barrier(num_arrivals=EPI_SPLIT, num_barriers=WGS)],
+      scratch_types=[plgpu.SMEM((WGS, BM, BN), jnp.bfloat16), plgpu.Barrier(num_barriers=WGS)],
       grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",
       **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}))(*operands)
 
 
-def _out_buffers():
-  """Each compute warpgroup's output buffers: EPI_SPLIT column pieces of its [BM, BN] tile, each a TMA box of its
-  own, so one piece's register -> shared-memory stores overlap the store of the piece before (and the
-  backward's h tile arrives in them); 128-byte swizzled when a piece is a whole number of 64-column tiles."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  w = BN // EPI_SPLIT
-  tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)) if EPI_SWIZZLE and w % 64 == 0 else ()
-  return plgpu.SMEM((WGS, EPI_SPLIT, BM, w), jnp.bfloat16, transforms=tf)
-
-
 def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols):
   """Compute warpgroup wg's part of one tile: `run` (the K loop) into its [BM, BN] accumulator, then the
-  epilogue's output tiles piece by piece (EPI_SPLIT column pieces, piece j through buffer o_smem[wg, j]) to
-  GMEM[rows, cols]; the backward's h tile is fetched into the buffers while the K loop runs. Before a buffer
-  is written again, the store issued from it EPI_SPLIT - 1 stores ago must have read it; the others stay in
-  flight."""
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  epilogue's output tiles through its shared-memory buffer o_smem[wg] to GMEM[rows, cols] (the backward's h
+  tile fetched into that buffer while the K loop runs). Without an h operand the previous tile's store has the
+  whole K loop to read the buffer: waiting for it at the tile's start instead cost the forward kernels 1-3%
+  (bench/RESULTS.md, session 26)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  w = BN // EPI_SPLIT
-  piece = lambda j: pl.ds(cols.start + j * w, w)
   fetch = len(in_gmem) == 3
-  late = EPI_WAIT_LATE and not fetch
-  if not late:
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
   if fetch:
-    for j in range(EPI_SPLIT):
-      plgpu.copy_gmem_to_smem(in_gmem[2].at[rows, piece(j)], o_smem.at[wg, j], barrier.at[wg])
-  acc = run(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA)).astype(jnp.bfloat16)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read the buffer
+    plgpu.copy_gmem_to_smem(in_gmem[2].at[rows, cols], o_smem.at[wg], barrier.at[wg])
+  acc = run(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
+  h = None
   if fetch:
     plgpu.barrier_wait(barrier.at[wg])
-  outs = []
-  for j in range(EPI_SPLIT):
-    h = plgpu.load(o_smem.at[wg, j], (), layout=plgpu.Layout.WGMMA, optimized=False) if fetch else None
-    outs.append(epilogue(acc[:, j * w:(j + 1) * w], h))
-  if late:
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  for i in range(len(outs[0])):
-    for j in range(EPI_SPLIT):
-      if i and EPI_DIRECT:
-        o_gmem[i][rows, piece(j)] = outs[j][i]
-        continue
-      if i:
-        plgpu.wait_smem_to_gmem(EPI_SPLIT - 1, wait_read_only=True)  # buffer j's previous store has read it
-      o_smem[wg, j] = outs[j][i]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[wg, j], o_gmem[i].at[rows, piece(j)])
+    h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+  for i, tile in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
+    if i or not fetch:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read the buffer
+    o_smem[wg] = tile
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, cols])
 
 
 def _mma_body(cols, trans_b):
