@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import sys
@@ -76,6 +77,9 @@ def main():
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--ops", default="gemm,fwd,bwd,pair,gemmT")
   p.add_argument("--clusters", default="1,2,4", help="Mosaic GPU cluster sizes to time")
+  p.add_argument("--knobs", default="", help="Mosaic GPU launch variants to time, ';'-separated, each "
+                 "comma-separated mlp_kernels settings, e.g. 'STEPS_NO_H=4,PIECE_NO_H=64;H_FETCH_STEP=3' "
+                 "(default: the library's)")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--impls", default="xla,pallas,mgpu", help="which of xla, pallas (Triton), mgpu (Mosaic GPU)")
   args = p.parse_args()
@@ -122,20 +126,25 @@ def main():
       record("fwd", "pallas", t, functools.partial(mk.relu2_matmul, tiles=t))
       record("bwd", "pallas", t, functools.partial(mk.relu_grad_matmul, tiles=t))
     if not args.smoke and "mgpu" in args.impls:  # Mosaic GPU kernels (wgmma + TMA): Hopper only
-      default = mlp_kernels.STEPS, mlp_kernels.CLUSTER
-      for steps, cluster in ((3, int(c)) for c in args.clusters.split(",")):
+      variants = [dict(kv.split("=") for kv in v.split(",")) if v else {} for v in args.knobs.split(";")]
+      names = {"CLUSTER"} | {k for v in variants for k in v}
+      default = {k: getattr(mlp_kernels, k) for k in names}
+      for cluster, variant in itertools.product(map(int, args.clusters.split(",")), variants):
         # read when a kernel is traced: a fresh jit per launch shape
-        mlp_kernels.STEPS, mlp_kernels.CLUSTER = steps, cluster
-        kw = (("steps", steps), ("cluster", cluster))
+        for k, v in dict(default, CLUSTER=cluster, **{k: int(v) for k, v in variant.items()}).items():
+          setattr(mlp_kernels, k, v)
+        kw = tuple((k.lower(), getattr(mlp_kernels, k)) for k in sorted(names))
         record("gemm", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
-            (x, w), x.shape[1], w.shape[1], lambda a, _: (a,), trans_b=False)[0]))
-        # fresh lambdas: jit's trace cache is keyed on the function, and STEPS is read only when tracing
+            (x, w), x.shape[1], w.shape[1], lambda a, _: (a,), trans_b=False, steps=mlp_kernels.STEPS_NO_H,
+            piece=mlp_kernels.PIECE_NO_H)[0]))
+        # fresh lambdas: jit's trace cache is keyed on the function, and the knobs are read when tracing
         record("fwd", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._relu2_matmul_mosaic(x, w)))  # pylint: disable=protected-access
         record("bwd", "mgpu_ws", kw, jax.jit(lambda g, w, h: mlp_kernels._relu_grad_matmul_mosaic(g, w, h)))  # pylint: disable=protected-access
         record("pair", "mgpu_ws", kw, jax.jit(lambda x, w: mlp_kernels._pair_matmul_mosaic(x, w)))  # pylint: disable=protected-access
         record("gemmT", "mgpu_ws", kw, jax.jit(lambda g, w2: mlp_kernels._ws_gemm(  # pylint: disable=protected-access
             (g, w2), g.shape[1], w2.shape[0], lambda a, _: (a,), trans_b=True)[0]))
-      mlp_kernels.STEPS, mlp_kernels.CLUSTER = default
+      for k, v in default.items():
+        setattr(mlp_kernels, k, v)
   with open(os.path.join(os.environ.get("OUT", "."), "fused_mlp.json"), "w") as fh:
     json.dump(rows_out, fh, indent=1)
   best = {}

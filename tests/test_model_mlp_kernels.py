@@ -192,13 +192,16 @@ def test_auto_follows_a_compile_only_targets_gpus():
 
 
 @pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
-@pytest.mark.parametrize("cluster", [1, 2])
-def test_mosaic_kernels_match_xla_on_every_row_on_a_hopper_gpu(cluster, monkeypatch):
+@pytest.mark.parametrize("cluster,steps,piece,fetch", [(1, 3, 128, 0), (2, 3, 128, 0), (2, 4, 64, 3), (2, 3, 32, 5)])
+def test_mosaic_kernels_match_xla_on_every_row_on_a_hopper_gpu(cluster, steps, piece, fetch, monkeypatch):
   """On the GPU: each kernel's whole output against the same formula through XLA (cuBLAS), on 128 x 4 output
   tiles, about 4 per program of the persistent loop (CLUSTER row tiles per cluster). Both round the float32 accumulator to
   bf16 once, so they differ only where the two summation orders round the other way: by at most a few bf16
-  ulps of an entry, and in few entries; a tile written to the wrong place or skipped differs everywhere."""
+  ulps of an entry, and in few entries; a tile written to the wrong place or skipped differs everywhere.
+  steps / piece / fetch: the forward kernels' pipeline depth and epilogue piece, the backward's h fetch step."""
   monkeypatch.setattr(mk, "CLUSTER", cluster)
+  for name, value in (("STEPS_NO_H", steps), ("PIECE_NO_H", piece), ("H_FETCH_STEP", fetch)):
+    monkeypatch.setattr(mk, name, value)
   m, k, n = 16384, 256, 1024
   ks = jax.random.split(jax.random.key(cluster), 4)
   x, g = (jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in ks[:2])
@@ -207,7 +210,7 @@ def test_mosaic_kernels_match_xla_on_every_row_on_a_hopper_gpu(cluster, monkeypa
   h = jnp.dot(x, w)
   mosaic, xla = mk.KERNELS["mosaic"], mk.KERNELS["jnp"]
   for i, args in enumerate(((x, w), (g, w2, h), (x, w))):
-    # fresh lambdas: jit caches the trace by function, and CLUSTER is read when tracing
+    # fresh lambdas: jit caches the trace by function, and the launch shape is read when tracing
     got = jax.tree.leaves(jax.jit(lambda *a, f=mosaic[i]: f(*a))(*args))
     want = jax.tree.leaves(jax.jit(xla[i])(*args))
     for a, b in zip(got, want):

@@ -34,6 +34,10 @@ from jax.sharding import PartitionSpec as P
 from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_shards
 
 BM, BN, STEPS, WGS = 128, 128, 3, 2   # launch shape (bench/fused_mlp.py measured STEPS 2 and 3)
+# The kernels without an h operand (forward, pair): pipeline buffers and the epilogue's column piece per store
+# (a narrower output buffer leaves shared memory for a fourth buffer).
+STEPS_NO_H, PIECE_NO_H = 3, BN
+H_FETCH_STEP = 0                      # the backward's h tile fetched at this K step (its buffer then free)
 CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) sharing each weight tile
 TK = 64                               # K step: one 128-byte swizzled row of bf16
 
@@ -99,7 +103,7 @@ def _mask_product_f32(da_bf16, h_bf16):
 
 # ------------------------------------------------------------------------------------- Mosaic GPU kernels
 
-def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
+def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
   """Warp-specialized [M, n] = operands[0] @ operands[1] (or its transpose, [n, k]); `epilogue` maps the bf16
   accumulator tile (and the backward's h tile) to the n_out output tiles, stored one after another.
 
@@ -110,7 +114,7 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
   and multicasts it to all (TMA); c = 2 reads a third less from L2 per tile than c = 1."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  m, wide = operands[0].shape[0], WGS * BN
+  m, wide, steps = operands[0].shape[0], WGS * BN, steps or STEPS
   n_tiles = n // wide
   tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
   shared = ("cluster",) if CLUSTER > 1 else ()
@@ -118,11 +122,11 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
            plgpu.BlockSpec((wide, TK), lambda s: (0, s), transforms=tf, collective_axes=shared) if trans_b else
            plgpu.BlockSpec((TK, wide), lambda s: (s, 0), transforms=tf, collective_axes=shared)]
 
-  def pipeline(compute, wg):
+  def pipeline(compute, wg, before_step=None):
     return plgpu.emit_pipeline_warp_specialized(
-        _mma_body(pl.ds(wg * BN, BN), trans_b), grid=(k // TK,), in_specs=specs, compute_context=compute,
-        max_concurrent_steps=STEPS, num_compute_wgs=WGS, memory_registers=40, memory_thread_idx=WGS,
-        wg_axis="wg")
+        _mma_body(pl.ds(wg * BN, BN), trans_b, before_step), grid=(k // TK,), in_specs=specs,
+        compute_context=compute, max_concurrent_steps=steps, num_compute_wgs=WGS, memory_registers=40,
+        memory_thread_idx=WGS, wg_axis="wg")
 
   def kernel(*refs):
     n_in = len(operands)
@@ -139,10 +143,13 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
         rows, out_cols = pl.ds(mi * BM, BM), pl.ds(ni * wide + wg * BN, BN)
 
         compute = functools.partial(_tile_epilogue, epilogue=epilogue, in_gmem=in_gmem, o_gmem=o_gmem,
-                                    o_smem=o_smem, barrier=barrier, wg=wg, rows=rows, cols=out_cols)
+                                    o_smem=o_smem, barrier=barrier, wg=wg, rows=rows, cols=out_cols, piece=piece)
         x_rows = in_gmem[0].at[pl.ds(mi * BM, BM), :]
         w_cols = in_gmem[1].at[pl.ds(ni * wide, wide), :] if trans_b else in_gmem[1].at[:, pl.ds(ni * wide, wide)]
-        pipeline(compute, wg)(x_rows, w_cols, allocations=allocs)
+        fetch = None
+        if len(operands) == 3:  # the backward's h tile into the output buffer once the last store has read it
+          fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg])
+        pipeline(compute, wg, fetch)(x_rows, w_cols, allocations=allocs)
 
     ignore = lambda *_, **__: None
     pl.run_scoped(tiles, pipeline(ignore, wg).get_allocations(*in_gmem[:2]), collective_axes="wg")
@@ -150,41 +157,55 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1):
 
   return plgpu.kernel(
       kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
-      scratch_types=[plgpu.SMEM((WGS, BM, BN), jnp.bfloat16), plgpu.Barrier(num_barriers=WGS)],
+      scratch_types=[plgpu.SMEM((WGS, BM, piece), jnp.bfloat16), plgpu.Barrier(num_barriers=WGS)],
       grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",
       **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}))(*operands)
 
 
-def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols):
+def _fetch_h(h_gmem, h_smem, barrier, step):
+  """At K step H_FETCH_STEP: wait until the previous tile's store has read the buffer, then fetch h into it."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  @pl.when(step == H_FETCH_STEP)
+  def _():
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.copy_gmem_to_smem(h_gmem, h_smem, barrier)
+
+
+def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols, piece):
   """Compute warpgroup wg's part of one tile: `run` (the K loop) into its [BM, BN] accumulator, then the
-  epilogue's output tiles through its shared-memory buffer o_smem[wg] to GMEM[rows, cols] (the backward's h
-  tile fetched into that buffer while the K loop runs). Without an h operand the previous tile's store has the
-  whole K loop to read the buffer: waiting for it at the tile's start instead cost the forward kernels 1-3%
-  (bench/RESULTS.md, session 26)."""
+  epilogue's output tiles, `piece` columns at a time, through its shared-memory buffer o_smem[wg] to
+  GMEM[rows, cols] (the backward's h tile is fetched into that buffer during the K loop: `_fetch_h`). The
+  previous store must have read the buffer before it is written again; waiting for the previous tile's at
+  the tile's start instead of before the first write cost the forward kernels 1-3% (bench/RESULTS.md,
+  session 26)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   fetch = len(in_gmem) == 3
-  if fetch:
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read the buffer
-    plgpu.copy_gmem_to_smem(in_gmem[2].at[rows, cols], o_smem.at[wg], barrier.at[wg])
   acc = run(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
   h = None
   if fetch:
     plgpu.barrier_wait(barrier.at[wg])
     h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
   for i, tile in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
-    if i or not fetch:
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read the buffer
-    o_smem[wg] = tile
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, cols])
+    for j in range(BN // piece):
+      if i or j or not fetch:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read the buffer
+      o_smem[wg] = tile if piece == BN else tile[:, j * piece:(j + 1) * piece]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, pl.ds(cols.start + j * piece, piece)])
 
 
-def _mma_body(cols, trans_b):
-  """One K step of a compute warpgroup: its BN columns of the weight tile into the accumulator."""
+def _mma_body(cols, trans_b, before_step=None):
+  """One K step of a compute warpgroup: its BN columns of the weight tile into the accumulator (after
+  `before_step(step)`, if given)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
-  def body(_, x_smem, w_smem, acc):
+  def body(idx, x_smem, w_smem, acc):
+    if before_step is not None:
+      before_step(idx[0])
     b = plgpu.transpose_ref(w_smem.at[cols, :], (1, 0)) if trans_b else w_smem.at[:, cols]
 
     def mma(acc_ref):
@@ -211,13 +232,13 @@ def _check(m, k, n, x, what):
 def _relu2_matmul_mosaic(x_MxK, w_KxN):
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   _check(m, k, n, x_MxK, "relu2_matmul")
-  return _ws_gemm((x_MxK, w_KxN), k, n, _relu2_f32, trans_b=False)[0]
+  return _ws_gemm((x_MxK, w_KxN), k, n, _relu2_f32, trans_b=False, steps=STEPS_NO_H, piece=PIECE_NO_H)[0]
 
 
 def _pair_matmul_mosaic(x_MxK, w_KxN):
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   _check(m, k, n, x_MxK, "pair_matmul")
-  return _ws_gemm((x_MxK, w_KxN), k, n, _pair_f32, trans_b=False, n_out=2)
+  return _ws_gemm((x_MxK, w_KxN), k, n, _pair_f32, trans_b=False, n_out=2, steps=STEPS_NO_H, piece=PIECE_NO_H)
 
 
 def _relu_grad_matmul_mosaic(g_MxK, w_NxK, h_MxN):
