@@ -191,6 +191,15 @@ def test_auto_follows_a_compile_only_targets_gpus():
     assert not mk.hopper() and mk._num_sms() == 108  # pylint: disable=protected-access
 
 
+def test_the_backward_fetches_h_inside_every_k_loop(monkeypatch):
+  """The backward kernel's h fetch step lies inside its K loop for any width (a step past the end would hang the
+  epilogue on a barrier that never completes): H_FETCH_STEP where the loop is long enough, else half-way."""
+  monkeypatch.setattr(mk, "H_FETCH_STEP", 6)
+  assert [mk.fetch_step(d // mk.TK) for d in (64, 128, 256, 512, 768, 1024)] == [0, 1, 2, 4, 6, 6]
+  for steps in range(1, 40):
+    assert 0 <= mk.fetch_step(steps) < steps
+
+
 @pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
 @pytest.mark.parametrize("cluster,steps,piece,fetch", [(1, 3, 128, 0), (2, 3, 128, 0), (2, 4, 64, 3), (2, 3, 32, 5)])
 def test_mosaic_kernels_match_xla_on_every_row_on_a_hopper_gpu(cluster, steps, piece, fetch, monkeypatch):

@@ -17,8 +17,10 @@ XLA program: the accumulator is rounded to bf16 first, the elementwise step runs
 once; all matmul outputs bf16.
 
 One program per SM (persistent) loops over [BM, 2 x BN] output tiles: one memory warpgroup issues the TMA loads
-of the K loop (STEPS buffers deep, running ahead into the next tile), two compute warpgroups each accumulate
+of the K loop (3 or 4 buffers deep, running ahead into the next tile), two compute warpgroups each accumulate
 one [BM, BN] half with wgmma and store it with their own TMA; two SMs (a cluster) share each weight tile.
+A TMA store's read of shared memory is slow enough to show (every SM stores at about the same time): nothing
+waits for it before the next tile's K loop has run (or, in the backward, half of it).
 On a CPU (tests), `impl="jnp"` runs the same custom VJP with jnp stand-ins for the three kernels.
 Under the trainer's mesh the kernels run per device (shard_map): rows over the batch axes, F over "tensor".
 """
@@ -35,9 +37,12 @@ from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_
 
 BM, BN, STEPS, WGS = 128, 128, 3, 2   # launch shape (bench/fused_mlp.py measured STEPS 2 and 3)
 # The kernels without an h operand (forward, pair): pipeline buffers and the epilogue's column piece per store
-# (a narrower output buffer leaves shared memory for a fourth buffer).
-STEPS_NO_H, PIECE_NO_H = 3, BN
-H_FETCH_STEP = 0                      # the backward's h tile fetched at this K step (its buffer then free)
+# (a [BM, 64] output buffer leaves shared memory for a fourth buffer). bench/RESULTS.md, session 26: (4, 64)
+# against (3, BN): plain GEMM -4.3%, pair -3.9%, relu2 -0.3% at parcae-small's shape.
+STEPS_NO_H, PIECE_NO_H = 4, 64
+# The K step at which the backward fetches its h tile into the output buffer, once the previous tile's store
+# has read that buffer (session 26: step 6 of 12 against 0, -7.6%); see `fetch_step`.
+H_FETCH_STEP = 6
 CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) sharing each weight tile
 TK = 64                               # K step: one 128-byte swizzled row of bf16
 
@@ -148,7 +153,8 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
         w_cols = in_gmem[1].at[pl.ds(ni * wide, wide), :] if trans_b else in_gmem[1].at[:, pl.ds(ni * wide, wide)]
         fetch = None
         if len(operands) == 3:  # the backward's h tile into the output buffer once the last store has read it
-          fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg])
+          fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg],
+                                    fetch_step(k // TK))
         pipeline(compute, wg, fetch)(x_rows, w_cols, allocations=allocs)
 
     ignore = lambda *_, **__: None
@@ -162,12 +168,18 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
       **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}))(*operands)
 
 
-def _fetch_h(h_gmem, h_smem, barrier, step):
-  """At K step H_FETCH_STEP: wait until the previous tile's store has read the buffer, then fetch h into it."""
+def fetch_step(k_steps: int) -> int:
+  """The K step at which the backward fetches h: H_FETCH_STEP, but at most half-way through a shorter K loop
+  (a step past the loop's end would leave the epilogue waiting for an h that never comes)."""
+  return min(H_FETCH_STEP, k_steps // 2)
+
+
+def _fetch_h(h_gmem, h_smem, barrier, at, step):
+  """At K step `at`: wait until the previous tile's store has read the buffer, then fetch h into it."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
-  @pl.when(step == H_FETCH_STEP)
+  @pl.when(step == at)
   def _():
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     plgpu.copy_gmem_to_smem(h_gmem, h_smem, barrier)
