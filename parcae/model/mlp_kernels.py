@@ -120,6 +120,9 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, wide, steps = operands[0].shape[0], WGS * BN, steps or STEPS
+  if BN % piece or (len(operands) == 3 and piece != BN):
+    raise ValueError(f"epilogue piece {piece} must divide {BN} (and be {BN} with an h operand, which fills the "
+                     "whole buffer)")
   n_tiles = n // wide
   tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
   shared = ("cluster",) if CLUSTER > 1 else ()
