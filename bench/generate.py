@@ -96,9 +96,9 @@ def bench_batch(model, b, loops, prompt_len, new, runs, stepwise):
   log = lambda what: print(f"  batch {b}: {what} ({time.perf_counter() - t_start:.1f} s)", flush=True)
   t_start = time.perf_counter()
   pre, pre_first, pre_all = median_time(run_prefill, runs)
-  log("prefill timed")
+  log(f"prefill timed: {pre * 1e3:.2f} ms")
   dec, dec_first, dec_all = median_time(run_decode, runs)
-  log("decode loop timed")
+  log(f"decode loop timed: {b * new / dec:,.1f} tok/s")
   step, _, _ = median_time(run_steps, max(1, runs // 2))
   log("decode_step calls timed")
   n_check = min(CHECK_TOKENS, stepwise, new)
@@ -179,26 +179,27 @@ def main(argv=None):
     args.loops, args.prompt, args.new, args.batch, args.runs, args.stepwise = 3, 8, 8, "1,4", 2, 4
   model = build(args.kind, args.size, args.smoke)
   loops = args.loops if args.kind == "parcae" else None
-  rows = [bench_batch(model, int(b), loops, args.prompt, args.new, args.runs, args.stepwise)
-          for b in args.batch.split(",")]
   name = "smoke" if args.smoke else f"{args.kind}-{args.size}"
-  print(f"\n{name} ({model.cfg.compute_dtype}, T={loops}, prompt {args.prompt}, new {args.new}) "
+  print(f"{name} ({model.cfg.compute_dtype}, T={loops}, prompt {args.prompt}, new {args.new}) "
         f"on {jax.devices()[0].device_kind}")
-  print(f"{'B':>4} {'prefill ms':>11} {'decode tok/s':>13} {'ms/step':>8} {'py ms/step':>11} {'cache MB':>9} "
-        f"{'compile s':>10} {'split':>6} {'rounding':>8} {'split f32':>9} {'check':>6}")
-  for r in rows:
+  rows = []
+  for b in args.batch.split(","):  # each batch's row printed and written as soon as it is done (a kill keeps it)
+    rows.append(bench_batch(model, int(b), loops, args.prompt, args.new, args.runs, args.stepwise))
+    print(f"{'B':>4} {'prefill ms':>11} {'decode tok/s':>13} {'ms/step':>8} {'py ms/step':>11} {'cache MB':>9} "
+          f"{'compile s':>10} {'split':>6} {'rounding':>8} {'split f32':>9} {'check':>6}")
+    r = rows[-1]
     ok = r["split_ok"] and r["fused_equals_stepwise"]
     print(f"{r['batch']:>4} {r['prefill_ms']:>11.2f} {r['decode_tok_per_s']:>13.1f} {r['decode_ms_per_step']:>8.3f} "
           f"{r['stepwise_ms_per_step']:>11.3f} {r['cache_mb']:>9.1f} {r['decode_first_call_s']:>10.1f} "
           f"{r['split_rel_diff']:>6.4f} {r['rounding_rel_diff']:>8.4f} {r['split_rel_diff_f32']:>9.1e} "
-          f"{'ok' if ok else 'FAIL':>6}")
-  result = {"model": name, "device": jax.devices()[0].device_kind, "compute_dtype": model.cfg.compute_dtype,
-            "jax": jax.__version__, "rows": rows}
-  if os.environ.get("OUT"):
-    path = os.path.join(os.environ["OUT"], "generate.json")
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+          f"{'ok' if ok else 'FAIL':>6}", flush=True)
+    result = {"model": name, "device": jax.devices()[0].device_kind, "compute_dtype": model.cfg.compute_dtype,
+              "jax": jax.__version__, "rows": rows}
+    if os.environ.get("OUT"):
+      path = os.path.join(os.environ["OUT"], "generate.json")
+      with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+      print(f"wrote {path}")
   return 0 if all(r["split_ok"] and r["fused_equals_stepwise"] for r in rows) else 1
 
 
