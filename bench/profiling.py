@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import time
 
 import jax
@@ -50,6 +51,7 @@ def top_device_ops(run, name, n=25, what="the traced calls", hlo_text=None):
   $OUT/<name>.json (or /tmp). Returns {op name: microseconds}.
   """
   logdir = os.path.join("/tmp", name)
+  shutil.rmtree(logdir, ignore_errors=True)  # an earlier run's trace there would be read instead of this one's
   with jax.profiler.trace(logdir, create_perfetto_trace=True):
     jax.block_until_ready(run())
   files = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)
