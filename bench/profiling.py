@@ -167,3 +167,68 @@ def op_kind(name: str) -> str:
   if any(t in n for t in ("triton", "pallas", "kernel")):  # Pallas kernels carry their function's name
     return "custom kernel"
   return "other"
+
+
+SMI_QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.sw_power_cap,clocks_throttle_reasons.hw_slowdown"
+
+
+class GpuClocks:
+  """The GPU's SM clock and power while a block runs, from `nvidia-smi` every `period_ms` (a context manager;
+  `.summary()` after it). An H100 held at its power limit lowers its clock: a step that draws more power runs
+  at a lower clock than the kernels timed alone (bench/RESULTS.md, session 27), so throughput rows carry the
+  clock they ran at. Without nvidia-smi (a CPU machine) the summary is empty."""
+
+  def __init__(self, period_ms: int = 100, gpu: int = 0):
+    self.period_ms, self.gpu = period_ms, gpu
+    self.proc, self.text = None, ""
+
+  def _query(self) -> str:
+    """SMI_QUERY, or the clock and power alone where this driver knows no throttle-reason fields."""
+    import subprocess
+    try:
+      ok = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv,noheader", f"-i={self.gpu}"],
+                          capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+      return ""
+    return SMI_QUERY if ok else "clocks.sm,power.draw"
+
+  def __enter__(self):
+    import subprocess
+    import tempfile
+    self.out = tempfile.TemporaryFile(mode="w+")
+    query = self._query()
+    if query:
+      cmd = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", f"-lms={self.period_ms}",
+             f"-i={self.gpu}"]
+      self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.DEVNULL, text=True)
+    return self
+
+  def __exit__(self, *exc):
+    if self.proc is not None:
+      self.proc.terminate()
+      self.proc.wait()
+      self.out.seek(0)
+      self.text = self.out.read()
+    self.out.close()
+    return False
+
+  def summary(self) -> dict:
+    return parse_clock_samples(self.text)
+
+
+def parse_clock_samples(text: str) -> dict:
+  """nvidia-smi lines "MHz, W, power cap, hw slowdown" (the last two "Active" / "Not Active") -> mean and min
+  SM clock, mean and max power, and the share of samples throttled by the power cap; {} without samples."""
+  rows = []
+  for line in text.splitlines():
+    f = [s.strip() for s in line.split(",")]
+    try:
+      rows.append((float(f[0]), float(f[1]), len(f) > 2 and f[2] == "Active", len(f) > 3 and f[3] == "Active"))
+    except (ValueError, IndexError):
+      continue  # a header, an "[N/A]" or a line cut off by the stop
+  if not rows:
+    return {}
+  mhz, watts = [r[0] for r in rows], [r[1] for r in rows]
+  return {"clock_mhz_mean": sum(mhz) / len(mhz), "clock_mhz_min": min(mhz), "power_w_mean": sum(watts) / len(watts),
+          "power_w_max": max(watts), "power_capped": sum(r[2] for r in rows) / len(rows),
+          "hw_slowdown": sum(r[3] for r in rows) / len(rows), "samples": len(rows)}

@@ -175,13 +175,15 @@ def train_and_time(cfg, args, devices, name=""):
     state, m = step(state, batch)
     losses.append(float(m["loss"]))
   jax.block_until_ready(state)
-  t0 = time.time()
+  from profiling import GpuClocks
   ms = []
-  for _ in range(args.steps):
-    state, m = step(state, batch)
-    ms.append(m)
-  jax.block_until_ready(state)
-  dt = time.time() - t0
+  with GpuClocks() as clocks:  # the clock the steps ran at (an H100 at its power limit clocks down)
+    t0 = time.time()
+    for _ in range(args.steps):
+      state, m = step(state, batch)
+      ms.append(m)
+    jax.block_until_ready(state)
+    dt = time.time() - t0
   ms = jax.device_get(ms)
   if getattr(args, "profile", False):
     import gzip
@@ -193,7 +195,8 @@ def train_and_time(cfg, args, devices, name=""):
   assert all(np.isfinite(losses)), f"non-finite loss {losses}"
   assert losses[-1] < losses[0], f"loss did not fall: {losses}"
   return {"graphdef": graphdef, "state": state, "batch": batch, "metrics": ms, "losses": losses,
-          "seconds": dt, "compile_s": compile_s, "mem": mem, "peak_gib": peak_gib(mesh.devices.flat)}
+          "seconds": dt, "compile_s": compile_s, "mem": mem, "peak_gib": peak_gib(mesh.devices.flat),
+          "clocks": clocks.summary()}
 
 
 def run_one(name, args):
@@ -247,7 +250,7 @@ def run_one(name, args):
       "n_exec_mean": n_exec, "n_mean": n_use, "k_mean": k_use, "executed_iters": n_exec + grad_depth(cfg.model)
       if kind == "parcae" else 0, "mfu_executed": train_tps * f_exec / peak if peak else None,
       "mfu_useful": train_tps * f_use / peak if peak else None,
-      "eval_mfu": eval_tps * f_eval / peak if peak else None, "losses": losses,
+      "eval_mfu": eval_tps * f_eval / peak if peak else None, "losses": losses, **run["clocks"],
   }
 
 
@@ -309,7 +312,8 @@ def main():
   with open(out, "w") as f:
     json.dump(results, f, indent=1)
   print(f"\n{'variant':28s} {'train tok/s':>12s} {'x ref':>6s} {'eval tok/s':>11s} {'x ref':>6s} "
-        f"{'peak GiB':>8s} {'AOT GiB':>7s} {'ref GiB':>7s} {'iters':>6s} {'MFU ex':>6s} {'MFU use':>7s}")
+        f"{'peak GiB':>8s} {'AOT GiB':>7s} {'ref GiB':>7s} {'iters':>6s} {'MFU ex':>6s} {'MFU use':>7s} "
+        f"{'MHz':>5s} {'W':>4s} {'capped':>6s}")
   for r in results:
     if "error" in r:
       print(f"{r['variant']:28s} FAILED")
@@ -319,7 +323,8 @@ def main():
     mfu = lambda v: f"{100 * v:5.1f}%" if v else "     -"
     print(f"{r['variant']:28s} {r['train_tokens_per_s']:12,.0f} {fx(r['train_tokens_per_s'], ref[0])} "
           f"{r['eval_tokens_per_s']:11,.0f} {fx(r['eval_tokens_per_s'], ref[1])} {r['train_peak_gib']:8.1f} "
-          f"{r['peak_estimate_gib_aot']:7.1f} {ref[2] or 0:7.1f} {r['executed_iters']:6.2f} {mfu(r['mfu_executed'])} {mfu(r['mfu_useful'])}")
+          f"{r['peak_estimate_gib_aot']:7.1f} {ref[2] or 0:7.1f} {r['executed_iters']:6.2f} {mfu(r['mfu_executed'])} {mfu(r['mfu_useful'])} "
+          f"{r.get('clock_mhz_mean', 0):5.0f} {r.get('power_w_mean', 0):4.0f} {100 * r.get('power_capped', 0):5.0f}%")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,24 @@ def test_memsets_are_summed_by_the_kernel_after_them():
   assert got["count"] == 5 and abs(got["ms"] - 15e-3) < 1e-12 and got["args"] == {"bytes": 64}
   assert dict(got["by_next"]) == {"nvjet_gemm": (3e-3, 2), "fusion_1": (5e-3, 1), "cudnn_bwd": (4e-3, 1),
                                   "(end)": (3e-3, 1)}
+
+
+def test_clock_samples_are_summarised_and_junk_lines_skipped():
+  text = ("1980, 120.5, Not Active, Not Active\n"
+          "1500, 690.0, Active, Not Active\n"
+          "[N/A], [N/A], [N/A], [N/A]\n"
+          "1740, 650.5, Active, Not Active\n"
+          "17")  # cut off when the sampler was stopped
+  s = profiling.parse_clock_samples(text)
+  assert s["samples"] == 3
+  assert s["clock_mhz_mean"] == (1980 + 1500 + 1740) / 3 and s["clock_mhz_min"] == 1500
+  assert s["power_w_max"] == 690.0 and abs(s["power_w_mean"] - (120.5 + 690 + 650.5) / 3) < 1e-9
+  assert s["power_capped"] == 2 / 3 and s["hw_slowdown"] == 0
+  assert profiling.parse_clock_samples("") == {}
+
+
+def test_clock_sampler_without_nvidia_smi_is_empty(monkeypatch):
+  monkeypatch.setenv("PATH", "/nonexistent")
+  with profiling.GpuClocks() as c:
+    pass
+  assert c.summary() == {}
