@@ -391,3 +391,43 @@ def test_no_grad_split_runs_the_deeper_halves_alone():
     assert float(M.looped.executed_no_grad_iters(n8, 4)) == 2 + 0.5 * ((4 - 2) + 0.5 * (6 - 4))
   with pytest.raises(ValueError, match="model.no_grad_split=3"):
     M.validate_model_config(tiny_cfg(no_grad_split=3))
+
+
+def _eqns(jaxpr, in_while=False):
+  """(equation, whether it runs inside a while loop's body) for every equation of a jaxpr, nested ones
+  (jit, custom_vjp, scan, while) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn, in_while
+    for name, v in eqn.params.items():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
+          body = in_while or (eqn.primitive.name == "while" and name == "body_jaxpr")
+          yield from _eqns(inner, body)
+
+
+def test_frozen_kernels_are_cast_once_per_loop_not_per_iteration(monkeypatch):
+  """bf16 compute: the no-grad loop reads its weights already in bf16 (no float32 -> bf16 cast of a [D, .]
+  kernel inside the while body), with the loss and gradients bit for bit those of casting at every use."""
+  cfg = tiny_cfg(compute_dtype="bfloat16")
+  graphdef, state = nnx.split(perturbed_model(cfg, seed=5), nnx.Param)
+  ids = jax.random.randint(jax.random.key(1), (2, S), 0, V)
+  args = (graphdef, ids, ids, jax.random.key(0), jnp.array([3, 5]), jnp.array([2, 1]))
+  f = jax.value_and_grad(model_loss)
+
+  def kernel_casts(fn):
+    eqns = list(_eqns(jax.make_jaxpr(fn)(state, *args).jaxpr))
+    assert any(w for _, w in eqns)
+    return sum(1 for e, w in eqns if w and e.primitive.name == "convert_element_type"
+               and e.params["new_dtype"] == jnp.bfloat16 and e.invars[0].aval.ndim == 2
+               and e.invars[0].aval.shape[0] in (D, 4 * D))
+  assert kernel_casts(f) == 0
+  loss, grads = jax.jit(f)(state, *args)
+  monkeypatch.setattr(M.layers, "kernels_in", lambda st, cd, quant: st)  # the cast at every use
+  jax.clear_caches()  # the traced loop bodies are cached by function, not by what they look up
+  assert kernel_casts(f) > 0
+  loss0, grads0 = jax.jit(f)(state, *args)
+  assert np.asarray(loss) == np.asarray(loss0)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

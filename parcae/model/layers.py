@@ -71,6 +71,17 @@ class Linear(nnx.Module):
     return qdot(x, kernel, self.quant, key=key, compute_dtype=self.cd, act=act)
 
 
+def kernels_in(state, cd, quant: str):
+  """`state` (an nnx.State) with every Linear kernel cast to the compute dtype cd: for frozen weights that a
+  loop reuses, one cast per loop instead of one per use and iteration (`Linear.matmul`'s cast is then a no-op:
+  the same values). Kept as they are for float32 compute and quantized recipes (their quantizers read the
+  float32 kernel)."""
+  if quant != "bf16" or jnp.dtype(cd) == jnp.float32:
+    return state
+  is_kernel = lambda path: any(getattr(k, "key", None) == "kernel" for k in path)
+  return jax.tree_util.tree_map_with_path(lambda path, a: a.astype(cd) if is_kernel(path) else a, state)
+
+
 class Embed(nnx.Module):
   def __init__(self, table):
     self.embedding = nnx.Param(table)

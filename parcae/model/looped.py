@@ -184,7 +184,7 @@ class Parcae(nnx.Module):
     """no_grad(carry, ctx, ves, n_B, start, stop) -> carry (`_carry`): phase-1 iterations start..stop-1 with the
     core's parameters frozen; sequence b changes only while i < n_b (see `_loop`)."""
     step = self._core_fn()
-    frozen = jax.lax.stop_gradient(nnx.state(self.core))
+    frozen = layers.kernels_in(jax.lax.stop_gradient(nnx.state(self.core)), self.cd, self.quant)
 
     def no_grad(carry, ctx, ves, n_B, start, stop):
       def body(ic):
