@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import triton_gemm as mk  # noqa: E402
-from profiling import timed  # noqa: E402
+from profiling import GpuClocks, timed  # noqa: E402
 from parcae.model import mlp_kernels  # noqa: E402
 from parcae.model.layers import relu2  # noqa: E402
 
@@ -71,6 +71,16 @@ def reference(op, args, rows):
 
 
 
+def sustained(fn, args, iters) -> dict:
+  """Time `iters` back-to-back calls while sampling the GPU's clock and power: ms per call, the clock and
+  power (profiling.GpuClocks) and the energy per call (mean power x time; the figure that sets a step's time
+  when the board runs at its power limit)."""
+  with GpuClocks() as clocks:
+    ms, _ = timed(fn, args, iters)
+  c = clocks.summary()
+  return {"ms_sustained": round(ms, 4), **c, **({"mj_per_call": c["power_w_mean"] * ms} if c else {})}
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--only", default="parcae_small,parcae_medium")
@@ -80,6 +90,9 @@ def main():
   p.add_argument("--knobs", default="", help="Mosaic GPU launch variants to time, ';'-separated, each "
                  "comma-separated mlp_kernels settings, e.g. 'STEPS_NO_H=4,PIECE_NO_H=64;H_FETCH_STEP=3' "
                  "(default: the library's)")
+  p.add_argument("--sustain", type=float, default=0.0,
+                 help="also time each kernel over this many seconds of back-to-back calls, with the GPU's clock and "
+                 "power (at the power limit a step pays in energy: millijoules per call decide, not the burst)")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--impls", default="xla,pallas,mgpu", help="which of xla, pallas (Triton), mgpu (Mosaic GPU)")
   args = p.parse_args()
@@ -113,9 +126,13 @@ def main():
       err = float(np.max(np.abs(np.asarray(out[rows], np.float64) - ref)) / np.max(np.abs(ref)))
       row = {"shape": name, "m": m, "d": d, "f": f, "op": op, "impl": impl, "tiles": tiles and list(tiles),
              "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "rel_err": err}
+      line = f"{name:14s} {op:4s} {impl:6s} {str(tiles):60s} {ms:8.4f} ms {row['tflops']:7.1f} TF/s  err {err:.2e}"
+      if args.sustain:
+        row.update(sustained(fn, inputs[op], max(1, int(args.sustain * 1e3 / ms))))
+        line += (f"  sustained {row['ms_sustained']:8.4f} ms at {row.get('clock_mhz_mean', 0):4.0f} MHz, "
+                 f"{row.get('power_w_mean', 0):3.0f} W: {row.get('mj_per_call', 0):6.1f} mJ/call")
       rows_out.append(row)
-      print(f"{name:14s} {op:4s} {impl:6s} {str(tiles):60s} {ms:8.4f} ms {row['tflops']:7.1f} TF/s  err {err:.2e}",
-            flush=True)
+      print(line, flush=True)
 
     for op in ("gemm", "fwd", "bwd", "pair", "gemmT"):
       record(op, "xla", None, XLA[op])
