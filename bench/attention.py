@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from profiling import timed  # noqa: E402
+from profiling import sustained, sustained_text, timed  # noqa: E402
 
 SHAPES = {"parcae_small": (16, 2048, 6, 128), "parcae_medium": (16, 2048, 8, 128)}
 SWEEP = [(64, 128, 2), (64, 64, 2), (128, 128, 2), (64, 128, 3), (128, 64, 2), (64, 256, 2)]
@@ -48,6 +48,8 @@ def main():
   p.add_argument("--iters", type=int, default=50)
   p.add_argument("--dtype", default="bfloat16", help="bfloat16 (the model's) or float16 (what the Mosaic kernel "
                  "runs on jax 0.11.2: its speed, not a drop-in)")
+  p.add_argument("--sustain", type=float, default=0.0, help="also time each over this many seconds of back-to-back "
+                 "calls, with the GPU's clock, power and energy per call (bench/profiling.sustained)")
   args = p.parse_args()
   from jax.experimental.pallas.ops.gpu import attention_mgpu as am
   rows = []
@@ -73,8 +75,13 @@ def main():
         ref = refs[what.split()[0]]
         err = float(np.max(np.abs(o - ref)) / np.max(np.abs(ref)))
       tf = mult * flops / ms / 1e9
-      rows.append({"shape": name, "dtype": args.dtype, "what": what, "ms": round(ms, 4), "tflops": round(tf, 1), "rel_err": err})
-      print(f"{name:14s} {what:40s} {ms:8.4f} ms {tf:7.1f} TF/s  err {err}", flush=True)
+      row = {"shape": name, "dtype": args.dtype, "what": what, "ms": round(ms, 4), "tflops": round(tf, 1), "rel_err": err}
+      line = f"{name:14s} {what:40s} {ms:8.4f} ms {tf:7.1f} TF/s  err {err}"
+      if args.sustain:
+        row.update(sustained(fn, inputs, max(1, int(args.sustain * 1e3 / ms))))
+        line += sustained_text(row)
+      rows.append(row)
+      print(line, flush=True)
 
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     record("cudnn fwd", jax.jit(cudnn), (q, k, v))

@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import triton_gemm as mk  # noqa: E402
-from profiling import GpuClocks, timed  # noqa: E402
+from profiling import sustained, sustained_text, timed  # noqa: E402
 from parcae.model import mlp_kernels  # noqa: E402
 from parcae.model.layers import relu2  # noqa: E402
 
@@ -69,16 +69,6 @@ def reference(op, args, rows):
   return da * np.maximum(np.asarray(h[rows], np.float64), 0)
 
 
-
-
-def sustained(fn, args, iters) -> dict:
-  """Time `iters` back-to-back calls while sampling the GPU's clock and power: ms per call, the clock and
-  power (profiling.GpuClocks) and the energy per call (mean power x time; the figure that sets a step's time
-  when the board runs at its power limit)."""
-  with GpuClocks() as clocks:
-    ms, _ = timed(fn, args, iters)
-  c = clocks.summary()
-  return {"ms_sustained": round(ms, 4), **c, **({"mj_per_call": c["power_w_mean"] * ms} if c else {})}
 
 
 def main():
@@ -129,8 +119,7 @@ def main():
       line = f"{name:14s} {op:4s} {impl:6s} {str(tiles):60s} {ms:8.4f} ms {row['tflops']:7.1f} TF/s  err {err:.2e}"
       if args.sustain:
         row.update(sustained(fn, inputs[op], max(1, int(args.sustain * 1e3 / ms))))
-        line += (f"  sustained {row['ms_sustained']:8.4f} ms at {row.get('clock_mhz_mean', 0):4.0f} MHz, "
-                 f"{row.get('power_w_mean', 0):3.0f} W: {row.get('mj_per_call', 0):6.1f} mJ/call")
+        line += sustained_text(row)
       rows_out.append(row)
       print(line, flush=True)
 

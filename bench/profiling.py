@@ -232,3 +232,19 @@ def parse_clock_samples(text: str) -> dict:
   return {"clock_mhz_mean": sum(mhz) / len(mhz), "clock_mhz_min": min(mhz), "power_w_mean": sum(watts) / len(watts),
           "power_w_max": max(watts), "power_capped": sum(r[2] for r in rows) / len(rows),
           "hw_slowdown": sum(r[3] for r in rows) / len(rows), "samples": len(rows)}
+
+
+def sustained(fn, args, iters) -> dict:
+  """Time `iters` back-to-back calls while sampling the GPU's clock and power: ms per call, the clock and
+  power (profiling.GpuClocks) and the energy per call (mean power x time; the figure that sets a step's time
+  when the board runs at its power limit)."""
+  with GpuClocks() as clocks:
+    ms, _ = timed(fn, args, iters)
+  c = clocks.summary()
+  return {"ms_sustained": round(ms, 4), **c, **({"mj_per_call": c["power_w_mean"] * ms} if c else {})}
+
+
+def sustained_text(row: dict) -> str:
+  """A bench line's suffix for `sustained`'s figures."""
+  return (f"  sustained {row['ms_sustained']:8.4f} ms at {row.get('clock_mhz_mean', 0):4.0f} MHz, "
+          f"{row.get('power_w_mean', 0):3.0f} W: {row.get('mj_per_call', 0):6.1f} mJ/call")

@@ -58,28 +58,3 @@ def test_shapes_that_are_not_whole_tiles_are_refused_with_the_fix():
   with pytest.raises(ValueError, match="whole tiles"):
     tg.relu2_matmul(x, w, tiles=TILES)
 
-
-def test_sustained_timing_reports_energy_per_call(monkeypatch):
-  """bench/fused_mlp.py --sustain: ms per call over back-to-back calls, with the sampled clock and power and
-  their product, the energy per call (here a stand-in sampler: this machine has no GPU)."""
-  spec_f = importlib.util.spec_from_file_location("fused_mlp", os.path.join(BENCH, "fused_mlp.py"))
-  fm = importlib.util.module_from_spec(spec_f)
-  spec_f.loader.exec_module(fm)
-
-  class Fake:
-    def __enter__(self):
-      return self
-
-    def __exit__(self, *exc):
-      return False
-
-    def summary(self):
-      return {"clock_mhz_mean": 1650.0, "power_w_mean": 660.0}
-  monkeypatch.setattr(fm, "GpuClocks", Fake)
-  calls = []
-  r = fm.sustained(lambda a: calls.append(1) or a + 1, (jnp.ones(4),), 7)
-  assert len(calls) == 8  # one warm-up call, then the timed ones
-  assert r["clock_mhz_mean"] == 1650.0 and r["ms_sustained"] > 0
-  assert abs(r["mj_per_call"] - 660.0 * r["ms_sustained"]) < 1e-3 * 660  # W x ms = mJ (ms rounded to 1e-4)
-  monkeypatch.setattr(fm, "GpuClocks", type("NoGpu", (Fake,), {"summary": lambda self: {}}))
-  assert "mj_per_call" not in fm.sustained(lambda a: a, (jnp.ones(4),), 2)

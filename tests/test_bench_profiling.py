@@ -86,3 +86,27 @@ def test_clock_sampler_without_nvidia_smi_is_empty(monkeypatch):
   with profiling.GpuClocks() as c:
     pass
   assert c.summary() == {}
+
+
+def test_sustained_timing_reports_energy_per_call(monkeypatch):
+  """bench/profiling.sustained (fused_mlp.py and attention.py --sustain): ms per call over back-to-back calls, with the sampled clock and power and
+  their product, the energy per call (here a stand-in sampler: this machine has no GPU)."""
+  fm = profiling
+
+  class Fake:
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def summary(self):
+      return {"clock_mhz_mean": 1650.0, "power_w_mean": 660.0}
+  monkeypatch.setattr(fm, "GpuClocks", Fake)
+  calls = []
+  r = fm.sustained(lambda a: calls.append(1) or a + 1, (jnp.ones(4),), 7)
+  assert len(calls) == 8  # one warm-up call, then the timed ones
+  assert r["clock_mhz_mean"] == 1650.0 and r["ms_sustained"] > 0
+  assert abs(r["mj_per_call"] - 660.0 * r["ms_sustained"]) < 1e-3 * 660  # W x ms = mJ (ms rounded to 1e-4)
+  monkeypatch.setattr(fm, "GpuClocks", type("NoGpu", (Fake,), {"summary": lambda self: {}}))
+  assert "mj_per_call" not in fm.sustained(lambda a: a, (jnp.ones(4),), 2)
