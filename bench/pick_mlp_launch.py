@@ -23,6 +23,9 @@ print(f"forward kernels: STEPS_NO_H={steps} PIECE_NO_H={piece} ({fwd[0]:.4f} ms)
       f"({bwd[0]:.4f} ms)")
 path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "parcae/model/mlp_kernels.py")
 src = open(path).read()
-src = re.sub(r"^STEPS_NO_H, PIECE_NO_H = .*$", f"STEPS_NO_H, PIECE_NO_H = {steps}, {piece}", src, flags=re.M)
-src = re.sub(r"^H_FETCH_STEP = \d+", f"H_FETCH_STEP = {fetch}", src, flags=re.M)
+for pattern, line in ((r"^STEPS_NO_H, PIECE_NO_H = .*$", f"STEPS_NO_H, PIECE_NO_H = {steps}, {piece}"),
+                      (r"^H_FETCH_STEP = \d+", f"H_FETCH_STEP = {fetch}")):
+  src, n = re.subn(pattern, line, src, flags=re.M)
+  if n != 1:  # the A/B run that follows would time the unchanged tree
+    sys.exit(f"pick_mlp_launch: {n} lines of {path} match {pattern!r} (expected 1); update this script's patterns")
 open(path, "w").write(src)
