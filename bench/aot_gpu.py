@@ -44,6 +44,7 @@ def main():
   from parcae.config import apply_override
   from parcae.train.loop import compile_train_step, memory_row
   out_dir = os.environ.get("OUT", ".")
+  os.makedirs(out_dir, exist_ok=True)
   rows = []
   for name in args.only.split(","):
     kind, size, overrides = tt.VARIANTS[name]

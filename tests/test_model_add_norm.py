@@ -68,6 +68,31 @@ def test_custom_vjp_matches_autodiff_of_the_formula(y_dtype, cd):
     assert np.all(np.abs(g - w) <= tol), np.abs(g - w).max()
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_closing_norm_matches_autodiff_and_reads_no_residual_cotangent(dtype, monkeypatch):
+  """`rms_norm_of_sum` (a stage's last add + closing norm, the sum not returned): its value and the cotangents
+  of x, y and scale against jax.vjp of the formula's normalized output (tolerances as above); its backward
+  kernel gets no ds operand, and equals the add_rms_norm backward given ds = 0 bit for bit."""
+  x, y, scale, _, dn = inputs(128, 768, seed=7)
+  x, y = (a.reshape(2, 64, 768) for a in (x, y))
+  dn = dn.reshape(2, 64, 768).astype(dtype)
+  seen = []
+  real_b = add_norm.backward
+  monkeypatch.setattr(add_norm, "backward", lambda s, r, sc, ds, *a: seen.append(ds is None) or real_b(s, r, sc, ds, *a))
+  got_n, got_vjp = jax.vjp(lambda *a: add_norm.rms_norm_of_sum(*a, EPS, dtype), x, y, scale)
+  want_n, want_vjp = jax.vjp(lambda *a: formula(*a, cd=dtype)[1], x, y, scale)
+  got, want = (got_n,) + got_vjp(dn), (want_n,) + want_vjp(dn)
+  assert seen == [True], seen
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    tol = 2e-6 * np.abs(f64(w)).max() if g.dtype == jnp.float32 else 2.0 ** -7 * np.abs(f64(w)) + 1e-30
+    g, w = f64(g.astype(jnp.float32)), f64(w.astype(jnp.float32))
+    assert np.all(np.abs(g - w) <= tol), np.abs(g - w).max()
+  with_zero_ds = jax.vjp(lambda *a: add_norm.add_rms_norm(*a, EPS, dtype), x, y, scale)[1]((jnp.zeros_like(x), dn))
+  for g, w in zip(got_vjp(dn), with_zero_ds):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def _tiny(impl, kind="parcae", cd="float32"):
   c = C.default_model_config()
   c.kind, c.vocab_size, c.d_model, c.n_heads, c.max_seq_len, c.compute_dtype = kind, 64, 64, 2, 16, cd
@@ -82,13 +107,16 @@ def test_model_with_the_kernels_matches_the_xla_path(kind, block_remat, monkeypa
   """A whole model's loss and parameter gradients (float32 compute) with norm_impl "pallas" against "xla":
   within 1e-5 of each leaf's largest entry (the kernels' row sums run in another order), and the kernels are
   really taken, forward and backward: for norm2 in every block and for norm1 in every block but a stage's
-  first (the previous block's last residual add fused into it), counted on GPT's one stage of 4 blocks."""
+  first (the previous block's last residual add fused into it), counted on GPT's one stage of 4 blocks, and
+  for the closing norms (the last add fused into the final norm, and into Parcae's prelude norm)."""
   ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
   calls = []
   real_f, real_b, real_op = add_norm.forward, add_norm.backward, add_norm.add_rms_norm
+  real_close = add_norm.rms_norm_of_sum
   monkeypatch.setattr(add_norm, "forward", lambda *a: calls.append("fwd") or real_f(*a))
   monkeypatch.setattr(add_norm, "backward", lambda *a: calls.append("bwd") or real_b(*a))
   monkeypatch.setattr(add_norm, "add_rms_norm", lambda *a: calls.append("op") or real_op(*a))
+  monkeypatch.setattr(add_norm, "rms_norm_of_sum", lambda *a: calls.append("close") or real_close(*a))
 
   def grads(impl):
     cfg = _tiny(impl, kind)
@@ -111,6 +139,7 @@ def test_model_with_the_kernels_matches_the_xla_path(kind, block_remat, monkeypa
   assert "fwd" in calls and "bwd" in calls, calls
   if kind == "gpt":
     assert calls.count("op") == 4 + 3, calls
+  assert calls.count("close") == (1 if kind == "gpt" else 2), calls  # the final norm (and the prelude's)
   assert abs(float(got[0]) - float(want[0])) <= 1e-6 * abs(float(want[0]))
   for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     g, w = f64(g), f64(w)

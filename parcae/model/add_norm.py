@@ -76,10 +76,13 @@ def norm_grads(s_ref, r, sc_ref, dn_ref, ds_ref, w):
   mean = dot / d
   for j, (xhat, g) in enumerate(zip(xs, gs)):  # a generator: the caller's stores follow each chunk's gradient
     sl = pl.ds(j * w, w)
-    yield sl, xhat, ds_ref[:, sl] + r[:, None] * (g - xhat * mean[:, None])
+    dx = r[:, None] * (g - xhat * mean[:, None])
+    yield sl, xhat, dx if ds_ref is None else ds_ref[:, sl] + dx
 
 
-def _bwd_kernel(s_ref, r_ref, sc_ref, ds_ref, dn_ref, dx_ref, dy_ref, dsc_ref, *, w):
+def _bwd_kernel(*refs, w, has_ds):
+  (s_ref, r_ref, sc_ref), ds_ref = refs[:3], refs[3] if has_ds else None
+  dn_ref, dx_ref, dy_ref, dsc_ref = refs[3 + has_ds:]
   for sl, xhat, dx in norm_grads(s_ref, r_ref[...], sc_ref, dn_ref, ds_ref, w):
     dx_ref[:, sl] = dx
     dy_ref[:, sl] = dx.astype(dy_ref.dtype)
@@ -107,17 +110,20 @@ def forward(x_NxD, y_NxD, scale_D, eps, cd, interpret=None):
 
 
 def backward(s_NxD, r_N, scale_D, ds_NxD, dn_NxD, y_dtype, interpret=None):
-  """(dx, dy, dscale): the cotangents of x, y and scale."""
+  """(dx, dy, dscale): the cotangents of x, y and scale. ds None: the sum s has no other use (no residual path:
+  `rms_norm_of_sum`), so no zeros are read in its place."""
   n, d = s_NxD.shape
   interpret, params = _backend(interpret)
   blk = pl.BlockSpec((ROWS, d), lambda i: (i, 0))
+  has_ds = ds_NxD is not None
   dx, dy, part = pl.pallas_call(
-      functools.partial(_bwd_kernel, w=chunk(d)), grid=(n // ROWS,),
+      functools.partial(_bwd_kernel, w=chunk(d), has_ds=has_ds), grid=(n // ROWS,),
       out_shape=(jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, d), y_dtype),
                  jax.ShapeDtypeStruct((n // ROWS, d), jnp.float32)),
-      in_specs=[blk, pl.BlockSpec((ROWS,), lambda i: (i,)), pl.BlockSpec((d,), lambda i: (0,)), blk, blk],
+      in_specs=[blk, pl.BlockSpec((ROWS,), lambda i: (i,)), pl.BlockSpec((d,), lambda i: (0,))]
+      + [blk] * (1 + has_ds),
       out_specs=(blk, blk, pl.BlockSpec((1, d), lambda i: (i, 0))),
-      interpret=interpret, **params)(s_NxD, r_N, scale_D, ds_NxD, dn_NxD)
+      interpret=interpret, **params)(s_NxD, r_N, scale_D, *((ds_NxD,) if has_ds else ()), dn_NxD)
   return dx, dy, jnp.sum(part, axis=0)
 
 
@@ -140,6 +146,24 @@ def _local_bwd(eps, cd, y_dtype, interpret, res, ct):
 _local.defvjp(_local_fwd, _local_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _local_norm(x, y, scale, eps, cd, y_dtype, interpret):
+  return forward(x, y, scale, eps, cd, interpret)[1]
+
+
+def _local_norm_fwd(x, y, scale, eps, cd, y_dtype, interpret):
+  s, n, r = forward(x, y, scale, eps, cd, interpret)
+  return n, (s, r, scale)
+
+
+def _local_norm_bwd(eps, cd, y_dtype, interpret, res, dn):
+  s, r, scale = res
+  return backward(s, r, scale, None, dn.astype(cd), y_dtype, interpret)
+
+
+_local_norm.defvjp(_local_norm_fwd, _local_norm_bwd)
+
+
 def usable(x_shape) -> bool:
   """Whether the kernels take an [B, S, D] residual under the current mesh: whole row blocks per device (the
   batch split over the batch axes), a column chunk of >= 64, and no "tensor" axis."""
@@ -152,17 +176,28 @@ def usable(x_shape) -> bool:
 def add_rms_norm(x_BxSxD, y_BxSxD, scale_D, eps: float, cd, interpret=None):
   """(x + f32(y), cd(rms_norm(x + f32(y)) * scale)) for the float32 residual x and a branch output y
   (shapes `usable`)."""
+  return _per_device(_local, 2, x_BxSxD, y_BxSxD, scale_D, eps, cd, interpret)
+
+
+def rms_norm_of_sum(x_BxSxD, y_BxSxD, scale_D, eps: float, dtype, interpret=None):
+  """dtype(rms_norm(x + f32(y)) * scale) alone: a stage's closing norm (`layers.run_stage(norm=...)`), whose sum
+  has no other reader, so the backward kernel reads no residual cotangent (the kernels of `add_rms_norm`)."""
+  return _per_device(_local_norm, 1, x_BxSxD, y_BxSxD, scale_D, eps, dtype, interpret)[0]
+
+
+def _per_device(local, n_out, x_BxSxD, y_BxSxD, scale_D, eps, cd, interpret):
+  """local's outputs ([B, S, D] each) over row-flattened inputs, per device over the mesh's batch axes."""
   b, s, d = x_BxSxD.shape
 
   def per_device(x, y, scale):
     bl = x.shape[0]
-    out = _local(x.reshape(bl * s, d), y.reshape(bl * s, d), scale, eps, jnp.dtype(cd), jnp.dtype(y.dtype),
-                 interpret)
-    return tuple(o.reshape(bl, s, d) for o in out)
+    out = local(x.reshape(bl * s, d), y.reshape(bl * s, d), scale, eps, jnp.dtype(cd), jnp.dtype(y.dtype),
+                interpret)
+    return tuple(o.reshape(bl, s, d) for o in (out if n_out > 1 else (out,)))
 
   batch = kernel_batch_axes(jax.sharding.get_abstract_mesh())
   if not batch:
     return per_device(x_BxSxD, y_BxSxD, scale_D)
   spec = P(batch, None, None)
-  return jax.shard_map(per_device, in_specs=(spec, spec, P()), out_specs=(spec, spec), axis_names=set(batch),
+  return jax.shard_map(per_device, in_specs=(spec, spec, P()), out_specs=(spec,) * n_out, axis_names=set(batch),
                        check_vma=False)(x_BxSxD, y_BxSxD, scale_D)

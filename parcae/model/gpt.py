@@ -32,12 +32,12 @@ class GPT(nnx.Module):
     return zeros, zeros
 
   def hidden(self, ids_BxS, n_B=None, k_B=None, *, key=None, grad_steps=None, quant_key=None):
+    """Final-normed hidden states [B, S, D] in the compute dtype (the head GEMM's operand) and no telemetry."""
     cfg = self.cfg
     rope = layers.rope_tables(ids_BxS.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_base)
     x = self.embed(ids_BxS)
-    x = layers.run_stage(self.blocks, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.blocks], quant_key,
-                         cfg.block_remat, cfg.block_remat_first)
-    return self.final_norm(x), {}
+    return layers.run_stage(self.blocks, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.blocks], quant_key,
+                            cfg.block_remat, cfg.block_remat_first, norm=self.final_norm, norm_dtype=self.cd), {}
 
   def hidden_at(self, ids_BxS, loops_K, readout, *, key=None):
     """The looped models' interface: readout(y, {}) once, repeated on a leading K axis (no loop)."""

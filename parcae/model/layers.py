@@ -324,12 +324,15 @@ def make_stage(cfg, key, ve_flags, cd, quant):
   return nnx.List([Block(cfg, keys[i], with_ve=f, cd=cd, quant=quant) for i, f in enumerate(ve_flags)])
 
 
-def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int = 0, normed=None, defer=False):
+def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int = 0, normed=None, defer=False,
+              norm=None, norm_dtype=jnp.float32):
   """The blocks in order; each rematerialized with the named policy (`REMAT`) unless "none" (or, for
   "mlp_act", recomputing only its MLP's activation); with first > 0 only the first `first` blocks are (a
   memory / speed trade finer than all or nothing). With the add + norm kernels (`model.norm_impl`) a block's
   last residual add is left to the next block's norm1 kernel (`Block.branches`) and done here after the last,
-  or with defer=True left to the caller: (x, pending MLP output). normed: the first block's norm1(x), given."""
+  or with defer=True left to the caller: (x, pending MLP output). normed: the first block's norm1(x), given.
+  norm: an RMSNorm closing the stage, whose output (in norm_dtype: the compute dtype where every reader casts
+  to it) is returned instead; with the kernels the last add and the norm are one kernel each way."""
   pending = None
   for i, blk in enumerate(blocks):
     k = None if key is None else jax.random.fold_in(key, i)
@@ -352,7 +355,10 @@ def run_stage(blocks, x, rope, ves, key=None, policy: str = "none", first: int =
     if pending is None:
       raise ValueError("run_stage(defer=True) needs the add + norm kernels (model.norm_impl) on its last block")
     return x, pending
-  return x if pending is None else x + pending.astype(jnp.float32)
+  if norm is not None and pending is not None:
+    return add_norm.rms_norm_of_sum(x, pending, norm.scale[...], norm.eps, norm_dtype)
+  x = x if pending is None else x + pending.astype(jnp.float32)
+  return x if norm is None else norm(x).astype(norm_dtype)
 
 
 def head_logits(y_BxSxD, table_VxD, cd):

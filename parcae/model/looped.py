@@ -80,9 +80,9 @@ class Parcae(nnx.Module):
 
   def _prelude(self, ids_BxS, rope, quant_key):
     x = self.embed(ids_BxS)
-    x = layers.run_stage(self.prelude, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.prelude], quant_key,
-                         self.cfg.block_remat, self.cfg.block_remat_first)
-    return self.prelude_norm(x) if self.prelude_norm is not None else x
+    return layers.run_stage(self.prelude, x, rope, [b.attn.lookup_ve(ids_BxS) for b in self.prelude], quant_key,
+                            self.cfg.block_remat, self.cfg.block_remat_first, norm=self.prelude_norm,
+                            norm_dtype=self.cd if self.injection.reads_e_in_cd else jnp.float32)
 
   def logits(self, y_BxSxD):
     return layers.head_logits(y_BxSxD, self.embed.embedding[...], self.cd)
@@ -91,7 +91,7 @@ class Parcae(nnx.Module):
     return sampler.sample_depths(key, batch, self.cfg)
 
   def hidden(self, ids_BxS, n_B, k_B, *, key=None, grad_steps=None, quant_key=None):
-    """Final-normed hidden states [B, S, D] (float32) and loop telemetry.
+    """Final-normed hidden states [B, S, D] in the compute dtype (the head GEMM's operand) and loop telemetry.
 
     n_B, k_B: no-grad and grad iterations per sequence; grad_steps: static length of the grad phase
     (default: the config's grad depth; 0 for inference). key: PRNG key of the loop-state init
@@ -134,9 +134,8 @@ class Parcae(nnx.Module):
   def _decode(self, h, ids_BxS, rope, quant_key):
     """C -> coda -> final norm of a loop state: the hidden states the head reads."""
     y = self.C(h).astype(jnp.float32)
-    y = layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], quant_key,
-                         self.cfg.block_remat, self.cfg.block_remat_first)
-    return self.final_norm(y)
+    return layers.run_stage(self.coda, y, rope, [b.attn.lookup_ve(ids_BxS) for b in self.coda], quant_key,
+                            self.cfg.block_remat, self.cfg.block_remat_first, norm=self.final_norm, norm_dtype=self.cd)
 
   def _fused_boundary(self, shape) -> bool:
     """Whether the loop's boundary (update, injection, norm1) is one kernel each way: `loop_boundary`."""
