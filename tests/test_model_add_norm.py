@@ -202,6 +202,9 @@ def test_per_device_under_a_mesh_and_lowered_for_cuda(cuda_lowering, monkeypatch
   monkeypatch.setattr(add_norm, "_backend", lambda interpret: real_backend(False))
   text = jax.jit(grad).trace(x, y, scale).lower(lowering_platforms=("cuda",)).as_text()
   assert len(triton_calls(text)) == 2
+  close = lambda x, y, scale: jax.vjp(lambda *a: add_norm.rms_norm_of_sum(*a, EPS, jnp.bfloat16), x, y, scale)[1](dn)
+  text = jax.jit(close).trace(x, y, scale).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(triton_calls(text)) == 2  # the closing norm: the same forward, the backward without ds
 
 
 def test_sharded_train_step_lowers_with_the_kernels(cuda_lowering, monkeypatch):
