@@ -5,8 +5,9 @@ forward pass keeps only each token's log-sum-exp; the backward pass recomputes a
 into the compute-dtype logit gradient in one elementwise pass, (softmax - onehot) * g, the operand of the two
 backward GEMMs. So no [tokens, V] float32 array is ever written, in either pass (autodiff of the same formula
 writes the float32 gradient, subtracts the one-hot in a scatter and casts it in two more passes).
-The backward GEMMs return float32 (the reference's autocast rounds them to bf16 first); the weight gradient
-is summed over chunks in float32. `chunk` <= 0 means one chunk of all tokens. The forward's log-sum-exp is
+The input gradient leaves its GEMM in y's dtype (the compute dtype: the model hands the head its final norm's
+output in it, and the reference's autocast head rounds this gradient to bf16 too); the table gradient leaves
+its GEMM in float32 and is summed over chunks in float32. `chunk` <= 0 means one chunk of all tokens. The forward's log-sum-exp is
 one Pallas pass over the compute-dtype logits where `lse_impl` picks it (parcae.model.lse), else the two-pass
 formula (max, then the sum of exponentials).
 
@@ -154,15 +155,17 @@ def _nll_fwd(y_CxNxD, table_VxD, t_CxN, cd, kernel):
 
 
 def _chunk_grads(dtable, y_NxD, table, t_N, lse_N, g_N, logits, cd):
-  """One chunk's backward from its logits: dtable + the table gradient, and the input gradient (float32)."""
+  """One chunk's backward from its logits: dtable + the table gradient, and the input gradient (y's dtype)."""
   onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_N[:, None]
   dlogits = ((jnp.exp(logits.astype(jnp.float32) - lse_N[:, None]) - onehot) * g_N[:, None]).astype(cd)
   return _grads_from(dtable, y_NxD, table, dlogits)
 
 
 def _grads_from(dtable, y_NxD, table, dlogits):
-  """The two backward GEMMs of a chunk's compute-dtype logit gradient: dtable + table gradient, input gradient."""
-  dy_NxD = jnp.dot(dlogits, table, preferred_element_type=jnp.float32)
+  """The two backward GEMMs of a chunk's compute-dtype logit gradient: dtable + table gradient, input gradient
+  (in y's dtype straight from the GEMM's float32 accumulator: the rounding a cast after it would do, without
+  the float32 array and the pass)."""
+  dy_NxD = jnp.dot(dlogits, table, preferred_element_type=y_NxD.dtype)
   return dtable + jnp.dot(dlogits.T, y_NxD.astype(dlogits.dtype), preferred_element_type=jnp.float32), dy_NxD
 
 
