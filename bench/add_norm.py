@@ -12,6 +12,7 @@ backward reductions per parcae-small step). The kernels here read and write each
 
   PYTHONPATH=$PWD python bench/add_norm.py             # GPU: parcae-small / medium rows, launch-shape sweep
   PYTHONPATH=$PWD python bench/add_norm.py --smoke     # CPU: interpret mode, tiny shapes
+  PYTHONPATH=$PWD python bench/add_norm.py --rows 4 --warps 8 --sustain 5   # + energy per call at the power limit
 Checks every output against the XLA formula (and its jax.vjp) and times forward and forward + backward;
 `model.norm_impl` puts the kernels into the model (bench/train_throughput.py: parcae_small_norm_pallas).
 """
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from parcae.model import add_norm  # noqa: E402
 from rope_norm import timed  # noqa: E402  (calls back to back, median of 5)
+from profiling import sustained, sustained_text  # noqa: E402
 
 EPS = 1e-6
 
@@ -95,9 +97,12 @@ def main():
   p.add_argument("--rows", default="4,8,16,32")
   p.add_argument("--warps", default="4,8")
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--sustain", type=float, default=0.0, help="also time forward + backward over this many seconds "
+                 "of back-to-back calls, with the GPU's clock, power and energy per call (profiling.sustained)")
   args = p.parse_args()
   if args.smoke:
     args.shapes, args.rows, args.warps, args.iters = "64x768", "16", "4", 2
+  sustain = lambda fn, data, sec: sustained(fn, data, max(1, int(args.sustain / sec))) if args.sustain else {}
   out = []
   for shape in args.shapes.split(","):
     n, d = map(int, shape.split("x"))
@@ -106,20 +111,24 @@ def main():
     want = xfb(*data)
     t_f, t_fb = timed(xf, *data[:3], iters=args.iters), timed(xfb, *data, iters=args.iters)
     gb_f, gb_fb = n * d * (4 + 2 + 4 + 2) / 1e9, n * d * (4 + 2 + 4 + 2 + 4 + 4 + 2 + 4 + 2) / 1e9
-    print(f"{n} x {d}: XLA forward {t_f * 1e3:.4f} ms, forward + backward {t_fb * 1e3:.4f} ms", flush=True)
+    xs = sustain(xfb, data, t_fb)
+    print(f"{n} x {d}: XLA forward {t_f * 1e3:.4f} ms, forward + backward {t_fb * 1e3:.4f} ms"
+          + (sustained_text(xs) if xs else ""), flush=True)
     for rows, warps in itertools.product(*(map(int, a.split(",")) for a in (args.rows, args.warps))):
       kf, kfb = kernel_paths(rows, warps, interpret=True if args.smoke else None)
       try:
         errs = compare(kfb(*data), want)
         k_f, k_fb = timed(kf, *data[:3], iters=args.iters), timed(kfb, *data, iters=args.iters)
+        ks = sustain(kfb, data, k_fb)
       except Exception as e:  # a launch shape that does not compile is reported, not fatal
         print(f"  rows {rows} warps {warps}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
       print(f"  rows {rows:3d} warps {warps}: forward {k_f * 1e3:.4f} ms ({t_f / k_f:.2f}x, {gb_f / k_f:.0f} GB/s), "
             f"forward + backward {k_fb * 1e3:.4f} ms ({t_fb / k_fb:.2f}x, {gb_fb / k_fb:.0f} GB/s); max rel diff "
-            f"s/n/dx/dy/dscale " + " ".join(f"{e:.1e}" for e in errs), flush=True)
+            f"s/n/dx/dy/dscale " + " ".join(f"{e:.1e}" for e in errs) + (sustained_text(ks) if ks else ""), flush=True)
       out.append({"n": n, "d": d, "rows": rows, "warps": warps, "fwd_ms": k_f * 1e3, "fwd_bwd_ms": k_fb * 1e3,
-                  "xla_fwd_ms": t_f * 1e3, "xla_fwd_bwd_ms": t_fb * 1e3, "rel_diff": errs})
+                  "xla_fwd_ms": t_f * 1e3, "xla_fwd_bwd_ms": t_fb * 1e3, "rel_diff": errs,
+                  **({"sustained": ks, "xla_sustained": xs} if ks else {})})
   with open(os.path.join(os.environ.get("OUT", "/tmp"), "add_norm.json"), "w") as fh:
     json.dump({"device": jax.devices()[0].device_kind, "rows": out}, fh, indent=1)
 

@@ -3,6 +3,7 @@
   PYTHONPATH=$PWD python bench/lse.py                 # GPU: bf16 logits [chunk, 32768], chunks 2048 / 4096 / 8192
   PYTHONPATH=$PWD python bench/lse.py --smoke         # CPU: tiny shape, interpret mode
   PYTHONPATH=$PWD python bench/lse.py --grad          # the training loss's kernel: lse + logit gradient
+  PYTHONPATH=$PWD python bench/lse.py --grad --chunks 8192 --grad-rows 1 --grad-cols 4096 --warps 8 --sustain 5
 
 --grad times, per chunk, the training loss head's elementwise work on the bf16 logits: the log-sum-exp kernel
 followed by XLA's gradient fusion (bf16((exp(x - lse) - onehot) * g), the path before `lse.row_lse_grad`)
@@ -28,6 +29,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from parcae.model import lse
+from profiling import sustained, sustained_text  # bench/profiling.py: energy per call at the power limit
 from rope_norm import timed  # bench/rope_norm.py: calls back to back, median of 5
 
 
@@ -45,6 +47,8 @@ def main():
   p.add_argument("--grad-cols", default="1024,2048,4096")
   p.add_argument("--stages", default="2", help="Triton pipelining depths of the gradient kernel's loops")
   p.add_argument("--variants", default="library", help="';'-separated: library, three=False|True,hot=True|False")
+  p.add_argument("--sustain", type=float, default=0.0, help="--grad: also time each over this many seconds of "
+                 "back-to-back calls, with the GPU's clock, power and energy per call (profiling.sustained)")
   args = p.parse_args()
   if args.grad:
     return grad_main(args)
@@ -147,7 +151,10 @@ def grad_main(args):
     want = [np.asarray(a, np.float32) for a in f0(x, t)]
     t0 = timed(f0, x, t, iters=args.iters)
     gb = 2 * n * args.vocab * 2 / 1e9  # logits read once, gradient written once
-    print(f"chunk {n} x {args.vocab}: lse kernel + XLA gradient {t0 * 1e3:.4f} ms", flush=True)
+    sustain = lambda fn, sec: sustained(fn, (x, t), max(1, int(args.sustain / sec))) if args.sustain else {}
+    s0 = sustain(f0, t0)
+    print(f"chunk {n} x {args.vocab}: lse kernel + XLA gradient {t0 * 1e3:.4f} ms" + (sustained_text(s0) if s0 else ""),
+          flush=True)
     variants = {"library": None, **{f"three={th},hot={h}": (th, h) for th in (False, True) for h in (True, False)}}
     for (name, var), r, c, w, st in itertools.product(
         [(k, v) for k, v in variants.items() if k in args.variants.split(";")],
@@ -162,6 +169,7 @@ def grad_main(args):
       try:
         got = [np.asarray(a, np.float32) for a in f(x, t)]
         tk = timed(f, x, t, iters=args.iters)
+        sk = sustain(f, tk)
       except Exception as e:  # a launch shape that does not compile is reported, not fatal
         print(f"  {name} rows {r} cols {c} warps {w} stages {st}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
@@ -171,9 +179,10 @@ def grad_main(args):
       rel = float((np.abs(got[2] - want[2]) / np.maximum(np.abs(want[2]), 1e-30)).max())
       print(f"  {name:22s} rows {r} cols {c:5d} warps {w:2d} stages {st}: {tk * 1e3:.4f} ms ({t0 / tk:.2f}x, {gb / tk:.0f} GB/s); "
             f"lse max |diff| {dl:.1e}, target equal {same_t}, gradient entries differing {frac:.1e} "
-            f"(max rel {rel:.1e})", flush=True)
+            f"(max rel {rel:.1e})" + (sustained_text(sk) if sk else ""), flush=True)
       rows_out.append({"variant": name, "chunk": n, "rows": r, "cols": c, "warps": w, "stages": st, "ms": tk * 1e3, "before_ms": t0 * 1e3,
-                       "gb_s": gb / tk, "lse_diff": dl, "grad_frac_differ": frac, "grad_max_rel": rel})
+                       "gb_s": gb / tk, "lse_diff": dl, "grad_frac_differ": frac, "grad_max_rel": rel,
+                       **({"sustained": sk, "before_sustained": s0} if sk else {})})
   with open(os.path.join(os.environ.get("OUT", "/tmp"), "lse_grad.json"), "w") as fh:
     json.dump({"device": jax.devices()[0].device_kind, "rows": rows_out}, fh, indent=1)
 

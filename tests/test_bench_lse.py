@@ -25,3 +25,17 @@ def test_variants_match_the_library_kernel(three, hot, monkeypatch):
   rows = np.arange(16)
   assert np.all(want[2][rows, np.asarray(t)] < 0)  # the one-hot is in both (the fix-up path writes it outside)
   np.testing.assert_array_equal(got[2][rows, np.asarray(t)], want[2][rows, np.asarray(t)])
+
+
+def test_grad_smoke_run_with_sustain_records_each_kernel(tmp_path, monkeypatch):
+  """`lse.py --grad --smoke --sustain S` times the library kernel and the two-pass path sustained too: each row
+  of lse_grad.json carries ms_sustained (here, without nvidia-smi, no clock or energy fields)."""
+  import json
+  import sys
+  for name in ("GRAD_ROWS", "GRAD_COLS", "GRAD_WARPS", "GRAD_STAGES"):  # the sweep sets them; restored after
+    monkeypatch.setattr(lse, name, getattr(lse, name))
+  monkeypatch.setenv("OUT", str(tmp_path))
+  monkeypatch.setattr(sys, "argv", ["lse.py", "--grad", "--smoke", "--sustain", "0.001"])
+  load_bench("lse").main()
+  rows = json.load(open(tmp_path / "lse_grad.json"))["rows"]
+  assert rows and all(r["sustained"]["ms_sustained"] > 0 and r["before_sustained"]["ms_sustained"] > 0 for r in rows)
