@@ -83,6 +83,19 @@ def test_chunks_take_positions_of_every_row():
     np.testing.assert_array_equal(np.asarray(loss._from_chunks(jnp.asarray(chunks), layout)), np.asarray(ids))
 
 
+def test_rows_first_chunks_are_slices_of_the_batch_in_memory():
+  """With rows_first (all rows on this device: the training loss on one device or per device) a chunk is a
+  contiguous run of the [B, S] tokens (whole rows where the chunk holds several, else a row's consecutive
+  positions), so `_to_chunks` is a reshape; `_from_chunks` inverts it."""
+  from parcae.model import loss
+  ids = jnp.arange(B * S).reshape(B, S)
+  for chunk in (B * S, 2 * S, S, S // 2, 1):
+    layout = loss._layout(B, S, chunk, rows_first=True)
+    chunks = np.asarray(loss._to_chunks(ids, layout))
+    np.testing.assert_array_equal(chunks, np.arange(B * S).reshape(-1, chunk))
+    np.testing.assert_array_equal(np.asarray(loss._from_chunks(jnp.asarray(chunks), layout)), np.asarray(ids))
+
+
 def test_backward_keeps_no_logits():
   """The forward pass saves one log-sum-exp per token, never a [tokens, V] array (autodiff keeps one)."""
   from jax.ad_checkpoint import print_saved_residuals
@@ -167,7 +180,7 @@ def test_mean_loss_per_device_under_a_mesh_equals_the_unsharded_loss(shape, chun
   want_v, (want_gy, want_gt) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(y, table)
   seen = []
   real = loss_lib._mean_nll
-  monkeypatch.setattr(loss_lib, "_mean_nll", lambda y, *a: seen.append((y.shape, a[3])) or real(y, *a))
+  monkeypatch.setattr(loss_lib, "_mean_nll", lambda y, *a, **k: seen.append((y.shape, a[3])) or real(y, *a, **k))
   mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), devices=jax.devices()[:8],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):

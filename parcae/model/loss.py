@@ -34,7 +34,7 @@ from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_
 def token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl: str = "auto"):
   """Negative log-likelihood per token [B, S] (float32); lse_impl as model.lse_impl."""
   b, s, _ = y_BxSxD.shape
-  layout = _layout(b, s, chunk)
+  layout = _layout(b, s, chunk, rows_first=not kernel_batch_axes(jax.sharding.get_abstract_mesh()))
   return _from_chunks(_chunked_nll(*_chunks(y_BxSxD, table_VxD, targets_BxS, layout), jnp.dtype(cd),
                                    _use_kernel(lse_impl, _chunk(b * s, chunk), table_VxD.shape[0])), layout)
 
@@ -57,19 +57,19 @@ def mean_token_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk: int = 0, lse_impl
   mesh = jax.sharding.get_abstract_mesh()
   batch = kernel_batch_axes(mesh)
   shards = kernel_batch_shards(mesh)
-  if not batch or b % shards or n % shards:
-    return _mean_nll(y_BxSxD, table_VxD, targets_BxS, cd, n, lse_impl, scale)
+  if not batch or b % shards or n % shards:  # one device, or GSPMD's: chunks split like the batch (`_layout`)
+    return _mean_nll(y_BxSxD, table_VxD, targets_BxS, cd, n, lse_impl, scale, rows_first=not batch)
 
   def per_device(y, table, t):  # this device's mean times 1 / shards: the psum is the global mean
-    return jax.lax.psum(_mean_nll(y, table, t, cd, n // shards, lse_impl, scale / shards), batch)
+    return jax.lax.psum(_mean_nll(y, table, t, cd, n // shards, lse_impl, scale / shards, rows_first=True), batch)
   return jax.shard_map(per_device, in_specs=(P(batch), P(), P(batch)), out_specs=P(), axis_names=set(batch),
                        check_vma=False)(y_BxSxD, table_VxD, targets_BxS)
 
 
-def _mean_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk, lse_impl, scale):
+def _mean_nll(y_BxSxD, table_VxD, targets_BxS, cd, chunk, lse_impl, scale, rows_first):
   b, s, _ = y_BxSxD.shape
   kernel = _use_kernel(lse_impl, _chunk(b * s, chunk), table_VxD.shape[0])
-  layout = _layout(b, s, chunk)
+  layout = _layout(b, s, chunk, rows_first)
   return _fused_mean_nll(*_chunks(y_BxSxD, table_VxD, targets_BxS, layout), jnp.dtype(cd), kernel,
                          float(scale), layout)
 
@@ -81,14 +81,16 @@ def _chunk(n, chunk):
   return chunk
 
 
-def _layout(b, s, chunk):
+def _layout(b, s, chunk, rows_first=False):
   """(B, S, C1, C2): C = B * S / N chunks of N tokens, C1 = gcd(C, S) slices of the sequence axis times C2 =
   C / C1 (which divides B) groups of rows. Each chunk takes S / C1 positions of B / C2 rows, so with the batch
   split over devices every device holds its share of every chunk (chunks of whole sequences would each live
-  on one device, and the chunk loop would move them between devices)."""
+  on one device, and the chunk loop would move them between devices). rows_first (the rows are all on this
+  device): C2 = gcd(C, B) groups of whole rows first, so that the chunks are slices of the batch as it lies
+  in memory and no transposed copy of y (or of its gradient) is made."""
   c = b * s // _chunk(b * s, chunk)
-  c1 = math.gcd(c, s)
-  return b, s, c1, c // c1
+  c2 = math.gcd(c, b) if rows_first else c // math.gcd(c, s)
+  return b, s, c // c2, c2
 
 
 def _to_chunks(x_BxSx_, layout):
