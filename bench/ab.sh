@@ -5,7 +5,9 @@
 #   on the GPU:   bash bench/ab.sh 560 "new:parcae_small old:parcae_small new:gpt_medium"
 # Items run in order (each: bench/train_throughput.py --exact --only VARIANT --warmup 1 --steps 3, the old ones
 # from .whl/old) until fewer than 60 of the BUDGET seconds are left; every output goes to $OUT/all.log and
-# each variant's table row is printed.
+# each variant's table row is printed. AB_ARGS adds arguments to every run (AB_ARGS=--profile: each tree's trace
+# summary in $OUT/prof_VARIANT.json and $OUT/old/prof_VARIANT.json; compare them with
+# `python3 bench/profiling.py $OUT/old/prof_VARIANT.json $OUT/prof_VARIANT.json`).
 site=$(mktemp -d); cur=$(mktemp)
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl 2>/dev/null
 export PYTHONUNBUFFERED=1
@@ -17,9 +19,9 @@ for item in $2; do
   [ $left -lt 60 ] && { echo "== skip $item (budget)"; continue; }
   echo "== $tree $v at $(( $(date +%s)-S ))s"
   if [ $tree = new ]; then
-    PYTHONPATH=$site:$PWD timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 2>&1 | tee -a $OUT/all.log > $cur
+    PYTHONPATH=$site:$PWD timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 $AB_ARGS 2>&1 | tee -a $OUT/all.log > $cur
   else
-    (cd .whl/old && PYTHONPATH=$site:$PWD OUT=$OUT/old timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 2>&1 | tee -a $OUT/all.log > $cur)
+    (cd .whl/old && PYTHONPATH=$site:$PWD OUT=$OUT/old timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 $AB_ARGS 2>&1 | tee -a $OUT/all.log > $cur)
   fi
   grep -E "^$v |FAILED|Error" $cur | tail -3
 done

@@ -248,3 +248,52 @@ def sustained_text(row: dict) -> str:
   """A bench line's suffix for `sustained`'s figures."""
   return (f"  sustained {row['ms_sustained']:8.4f} ms at {row.get('clock_mhz_mean', 0):4.0f} MHz, "
           f"{row.get('power_w_mean', 0):3.0f} W: {row.get('mj_per_call', 0):6.1f} mJ/call")
+
+
+def _work_key(name: str, entry: list) -> str:
+  """What an op of a `top_device_ops` file computes, comparable across two programs: its description where the
+  file has one (shape, pass, jax op), else its kernel name without XLA's numbering (`loop_add_fusion_62`)."""
+  return entry[2] if len(entry) > 2 else re.sub(r"([._]\d+)+$", "", name)
+
+
+def compare_profiles(old: dict, new: dict, steps: int = 2, n: int = 20) -> dict:
+  """Two `top_device_ops` files (old, new) side by side, in ms per step (each traced `steps` steps): the total,
+  each kernel kind, and the n kinds of work whose time moved most (`_work_key`), largest change first."""
+  per = lambda us: us / 1e3 / steps
+
+  def work(p):
+    out = {}
+    for name, entry in p["ops"].items():
+      k = _work_key(name, entry)
+      out[k] = out.get(k, 0.0) + per(entry[0])
+    return out
+  wo, wn = work(old), work(new)
+  moved = sorted(((k, wo.get(k, 0.0), wn.get(k, 0.0)) for k in set(wo) | set(wn)), key=lambda r: -abs(r[2] - r[1]))
+  kinds = sorted(set(old["by_kind_us"]) | set(new["by_kind_us"]))
+  return {"total_ms": (per(old["total_us"]), per(new["total_us"])),
+          "by_kind_ms": {k: (per(old["by_kind_us"].get(k, 0.0)), per(new["by_kind_us"].get(k, 0.0))) for k in kinds},
+          "moved_ms": moved[:n]}
+
+
+def _diff_main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(description="compare two `--profile` files (bench/profiling.top_device_ops): "
+                              "python3 bench/profiling.py OLD.json NEW.json")
+  p.add_argument("old")
+  p.add_argument("new")
+  p.add_argument("--steps", type=int, default=2, help="steps each file traced (train_throughput --profile: 2)")
+  p.add_argument("--top", type=int, default=20)
+  args = p.parse_args(argv)
+  with open(args.old) as f_old, open(args.new) as f_new:
+    c = compare_profiles(json.load(f_old), json.load(f_new), args.steps, args.top)
+  o, w = c["total_ms"]
+  print(f"device time per step: old {o:.2f} ms, new {w:.2f} ms ({w - o:+.2f})")
+  for k, (o, w) in sorted(c["by_kind_ms"].items(), key=lambda kv: -kv[1][1]):
+    print(f"  {k:20s} {o:9.2f} {w:9.2f} {w - o:+8.2f}")
+  print("moved most (ms per step, old -> new):")
+  for k, o, w in c["moved_ms"]:
+    print(f"  {o:9.3f} -> {w:9.3f} {w - o:+8.3f}  {k[:100]}")
+
+
+if __name__ == "__main__":
+  _diff_main()

@@ -110,3 +110,26 @@ def test_sustained_timing_reports_energy_per_call(monkeypatch):
   assert abs(r["mj_per_call"] - 660.0 * r["ms_sustained"]) < 1e-3 * 660  # W x ms = mJ (ms rounded to 1e-4)
   monkeypatch.setattr(fm, "GpuClocks", type("NoGpu", (Fake,), {"summary": lambda self: {}}))
   assert "mj_per_call" not in fm.sustained(lambda a: a, (jnp.ones(4),), 2)
+
+
+def test_two_profiles_are_compared_by_kind_and_by_the_work_each_op_does(tmp_path, capsys):
+  """Ops are matched across programs by what they compute (description, else the name without XLA's numbering),
+  per step, largest change first; the CLI prints the same."""
+  old = {"total_us": 4000.0, "by_kind_us": {"gemm": 3000.0, "elementwise fusion": 1000.0},
+         "ops": {"nvjet_a": [3000.0, 4], "loop_add_fusion_7": [600.0, 2, "f32[8] fwd add"],
+                 "loop_mul_fusion_3": [400.0, 2]}}
+  new = {"total_us": 3600.0, "by_kind_us": {"gemm": 3000.0, "elementwise fusion": 500.0, "custom kernel": 100.0},
+         "ops": {"nvjet_a": [3000.0, 4], "loop_add_fusion_9": [200.0, 2, "f32[8] fwd add"],
+                 "loop_mul_fusion_12": [300.0, 2], "closing_norm": [100.0, 2]}}
+  c = profiling.compare_profiles(old, new, steps=2)
+  assert c["total_ms"] == (2.0, 1.8)
+  assert c["by_kind_ms"]["elementwise fusion"] == (0.5, 0.25) and c["by_kind_ms"]["custom kernel"] == (0.0, 0.05)
+  assert c["moved_ms"][0] == ("f32[8] fwd add", 0.3, 0.1)  # fusion_7 and fusion_9: the same work
+  assert c["moved_ms"][1] == ("loop_mul_fusion", 0.2, 0.15)
+  assert ("closing_norm", 0.0, 0.05) in c["moved_ms"] and ("nvjet_a", 1.5, 1.5) in c["moved_ms"]
+  import json
+  (tmp_path / "o.json").write_text(json.dumps(old))
+  (tmp_path / "n.json").write_text(json.dumps(new))
+  profiling._diff_main([str(tmp_path / "o.json"), str(tmp_path / "n.json")])
+  out = capsys.readouterr().out
+  assert "old 2.00 ms, new 1.80 ms (-0.20)" in out and "-0.200  f32[8] fwd add" in out
