@@ -113,9 +113,10 @@ def test_parcae_takes_the_kernel_and_matches_the_xla_path(split, monkeypatch):
     at = nnx.merge(graphdef, state).hidden_at(ids, jnp.array([1, 3]), lambda y, aux: (y, aux["rel_residual"]))
     return value, tel, grads, at
 
-  want = run("xla")
-  assert not calls
-  got = run("pallas")
+  with jax.default_matmul_precision("highest"):  # on a GPU: float32 GEMMs, not TF32 (an H100's default), whose
+    want = run("xla")                           # rounding turns the kernel's summation order into ~1e-4
+    assert not calls
+    got = run("pallas")
   assert calls.count("bwd") == 1 and calls.count("fwd") == 4 + split, calls
   assert abs(float(got[0]) - float(want[0])) <= 1e-6 * abs(float(want[0]))
   for key in ("state_norm", "rel_residual"):
