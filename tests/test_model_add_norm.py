@@ -131,7 +131,7 @@ def test_model_with_the_kernels_matches_the_xla_path(kind, block_remat, monkeypa
         return jnp.mean(model(ids).astype(jnp.float32) ** 2)
       y, _ = model.hidden(ids, jnp.array([1, 2]), jnp.array([2, 1]), key=jax.random.key(3), grad_steps=2)
       return jnp.mean(model.logits(y).astype(jnp.float32) ** 2)
-    return jax.value_and_grad(loss)(state)
+    return jax.jit(jax.value_and_grad(loss))(state)
 
   with jax.default_matmul_precision("highest"):  # float32 GEMMs on a GPU too (its default is TF32, whose
     want = grads("xla")                         # rounding turns the kernels' other summation order into 1e-4)

@@ -109,7 +109,7 @@ def test_parcae_takes_the_kernel_and_matches_the_xla_path(split, monkeypatch):
       model = nnx.merge(graphdef, state)
       y, tel = model.hidden(ids, n_B, k_B, key=jax.random.key(3), grad_steps=2)
       return jnp.mean(model.logits(y).astype(jnp.float32) ** 2), tel
-    (value, tel), grads = jax.value_and_grad(loss, has_aux=True)(state)
+    (value, tel), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
     at = nnx.merge(graphdef, state).hidden_at(ids, jnp.array([1, 3]), lambda y, aux: (y, aux["rel_residual"]))
     return value, tel, grads, at
 
@@ -192,7 +192,7 @@ def test_quartet_recipe_with_the_kernel():
       y, _ = model.hidden(ids, jnp.array([3, 1]), jnp.array([1, 2]), key=jax.random.key(3), grad_steps=2,
                           quant_key=jax.random.key(4))
       return jnp.mean(model.logits(y).astype(jnp.float32) ** 2)
-    res[impl] = jax.value_and_grad(loss)(state)
+    res[impl] = jax.jit(jax.value_and_grad(loss))(state)
   np.testing.assert_allclose(float(res["pallas"][0]), float(res["xla"][0]), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(res["xla"][1]), jax.tree.leaves(res["pallas"][1])):
     a, b = f64(a).ravel(), f64(b).ravel()
