@@ -18,6 +18,7 @@ from parcae.model.layers import Linear
 
 class Diagonal(nnx.Module):
   reads_e_in_cd = True  # prepare casts e to the compute dtype first (so the prelude's norm may write it so)
+
   def __init__(self, d: int, cd):
     self.A_log = nnx.Param(jnp.zeros((d,), jnp.float32))
     self.dt_bias = nnx.Param(jnp.full((d,), init.DT_BIAS0, jnp.float32))
@@ -39,6 +40,7 @@ class Diagonal(nnx.Module):
 
 class LinearInjection(nnx.Module):
   reads_e_in_cd = True
+
   def __init__(self, d: int, key, cd):
     self.W = Linear(init.adapter(key, 2 * d, d, d), cd)
     self.d, self.cd = d, cd

@@ -7,9 +7,9 @@ backward GEMMs. So no [tokens, V] float32 array is ever written, in either pass 
 writes the float32 gradient, subtracts the one-hot in a scatter and casts it in two more passes).
 The input gradient leaves its GEMM in y's dtype (the compute dtype: the model hands the head its final norm's
 output in it, and the reference's autocast head rounds this gradient to bf16 too); the table gradient leaves
-its GEMM in float32 and is summed over chunks in float32. `chunk` <= 0 means one chunk of all tokens. The forward's log-sum-exp is
-one Pallas pass over the compute-dtype logits where `lse_impl` picks it (parcae.model.lse), else the two-pass
-formula (max, then the sum of exponentials).
+its GEMM in float32 and is summed over chunks in float32. `chunk` <= 0 means one chunk of all tokens. The
+forward's log-sum-exp is one Pallas pass over the compute-dtype logits where `lse_impl` picks it
+(parcae.model.lse), else the two-pass formula (max, then the sum of exponentials).
 
 Two entry points: `token_nll` (per-token NLL: evaluation, and any loss that weighs tokens) keeps the
 log-sum-exps and recomputes each chunk's logits in its backward pass; `mean_token_nll` (the training loss, a
