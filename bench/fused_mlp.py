@@ -39,7 +39,10 @@ from parcae.model.layers import relu2  # noqa: E402
 
 SHAPES = {"parcae_small": (32768, 768, 3072), "parcae_medium": (32768, 1024, 4096),
           # attention's GEMMs at parcae-small (op gemm): q/k/v side by side, the output projection
-          "small_qkv": (32768, 768, 2304), "small_o": (32768, 768, 768)}
+          "small_qkv": (32768, 768, 2304), "small_o": (32768, 768, 768),
+          # parcae-small's MLP GEMM with a 2x and 4x longer K loop (same output tiles): time = tiles x (a + b K)
+          # separates a tile's fixed cost (epilogue, pipeline refill) from its K loop
+          "small_k2x": (32768, 1536, 3072), "small_k4x": (32768, 3072, 3072)}
 SWEEP = [mk.Tiles(128, 128, 64, 4, 3), mk.Tiles(128, 128, 64, 8, 3), mk.Tiles(128, 128, 64, 4, 4),
          mk.Tiles(128, 256, 64, 8, 3), mk.Tiles(128, 256, 64, 8, 4), mk.Tiles(256, 128, 64, 8, 3),
          mk.Tiles(64, 256, 64, 4, 4), mk.Tiles(128, 256, 32, 8, 4)]

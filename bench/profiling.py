@@ -256,15 +256,27 @@ def _work_key(name: str, entry: list) -> str:
   return entry[2] if len(entry) > 2 else re.sub(r"([._]\d+)+$", "", name)
 
 
+def _op_work_key(op: str, entry: list) -> str:
+  """`_work_key` for an instruction of a file's "hlo_ops" table ([us, calls, kernel, description?]): a GEMM by
+  its shapes, whichever cuBLAS kernel the autotuner picked in that program (two compiles of one GEMM often pick
+  different ones); else the instruction and its kernel without XLA's numbering ("pallas_call: _grad_kernel")."""
+  if len(entry) > 3:
+    return entry[3]
+  base = lambda name: re.sub(r"([._]\d+)+$", "", name)
+  return base(op) if base(op) == base(entry[2]) else f"{base(op)}: {base(entry[2])}"
+
+
 def compare_profiles(old: dict, new: dict, steps: int = 2, n: int = 20) -> dict:
   """Two `top_device_ops` files (old, new) side by side, in ms per step (each traced `steps` steps): the total,
-  each kernel kind, and the n kinds of work whose time moved most (`_work_key`), largest change first."""
+  each kernel kind, and the n kinds of work whose time moved most, largest change first: per instruction
+  (`_op_work_key`) where both files have the "hlo_ops" table, else per kernel (`_work_key`)."""
   per = lambda us: us / 1e3 / steps
+  by_op = bool(old.get("hlo_ops")) and bool(new.get("hlo_ops"))
 
   def work(p):
     out = {}
-    for name, entry in p["ops"].items():
-      k = _work_key(name, entry)
+    for name, entry in (p["hlo_ops"] if by_op else p["ops"]).items():
+      k = _op_work_key(name, entry) if by_op else _work_key(name, entry)
       out[k] = out.get(k, 0.0) + per(entry[0])
     return out
   wo, wn = work(old), work(new)

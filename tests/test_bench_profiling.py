@@ -133,3 +133,22 @@ def test_two_profiles_are_compared_by_kind_and_by_the_work_each_op_does(tmp_path
   profiling._diff_main([str(tmp_path / "o.json"), str(tmp_path / "n.json")])
   out = capsys.readouterr().out
   assert "old 2.00 ms, new 1.80 ms (-0.20)" in out and "-0.200  f32[8] fwd add" in out
+
+
+def test_profiles_with_instruction_tables_match_gemms_by_shape_not_by_the_cublas_kernel_picked():
+  """Where both files have the per-instruction table, a GEMM is matched by its shapes: the autotuner may pick
+  another cuBLAS kernel for the same GEMM in each program, which matching by kernel name reads as work moved.
+  Other instructions are matched by instruction and kernel without XLA's numbering; a file without the table
+  falls back to the per-kernel match."""
+  gemm = "bf16[8,4] = bf16[8,2] x bf16[2,4] (contracting 1, 0)"
+  old = {"total_us": 3000.0, "by_kind_us": {"gemm": 2000.0, "custom kernel": 1000.0},
+         "ops": {"nvjet_x": [2000.0, 2], "_grad_kernel": [1000.0, 2]},
+         "hlo_ops": {"custom-call.3": [2000.0, 2, "nvjet_x", gemm], "pallas_call.7": [1000.0, 2, "_grad_kernel"]}}
+  new = {"total_us": 2800.0, "by_kind_us": {"gemm": 1900.0, "custom kernel": 900.0},
+         "ops": {"nvjet_y": [1900.0, 2], "_grad_kernel": [900.0, 2]},
+         "hlo_ops": {"custom-call.5": [1900.0, 2, "nvjet_y", gemm], "pallas_call.2": [900.0, 2, "_grad_kernel"]}}
+  moved = profiling.compare_profiles(old, new, steps=2)["moved_ms"]
+  assert len(moved) == 2 and moved[0] == (gemm, 1.0, 0.95), moved
+  assert moved[1] == ("pallas_call: _grad_kernel", 0.5, 0.45)
+  moved = profiling.compare_profiles(old, {k: v for k, v in new.items() if k != "hlo_ops"}, steps=2)["moved_ms"]
+  assert moved[0] == ("nvjet_x", 1.0, 0.0) and ("nvjet_y", 0.0, 0.95) in moved
