@@ -1,0 +1,212 @@
+"""A ping-pong Hopper GEMM for the MLP's first layer, to time against the library's cooperative kernels.
+
+bench/RESULTS.md, session 30: the library's Mosaic GPU MLP kernels (parcae/model/mlp_kernels.py) run their K
+loop at cuBLAS's pace, but a third of the backward's and 43% of the pair kernel's time at parcae-small's shape
+is fixed per output tile: both compute warpgroups work on one tile, so the tensor cores idle while they store it.
+Here each compute warpgroup owns whole [128, 128] tiles (warpgroup 0 the even tiles of the program's pairs, 1
+the odd ones) and a schedule barrier lets only one run its K loop at a time: one stores its tile while the
+other's wgmmas run (the ping-pong schedule of CUTLASS and FlashAttention-3). The memory warpgroup feeds each
+compute warpgroup its own ring of S stages, in the order the K loops consume them: the other warpgroup's first
+S stages are loaded during this one's K loop, so it starts without waiting.
+
+Not in the library: bench-only until it beats the cooperative kernels on the GPU (each Mosaic barrier tracks its
+phase per thread, so every barrier here is waited on by exactly one side at each of its completions).
+
+  python3 bench/pingpong_mlp.py                    # parcae-small's shape and 2x K: ping-pong, library, XLA
+  python3 bench/pingpong_mlp.py --stages 3 --piece 64 --sustain 2
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from fused_mlp import SHAPES, XLA, reference  # noqa: E402
+from profiling import sustained, sustained_text, timed  # noqa: E402
+from parcae.model import mlp_kernels  # noqa: E402
+
+TM, TN, TK = 128, 128, 64   # a compute warpgroup's tile; the K step (one 128-byte swizzled row of bf16)
+EPILOGUES = {"gemm": lambda a: (a,), "fwd": lambda a: mlp_kernels._relu2_f32(a, None),  # pylint: disable=protected-access
+             "pair": lambda a: mlp_kernels._pair_f32(a, None)}  # pylint: disable=protected-access
+
+
+def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, num_sms=None, interpret=False):
+  """EPILOGUES[op] of bf16(x @ w): a tuple of [M, N] bf16 arrays, one program per SM (num_sms programs;
+  interpret: Pallas' interpreter, on a CPU)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  (m, k), n = x_MxK.shape, w_KxN.shape[1]
+  ks, n_cols, s = k // TK, n // TN, stages
+  if m % TM or n % TN or k % TK or ks < s or TN % piece:
+    raise ValueError(f"pingpong: needs M % {TM}, N % {TN}, K % {TK}, K / {TK} >= stages and {TN} % piece == 0")
+  n_tiles = m // TM * n_cols
+  n_pairs = -(-n_tiles // 2)
+  grid = num_sms or mlp_kernels._num_sms()  # pylint: disable=protected-access
+  epilogue = EPILOGUES[op]
+  n_out = len(epilogue(jnp.zeros((8, 8), jnp.bfloat16)))
+  tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
+
+  def kernel(x_gmem, w_gmem, *refs):
+    outs = refs[:n_out]
+    x_smem, w_smem, o_smem, full_x, full_w, consumed, sched = refs[n_out:]
+    wg, sm = lax.axis_index("wg"), lax.axis_index("sm")
+    n_local = lax.div(n_pairs - sm + grid - 1, grid)   # pairs p = sm, sm + grid, ... of this program
+
+    def tile(w_i, q):  # (row, column) tile of warpgroup w_i in local pair q, and whether it exists
+      t = 2 * (sm + q * grid) + w_i
+      return lax.div(t, n_cols), lax.rem(t, n_cols), t < n_tiles
+
+    def slot(w_i, q, kk):  # warpgroup w_i's ring: its K steps in order, S stages
+      return w_i * s + lax.rem(q * ks + kk, s)
+
+    def load(w_i, q, kk):
+      mi, ni, _ = tile(w_i, q)
+      i = slot(w_i, q, kk)
+      plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(mi * TM, TM), pl.ds(kk * TK, TK)], x_smem.at[i], full_x.at[i])
+      plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(kk * TK, TK), pl.ds(ni * TN, TN)], w_smem.at[i], full_w.at[i])
+
+    def reload(w_i, q, kk):  # the stage's previous use (S steps earlier in w_i's order) has been consumed
+      plgpu.barrier_wait(consumed.at[slot(w_i, q, kk)])
+      load(w_i, q, kk)
+
+    def sync():  # both compute warpgroups pass it together (a two-arrival barrier)
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @pl.when(n_local > 0)
+      def _():
+        for kk in range(s):
+          load(0, 0, kk)
+
+        @pl.loop(0, n_local)
+        def _pair(q):
+          odd_exists = tile(1, q)[2]
+
+          @pl.when(odd_exists)
+          def _():  # the odd tile's first stages, while the even tile's K loop runs
+            for kk in range(s):
+              @pl.when(q > 0)
+              def _():
+                plgpu.barrier_wait(consumed.at[slot(1, q, kk)])
+              load(1, q, kk)
+
+          pl.loop(s, ks)(lambda kk: reload(0, q, kk))
+
+          @pl.when(q + 1 < n_local)
+          def _():  # the next even tile's first stages, while the odd tile's K loop runs
+            for kk in range(s):
+              reload(0, q + 1, kk)
+
+          @pl.when(odd_exists)
+          def _():
+            pl.loop(s, ks)(lambda kk: reload(1, q, kk))
+
+        # the last S stages of each ring: observe their release too (every phase of a barrier is waited on)
+        odd_tiles = n_local - jnp.where(tile(1, n_local - 1)[2], 0, 1)
+        for w_i, count in ((0, n_local), (1, odd_tiles)):
+          @pl.when(count > 0)
+          def _():
+            for kk in range(s):
+              plgpu.barrier_wait(consumed.at[w_i * s + kk])
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      pl.when(wg == 1)(sync)  # the odd warpgroup's K loops start after the even one's
+
+      @pl.loop(0, n_local)
+      def _pair(q):
+        mi, ni, exists = tile(wg, q)
+
+        @pl.when(exists)
+        def _():
+          def k_loop(acc_ref):
+            @pl.loop(0, ks)
+            def _step(kk):
+              i = slot(wg, q, kk)
+              plgpu.barrier_wait(full_x.at[i])
+              plgpu.barrier_wait(full_w.at[i])
+              plgpu.wgmma(acc_ref, x_smem.at[i], w_smem.at[i])
+              plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(consumed.at[i])
+            return acc_ref[...]
+          acc = pl.run_scoped(k_loop, plgpu.ACC((TM, TN), jnp.float32))
+          sync()  # the tensor cores are the other warpgroup's while this one stores
+          for o, out in enumerate(epilogue(acc.astype(jnp.bfloat16))):
+            for j in range(TN // piece):
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+              o_smem[wg] = out if piece == TN else out[:, j * piece:(j + 1) * piece]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(o_smem.at[wg], outs[o].at[pl.ds(mi * TM, TM), pl.ds(ni * TN + j * piece, piece)])
+          sync()
+
+        @pl.when(jnp.logical_not(exists))
+        def _():  # the last pair's missing odd tile: keep the barrier's count
+          sync()
+          sync()
+
+      pl.when(wg == 0)(sync)  # the odd warpgroup's last sync (it passed one more at its start)
+      plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
+      scratch_types=[plgpu.SMEM((2 * s, TM, TK), jnp.bfloat16, transforms=tf),
+                     plgpu.SMEM((2 * s, TK, TN), jnp.bfloat16, transforms=tf),
+                     plgpu.SMEM((2, TM, piece), jnp.bfloat16),
+                     plgpu.Barrier(num_barriers=2 * s), plgpu.Barrier(num_barriers=2 * s),
+                     plgpu.Barrier(num_barriers=2 * s), plgpu.Barrier(num_arrivals=2)],
+      grid=(grid,), grid_names=("sm",), num_threads=3, thread_name="wg",
+      **(dict(interpret=interpret) if interpret else {}))(x_MxK, w_KxN)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--only", default="parcae_small,small_k2x")
+  p.add_argument("--ops", default="gemm,fwd,pair")
+  p.add_argument("--stages", type=int, default=3)
+  p.add_argument("--piece", type=int, default=64)
+  p.add_argument("--iters", type=int, default=100)
+  p.add_argument("--sustain", type=float, default=0.0)
+  args = p.parse_args()
+  library = {"gemm": lambda x, w: mlp_kernels._ws_gemm((x, w), x.shape[1], w.shape[1], lambda a, _: (a,), trans_b=False,  # pylint: disable=protected-access
+                                                       steps=mlp_kernels.STEPS_NO_H, piece=mlp_kernels.PIECE_NO_H)[0],
+             "fwd": mlp_kernels._relu2_matmul_mosaic, "pair": mlp_kernels._pair_matmul_mosaic}  # pylint: disable=protected-access
+  print(jax.devices()[0].device_kind, flush=True)
+  for name in args.only.split(","):
+    m, d, f = SHAPES[name]
+    ks = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(ks[0], (m, d), jnp.bfloat16)
+    w = (jax.random.normal(ks[1], (d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+    rows = np.sort(np.random.default_rng(0).choice(m, 512, replace=False))
+    for op in args.ops.split(","):
+      ref = reference(op, (x, w), rows)
+      pp = jax.jit(functools.partial(pingpong, op=op, stages=args.stages, piece=args.piece))
+      for impl, fn in (("xla", XLA[op]), ("library", jax.jit(library[op])), ("pingpong", pp)):
+        try:
+          ms, out = timed(fn, (x, w), args.iters)
+        except Exception as e:  # a launch that does not compile is reported, not fatal
+          print(f"{name:14s} {op:4s} {impl:8s} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+          continue
+        out = jnp.concatenate(out, axis=1) if isinstance(out, tuple) else out
+        err = float(np.max(np.abs(np.asarray(out[rows], np.float64) - ref)) / np.max(np.abs(ref)))
+        line = f"{name:14s} {op:4s} {impl:8s} {ms:8.4f} ms {2 * m * d * f / ms / 1e9:7.1f} TF/s  err {err:.2e}"
+        if args.sustain:
+          line += sustained_text(sustained(fn, (x, w), max(1, int(args.sustain * 1e3 / ms))))
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()
