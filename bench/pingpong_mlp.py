@@ -10,7 +10,9 @@ compute warpgroup its own ring of S stages, in the order the K loops consume the
 S stages are loaded during this one's K loop, so it starts without waiting.
 
 Not in the library: bench-only until it beats the cooperative kernels on the GPU (each Mosaic barrier tracks its
-phase per thread, so every barrier here is waited on by exactly one side at each of its completions).
+phase per thread, so every barrier here is waited on by exactly one side at each of its completions). Its doubt:
+without a cluster and with each warpgroup loading its own x slice it moves twice the library's bytes per FLOP
+from L2 (bench/RESULTS.md, session 30, section 6).
 
   python3 bench/pingpong_mlp.py                    # parcae-small's shape and 2x K: ping-pong, library, XLA
   python3 bench/pingpong_mlp.py --stages 3 --piece 64 --sustain 2
