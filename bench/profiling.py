@@ -250,10 +250,15 @@ def sustained_text(row: dict) -> str:
           f"{row.get('power_w_mean', 0):3.0f} W: {row.get('mj_per_call', 0):6.1f} mJ/call")
 
 
+def _unnumbered(name: str) -> str:
+  """A kernel or instruction name without XLA's numbering (`loop_add_fusion_62` -> `loop_add_fusion`)."""
+  return re.sub(r"([._]\d+)+$", "", name)
+
+
 def _work_key(name: str, entry: list) -> str:
   """What an op of a `top_device_ops` file computes, comparable across two programs: its description where the
   file has one (shape, pass, jax op), else its kernel name without XLA's numbering (`loop_add_fusion_62`)."""
-  return entry[2] if len(entry) > 2 else re.sub(r"([._]\d+)+$", "", name)
+  return entry[2] if len(entry) > 2 else _unnumbered(name)
 
 
 def _op_work_key(op: str, entry: list) -> str:
@@ -262,8 +267,8 @@ def _op_work_key(op: str, entry: list) -> str:
   different ones); else the instruction and its kernel without XLA's numbering ("pallas_call: _grad_kernel")."""
   if len(entry) > 3:
     return entry[3]
-  base = lambda name: re.sub(r"([._]\d+)+$", "", name)
-  return base(op) if base(op) == base(entry[2]) else f"{base(op)}: {base(entry[2])}"
+  op, kernel = _unnumbered(op), _unnumbered(entry[2])
+  return op if op == kernel else f"{op}: {kernel}"
 
 
 def compare_profiles(old: dict, new: dict, steps: int = 2, n: int = 20) -> dict:
