@@ -41,31 +41,38 @@ EPILOGUES = {"gemm": lambda a: (a,), "fwd": lambda a: mlp_kernels._relu2_f32(a, 
              "pair": lambda a: mlp_kernels._pair_f32(a, None)}  # pylint: disable=protected-access
 
 
-def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, num_sms=None, interpret=False):
+def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, interpret=False):
   """EPILOGUES[op] of bf16(x @ w): a tuple of [M, N] bf16 arrays, one program per SM (num_sms programs;
-  interpret: Pallas' interpreter, on a CPU)."""
+  interpret: Pallas' interpreter, on a CPU). cluster = c > 1: c SMs take the row tiles ci .. ci + c - 1 of the
+  same columns and share each weight slice (each loads 1/c of it and multicasts it, as the library's kernels
+  do); a stage is reloaded only when every SM of the cluster has consumed it (the interpreter cannot run it)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   ks, n_cols, s = k // TK, n // TN, stages
-  if m % TM or n % TN or k % TK or ks < s or TN % piece:
-    raise ValueError(f"pingpong: needs M % {TM}, N % {TN}, K % {TK}, K / {TK} >= stages and {TN} % piece == 0")
-  n_tiles = m // TM * n_cols
+  if m % (TM * cluster) or n % TN or k % TK or ks < s or TN % piece:
+    raise ValueError(f"pingpong: needs M % {TM * cluster}, N % {TN}, K % {TK}, K / {TK} >= stages and "
+                     f"{TN} % piece == 0")
+  n_tiles = m // (TM * cluster) * n_cols   # tiles of [cluster x TM, TN], one [TM, TN] row tile per SM
   n_pairs = -(-n_tiles // 2)
-  grid = num_sms or mlp_kernels._num_sms()  # pylint: disable=protected-access
+  grid = (num_sms or mlp_kernels._num_sms()) // cluster  # pylint: disable=protected-access
   epilogue = EPILOGUES[op]
   n_out = len(epilogue(jnp.zeros((8, 8), jnp.bfloat16)))
   tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
+  shared = dict(collective_axes="cluster") if cluster > 1 else {}
+  consumed_type = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if cluster > 1 else
+                   plgpu.Barrier)
 
   def kernel(x_gmem, w_gmem, *refs):
     outs = refs[:n_out]
     x_smem, w_smem, o_smem, full_x, full_w, consumed, sched = refs[n_out:]
     wg, sm = lax.axis_index("wg"), lax.axis_index("sm")
+    cta = lax.axis_index("cluster") if cluster > 1 else 0
     n_local = lax.div(n_pairs - sm + grid - 1, grid)   # pairs p = sm, sm + grid, ... of this program
 
     def tile(w_i, q):  # (row, column) tile of warpgroup w_i in local pair q, and whether it exists
       t = 2 * (sm + q * grid) + w_i
-      return lax.div(t, n_cols), lax.rem(t, n_cols), t < n_tiles
+      return lax.div(t, n_cols) * cluster + cta, lax.rem(t, n_cols), t < n_tiles
 
     def slot(w_i, q, kk):  # warpgroup w_i's ring: its K steps in order, S stages
       return w_i * s + lax.rem(q * ks + kk, s)
@@ -74,7 +81,8 @@ def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, num_sms=None, interpret
       mi, ni, _ = tile(w_i, q)
       i = slot(w_i, q, kk)
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(mi * TM, TM), pl.ds(kk * TK, TK)], x_smem.at[i], full_x.at[i])
-      plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(kk * TK, TK), pl.ds(ni * TN, TN)], w_smem.at[i], full_w.at[i])
+      plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(kk * TK, TK), pl.ds(ni * TN, TN)], w_smem.at[i], full_w.at[i],
+                              **shared)
 
     def reload(w_i, q, kk):  # the stage's previous use (S steps earlier in w_i's order) has been consumed
       plgpu.barrier_wait(consumed.at[slot(w_i, q, kk)])
@@ -169,8 +177,9 @@ def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, num_sms=None, interpret
                      plgpu.SMEM((2 * s, TK, TN), jnp.bfloat16, transforms=tf),
                      plgpu.SMEM((2, TM, piece), jnp.bfloat16),
                      plgpu.Barrier(num_barriers=2 * s), plgpu.Barrier(num_barriers=2 * s),
-                     plgpu.Barrier(num_barriers=2 * s), plgpu.Barrier(num_arrivals=2)],
+                     consumed_type(num_barriers=2 * s), plgpu.Barrier(num_arrivals=2)],
       grid=(grid,), grid_names=("sm",), num_threads=3, thread_name="wg",
+      **(dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}),
       **(dict(interpret=interpret) if interpret else {}))(x_MxK, w_KxN)
 
 
@@ -180,6 +189,7 @@ def main():
   p.add_argument("--ops", default="gemm,fwd,pair")
   p.add_argument("--stages", type=int, default=3)
   p.add_argument("--piece", type=int, default=64)
+  p.add_argument("--cluster", type=int, default=1, help="SMs sharing each weight slice (1 or 2)")
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--sustain", type=float, default=0.0)
   args = p.parse_args()
@@ -195,7 +205,8 @@ def main():
     rows = np.sort(np.random.default_rng(0).choice(m, 512, replace=False))
     for op in args.ops.split(","):
       ref = reference(op, (x, w), rows)
-      pp = jax.jit(functools.partial(pingpong, op=op, stages=args.stages, piece=args.piece))
+      pp = jax.jit(functools.partial(pingpong, op=op, stages=args.stages, piece=args.piece,
+                                        cluster=args.cluster))
       for impl, fn in (("xla", XLA[op]), ("library", jax.jit(library[op])), ("pingpong", pp)):
         try:
           ms, out = timed(fn, (x, w), args.iters)
