@@ -12,10 +12,12 @@ S stages are loaded during this one's K loop, so it starts without waiting.
 Not in the library: bench-only until it beats the cooperative kernels on the GPU (each Mosaic barrier tracks its
 phase per thread, so every barrier here is waited on by exactly one side at each of its completions). Its doubt:
 without a cluster and with each warpgroup loading its own x slice it moves twice the library's bytes per FLOP
-from L2 (bench/RESULTS.md, session 30, section 6).
+from L2 (bench/RESULTS.md, session 30, section 6); --cluster 2 shares each weight slice between two SMs (TMA
+multicast) as the library does. Ops: gemm, fwd (relu2), pair (h and relu2(h)), bwd ((g @ w2^T) * max(h, 0),
+h fetched during the K loop into the warpgroup's output buffer).
 
   python3 bench/pingpong_mlp.py                    # parcae-small's shape and 2x K: ping-pong, library, XLA
-  python3 bench/pingpong_mlp.py --stages 3 --piece 64 --sustain 2
+  python3 bench/pingpong_mlp.py --cluster 2 --stages 3 --piece 64 --sustain 2
 """
 from __future__ import annotations
 
@@ -37,35 +39,44 @@ from profiling import sustained, sustained_text, timed  # noqa: E402
 from parcae.model import mlp_kernels  # noqa: E402
 
 TM, TN, TK = 128, 128, 64   # a compute warpgroup's tile; the K step (one 128-byte swizzled row of bf16)
-EPILOGUES = {"gemm": lambda a: (a,), "fwd": lambda a: mlp_kernels._relu2_f32(a, None),  # pylint: disable=protected-access
-             "pair": lambda a: mlp_kernels._pair_f32(a, None)}  # pylint: disable=protected-access
+# pylint: disable=protected-access
+EPILOGUES = {"gemm": lambda a, _: (a,), "fwd": mlp_kernels._relu2_f32, "pair": mlp_kernels._pair_f32,
+             "bwd": mlp_kernels._mask_product_f32}   # bwd: (g @ w2^T) * max(h, 0), w2 [N, K]
+# pylint: enable=protected-access
 
 
-def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, interpret=False):
+def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, interpret=False, h_MxN=None,
+             trans_b=None):
   """EPILOGUES[op] of bf16(x @ w): a tuple of [M, N] bf16 arrays, one program per SM (num_sms programs;
-  interpret: Pallas' interpreter, on a CPU). cluster = c > 1: c SMs take the row tiles ci .. ci + c - 1 of the
+  interpret: Pallas' interpreter, on a CPU). op "bwd": w is [N, K] (the product is x @ w^T) and h_MxN the
+  forward's h, fetched into the warpgroup's output buffer during its K loop (as the library's backward does);
+  trans_b=False takes w as [K, N] instead (the interpreter has no transposed wgmma operand). cluster = c > 1: c SMs take the row tiles ci .. ci + c - 1 of the
   same columns and share each weight slice (each loads 1/c of it and multicasts it, as the library's kernels
   do); a stage is reloaded only when every SM of the cluster has consumed it (the interpreter cannot run it)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  (m, k), n = x_MxK.shape, w_KxN.shape[1]
+  fetch = op == "bwd"
+  trans_b = fetch if trans_b is None else trans_b
+  (m, k), n = x_MxK.shape, w.shape[0 if trans_b else 1]
   ks, n_cols, s = k // TK, n // TN, stages
-  if m % (TM * cluster) or n % TN or k % TK or ks < s or TN % piece:
+  if m % (TM * cluster) or n % TN or k % TK or ks < s or TN % piece or (fetch and piece != TN):
     raise ValueError(f"pingpong: needs M % {TM * cluster}, N % {TN}, K % {TK}, K / {TK} >= stages and "
-                     f"{TN} % piece == 0")
+                     f"{TN} % piece == 0 (piece {TN} for bwd, whose h fills the output buffer)")
+  fetch_at = mlp_kernels.fetch_step(ks)
   n_tiles = m // (TM * cluster) * n_cols   # tiles of [cluster x TM, TN], one [TM, TN] row tile per SM
   n_pairs = -(-n_tiles // 2)
   grid = (num_sms or mlp_kernels._num_sms()) // cluster  # pylint: disable=protected-access
   epilogue = EPILOGUES[op]
-  n_out = len(epilogue(jnp.zeros((8, 8), jnp.bfloat16)))
+  n_out = len(epilogue(jnp.zeros((8, 8), jnp.bfloat16), jnp.zeros((8, 8), jnp.bfloat16)))
   tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
   shared = dict(collective_axes="cluster") if cluster > 1 else {}
   consumed_type = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if cluster > 1 else
                    plgpu.Barrier)
 
   def kernel(x_gmem, w_gmem, *refs):
+    h_gmem, refs = (refs[0], refs[1:]) if fetch else (None, refs)
     outs = refs[:n_out]
-    x_smem, w_smem, o_smem, full_x, full_w, consumed, sched = refs[n_out:]
+    x_smem, w_smem, o_smem, full_x, full_w, consumed, sched, full_h = refs[n_out:]
     wg, sm = lax.axis_index("wg"), lax.axis_index("sm")
     cta = lax.axis_index("cluster") if cluster > 1 else 0
     n_local = lax.div(n_pairs - sm + grid - 1, grid)   # pairs p = sm, sm + grid, ... of this program
@@ -81,8 +92,9 @@ def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, cluster=1, num_sms=None
       mi, ni, _ = tile(w_i, q)
       i = slot(w_i, q, kk)
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(mi * TM, TM), pl.ds(kk * TK, TK)], x_smem.at[i], full_x.at[i])
-      plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(kk * TK, TK), pl.ds(ni * TN, TN)], w_smem.at[i], full_w.at[i],
-                              **shared)
+      w_slice = (w_gmem.at[pl.ds(ni * TN, TN), pl.ds(kk * TK, TK)] if trans_b else
+                 w_gmem.at[pl.ds(kk * TK, TK), pl.ds(ni * TN, TN)])
+      plgpu.copy_gmem_to_smem(w_slice, w_smem.at[i], full_w.at[i], **shared)
 
     def reload(w_i, q, kk):  # the stage's previous use (S steps earlier in w_i's order) has been consumed
       plgpu.barrier_wait(consumed.at[slot(w_i, q, kk)])
@@ -147,15 +159,28 @@ def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, cluster=1, num_sms=None
             @pl.loop(0, ks)
             def _step(kk):
               i = slot(wg, q, kk)
+              if fetch:
+                @pl.when(kk == fetch_at)
+                def _():  # h into this warpgroup's output buffer, once its last store has read it
+                  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                  plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(mi * TM, TM), pl.ds(ni * TN, TN)], o_smem.at[wg],
+                                          full_h.at[wg])
               plgpu.barrier_wait(full_x.at[i])
               plgpu.barrier_wait(full_w.at[i])
-              plgpu.wgmma(acc_ref, x_smem.at[i], w_smem.at[i])
+              b = plgpu.transpose_ref(w_smem.at[i], (1, 0)) if trans_b else w_smem.at[i]
+              plgpu.wgmma(acc_ref, x_smem.at[i], b)
               plgpu.wgmma_wait(0)
               plgpu.barrier_arrive(consumed.at[i])
             return acc_ref[...]
           acc = pl.run_scoped(k_loop, plgpu.ACC((TM, TN), jnp.float32))
           sync()  # the tensor cores are the other warpgroup's while this one stores
-          for o, out in enumerate(epilogue(acc.astype(jnp.bfloat16))):
+          h = None
+          if fetch:
+            plgpu.barrier_wait(full_h.at[wg])
+            # the library's load in the accumulator's layout; Pallas' interpreter has no plgpu.load (a plain read)
+            h = (o_smem[wg] if interpret else
+                 plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False))
+          for o, out in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
             for j in range(TN // piece):
               plgpu.wait_smem_to_gmem(0, wait_read_only=True)
               o_smem[wg] = out if piece == TN else out[:, j * piece:(j + 1) * piece]
@@ -174,19 +199,19 @@ def pingpong(x_MxK, w_KxN, op="fwd", stages=3, piece=64, cluster=1, num_sms=None
   return plgpu.kernel(
       kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
       scratch_types=[plgpu.SMEM((2 * s, TM, TK), jnp.bfloat16, transforms=tf),
-                     plgpu.SMEM((2 * s, TK, TN), jnp.bfloat16, transforms=tf),
+                     plgpu.SMEM((2 * s, TN, TK) if trans_b else (2 * s, TK, TN), jnp.bfloat16, transforms=tf),
                      plgpu.SMEM((2, TM, piece), jnp.bfloat16),
                      plgpu.Barrier(num_barriers=2 * s), plgpu.Barrier(num_barriers=2 * s),
-                     consumed_type(num_barriers=2 * s), plgpu.Barrier(num_arrivals=2)],
+                     consumed_type(num_barriers=2 * s), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_barriers=2)],
       grid=(grid,), grid_names=("sm",), num_threads=3, thread_name="wg",
       **(dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}),
-      **(dict(interpret=interpret) if interpret else {}))(x_MxK, w_KxN)
+      **(dict(interpret=interpret) if interpret else {}))(x_MxK, w, *(() if h_MxN is None else (h_MxN,)))
 
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--only", default="parcae_small,small_k2x")
-  p.add_argument("--ops", default="gemm,fwd,pair")
+  p.add_argument("--ops", default="gemm,fwd,pair,bwd")
   p.add_argument("--stages", type=int, default=3)
   p.add_argument("--piece", type=int, default=64)
   p.add_argument("--cluster", type=int, default=1, help="SMs sharing each weight slice (1 or 2)")
@@ -195,21 +220,28 @@ def main():
   args = p.parse_args()
   library = {"gemm": lambda x, w: mlp_kernels._ws_gemm((x, w), x.shape[1], w.shape[1], lambda a, _: (a,), trans_b=False,  # pylint: disable=protected-access
                                                        steps=mlp_kernels.STEPS_NO_H, piece=mlp_kernels.PIECE_NO_H)[0],
-             "fwd": mlp_kernels._relu2_matmul_mosaic, "pair": mlp_kernels._pair_matmul_mosaic}  # pylint: disable=protected-access
+             "fwd": mlp_kernels._relu2_matmul_mosaic, "pair": mlp_kernels._pair_matmul_mosaic,  # pylint: disable=protected-access
+             "bwd": mlp_kernels._relu_grad_matmul_mosaic}  # pylint: disable=protected-access
   print(jax.devices()[0].device_kind, flush=True)
   for name in args.only.split(","):
     m, d, f = SHAPES[name]
-    ks = jax.random.split(jax.random.key(0), 2)
+    ks = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(ks[0], (m, d), jnp.bfloat16)
     w = (jax.random.normal(ks[1], (d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+    g = jax.random.normal(ks[2], (m, d), jnp.bfloat16)
+    w2 = (jax.random.normal(ks[3], (f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+    h = XLA["gemm"](x, w)
     rows = np.sort(np.random.default_rng(0).choice(m, 512, replace=False))
     for op in args.ops.split(","):
-      ref = reference(op, (x, w), rows)
-      pp = jax.jit(functools.partial(pingpong, op=op, stages=args.stages, piece=args.piece,
-                                        cluster=args.cluster))
+      inputs = (g, w2, h) if op == "bwd" else (x, w)
+      ref = reference(op, inputs, rows)
+      # bwd: h fills a [TM, TN] output buffer per warpgroup, so its rings hold 2 stages (shared memory)
+      kw = dict(op=op, stages=2 if op == "bwd" else args.stages, piece=TN if op == "bwd" else args.piece,
+                cluster=args.cluster)
+      pp = jax.jit(lambda a, b, *c, kw=kw: pingpong(a, b, h_MxN=c[0] if c else None, **kw))
       for impl, fn in (("xla", XLA[op]), ("library", jax.jit(library[op])), ("pingpong", pp)):
         try:
-          ms, out = timed(fn, (x, w), args.iters)
+          ms, out = timed(fn, inputs, args.iters)
         except Exception as e:  # a launch that does not compile is reported, not fatal
           print(f"{name:14s} {op:4s} {impl:8s} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
           continue
@@ -217,7 +249,7 @@ def main():
         err = float(np.max(np.abs(np.asarray(out[rows], np.float64) - ref)) / np.max(np.abs(ref)))
         line = f"{name:14s} {op:4s} {impl:8s} {ms:8.4f} ms {2 * m * d * f / ms / 1e9:7.1f} TF/s  err {err:.2e}"
         if args.sustain:
-          line += sustained_text(sustained(fn, (x, w), max(1, int(args.sustain * 1e3 / ms))))
+          line += sustained_text(sustained(fn, inputs, max(1, int(args.sustain * 1e3 / ms))))
         print(line, flush=True)
 
 

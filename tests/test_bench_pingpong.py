@@ -19,19 +19,24 @@ gpu_interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params
 callbacks = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks")
 
 
-@pytest.mark.parametrize("op,stages,piece", [("gemm", 3, 64), ("fwd", 2, 128), ("pair", 3, 64)])
+@pytest.mark.parametrize("op,stages,piece", [("gemm", 3, 64), ("fwd", 2, 128), ("pair", 3, 64), ("bwd", 2, 128)])
 def test_pingpong_kernel_under_the_gpu_interpreter(op, stages, piece):
   """9 tiles of [128, 128] over 2 programs: program 0 runs pairs 0, 2, 4 (pair 4 without its odd tile), program 1
   pairs 1, 3; 4 K steps through rings of 2-3 stages, so stages are reused within a tile and across tiles."""
   m, k, n = 384, 256, 384
   x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
   w = (jax.random.normal(jax.random.key(1), (k, n)) / 16).astype(jnp.bfloat16)
+  h = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
   callbacks.reset_gpu_interpret_mode_state()
+  # bwd: h fetched during the K loop and read in the epilogue; w as [K, N] (trans_b=False: the interpreter
+  # has no transposed wgmma operand, so the GPU run's error check is the transposed load's only test)
   got = pingpong_mlp.pingpong(x, w, op, stages, piece, num_sms=2,
-                              interpret=gpu_interpret.InterpretGPUParams(detect_races=True))
+                              interpret=gpu_interpret.InterpretGPUParams(detect_races=True),
+                              h_MxN=h if op == "bwd" else None, trans_b=False)
   assert not callbacks.get_races().races_found
   want = {"gemm": lambda: (jnp.dot(x, w),), "fwd": lambda: (mlp_kernels.relu2(jnp.dot(x, w)),),
-          "pair": lambda: (jnp.dot(x, w), mlp_kernels.relu2(jnp.dot(x, w)))}[op]()
+          "pair": lambda: (jnp.dot(x, w), mlp_kernels.relu2(jnp.dot(x, w))),
+          "bwd": lambda: (jnp.dot(x, w) * jnp.maximum(h, 0),)}[op]()
   assert len(got) == len(want)
   for a, b in zip(got, want):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
