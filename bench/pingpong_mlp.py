@@ -215,6 +215,7 @@ def main():
   p.add_argument("--stages", type=int, default=3)
   p.add_argument("--piece", type=int, default=64)
   p.add_argument("--cluster", type=int, default=1, help="SMs sharing each weight slice (1 or 2)")
+  p.add_argument("--impls", default="xla,library,pingpong")
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--sustain", type=float, default=0.0)
   args = p.parse_args()
@@ -239,7 +240,8 @@ def main():
       kw = dict(op=op, stages=2 if op == "bwd" else args.stages, piece=TN if op == "bwd" else args.piece,
                 cluster=args.cluster)
       pp = jax.jit(lambda a, b, *c, kw=kw: pingpong(a, b, h_MxN=c[0] if c else None, **kw))
-      for impl, fn in (("xla", XLA[op]), ("library", jax.jit(library[op])), ("pingpong", pp)):
+      impls = {"xla": XLA[op], "library": jax.jit(library[op]), "pingpong": pp}
+      for impl, fn in ((i, impls[i]) for i in args.impls.split(",")):
         try:
           ms, out = timed(fn, inputs, args.iters)
         except Exception as e:  # a launch that does not compile is reported, not fatal
