@@ -169,8 +169,15 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
               plgpu.barrier_wait(full_w.at[i])
               b = plgpu.transpose_ref(w_smem.at[i], (1, 0)) if trans_b else w_smem.at[i]
               plgpu.wgmma(acc_ref, x_smem.at[i], b)
-              plgpu.wgmma_wait(0)
-              plgpu.barrier_arrive(consumed.at[i])
+              # one wgmma left in flight (the tensor cores never wait for this warpgroup between steps): the
+              # previous step's has finished, so its stage is released
+              plgpu.wgmma_wait(1)
+
+              @pl.when(kk > 0)
+              def _():
+                plgpu.barrier_arrive(consumed.at[slot(wg, q, kk - 1)])
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(consumed.at[slot(wg, q, ks - 1)])
             return acc_ref[...]
           acc = pl.run_scoped(k_loop, plgpu.ACC((TM, TN), jnp.float32))
           sync()  # the tensor cores are the other warpgroup's while this one stores
