@@ -9,6 +9,9 @@ other's wgmmas run (the ping-pong schedule of CUTLASS and FlashAttention-3). The
 compute warpgroup its own ring of S stages, in the order the K loops consume them: the other warpgroup's first
 S stages are loaded during this one's K loop, so it starts without waiting.
 
+On the H100 (bench/RESULTS.md, session 31) the fixed part per tile halved but the K loop ran 33-71% slower than
+the library's (each step waited for its wgmma; now one is left in flight, untimed): every op lost.
+
 Not in the library: bench-only until it beats the cooperative kernels on the GPU (each Mosaic barrier tracks its
 phase per thread, so every barrier here is waited on by exactly one side at each of its completions). Its doubt:
 without a cluster and with each warpgroup loading its own x slice it moves twice the library's bytes per FLOP
