@@ -53,9 +53,10 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
   """EPILOGUES[op] of bf16(x @ w): a tuple of [M, N] bf16 arrays, one program per SM (num_sms programs;
   interpret: Pallas' interpreter, on a CPU). op "bwd": w is [N, K] (the product is x @ w^T) and h_MxN the
   forward's h, fetched into the warpgroup's output buffer during its K loop (as the library's backward does);
-  trans_b=False takes w as [K, N] instead (the interpreter has no transposed wgmma operand). cluster = c > 1: c SMs take the row tiles ci .. ci + c - 1 of the
-  same columns and share each weight slice (each loads 1/c of it and multicasts it, as the library's kernels
-  do); a stage is reloaded only when every SM of the cluster has consumed it (the interpreter cannot run it)."""
+  trans_b=False takes w as [K, N] instead (the interpreter has no transposed wgmma operand). cluster = c > 1:
+  c SMs take the row tiles ci .. ci + c - 1 of the same columns and share each weight slice (each loads 1/c of
+  it and multicasts it, as the library's kernels do); a stage is reloaded only when every SM of the cluster has
+  consumed it (the interpreter cannot run it)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   fetch = op == "bwd"
