@@ -10,7 +10,7 @@ compute warpgroup its own ring of S stages, in the order the K loops consume the
 S stages are loaded during this one's K loop, so it starts without waiting.
 
 On the H100 (bench/RESULTS.md, session 31) the fixed part per tile halved but the K loop ran 33-71% slower than
-the library's, with one wgmma left in flight per step as without: every op lost.
+the library's, with one wgmma left in flight per step as without (kept: without): every op lost.
 
 Not in the library: bench-only until it beats the cooperative kernels on the GPU (each Mosaic barrier tracks its
 phase per thread, so every barrier here is waited on by exactly one side at each of its completions). Its doubt:
@@ -173,15 +173,10 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
               plgpu.barrier_wait(full_w.at[i])
               b = plgpu.transpose_ref(w_smem.at[i], (1, 0)) if trans_b else w_smem.at[i]
               plgpu.wgmma(acc_ref, x_smem.at[i], b)
-              # one wgmma left in flight (the tensor cores never wait for this warpgroup between steps): the
-              # previous step's has finished, so its stage is released
-              plgpu.wgmma_wait(1)
-
-              @pl.when(kk > 0)
-              def _():
-                plgpu.barrier_arrive(consumed.at[slot(wg, q, kk - 1)])
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(consumed.at[slot(wg, q, ks - 1)])
+              # each wgmma waited for, its stage released at once: one left in flight (the stage released a step
+              # later) timed the same with 3-stage rings and 31% slower with the backward's 2 (RESULTS, session 31)
+              plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(consumed.at[i])
             return acc_ref[...]
           acc = pl.run_scoped(k_loop, plgpu.ACC((TM, TN), jnp.float32))
           sync()  # the tensor cores are the other warpgroup's while this one stores
