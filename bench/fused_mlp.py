@@ -55,6 +55,16 @@ XLA = {"gemm": jax.jit(lambda x, w: jnp.dot(x, w)),
        "pair": jax.jit(lambda x, w: (lambda h: (h, relu2(h)))(jnp.dot(x, w)))}
 
 
+def operands(m, d, f):
+  """The MLP's operands at [M tokens, width D, hidden F] (bf16): x, w [D, F], g, w2 [F, D] and h = x @ w."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(ks[0], (m, d), jnp.bfloat16)
+  w = (jax.random.normal(ks[1], (d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+  g = jax.random.normal(ks[2], (m, d), jnp.bfloat16)
+  w2 = (jax.random.normal(ks[3], (f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+  return x, w, g, w2, XLA["gemm"](x, w)
+
+
 def reference(op, args, rows):
   f = lambda a: np.asarray(a[rows], np.float64)  # the checked rows of x, g, h
   if op == "gemm":
@@ -95,12 +105,7 @@ def main():
   rows_out = []
   print(jax.devices()[0].device_kind, flush=True)
   for name, (m, d, f) in shapes.items():
-    ks = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(ks[0], (m, d), jnp.bfloat16)
-    w = (jax.random.normal(ks[1], (d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
-    g = jax.random.normal(ks[2], (m, d), jnp.bfloat16)
-    w2 = (jax.random.normal(ks[3], (f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
-    h = XLA["gemm"](x, w)
+    x, w, g, w2, h = operands(m, d, f)
     inputs = {"gemm": (x, w), "fwd": (x, w), "bwd": (g, w2, h), "pair": (x, w), "gemmT": (g, w2)}
     flops = 2 * m * d * f
     rows = np.sort(np.random.default_rng(0).choice(m, min(m, 512), replace=False))  # rows checked

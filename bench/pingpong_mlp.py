@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from fused_mlp import SHAPES, XLA, reference  # noqa: E402
+from fused_mlp import SHAPES, XLA, operands, reference  # noqa: E402
 from profiling import sustained, sustained_text, timed  # noqa: E402
 from parcae.model import mlp_kernels  # noqa: E402
 
@@ -232,12 +232,7 @@ def main():
   print(jax.devices()[0].device_kind, flush=True)
   for name in args.only.split(","):
     m, d, f = SHAPES[name]
-    ks = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(ks[0], (m, d), jnp.bfloat16)
-    w = (jax.random.normal(ks[1], (d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
-    g = jax.random.normal(ks[2], (m, d), jnp.bfloat16)
-    w2 = (jax.random.normal(ks[3], (f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
-    h = XLA["gemm"](x, w)
+    x, w, g, w2, h = operands(m, d, f)
     rows = np.sort(np.random.default_rng(0).choice(m, 512, replace=False))
     for op in args.ops.split(","):
       inputs = (g, w2, h) if op == "bwd" else (x, w)
