@@ -59,6 +59,8 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
   consumed it (the interpreter cannot run it)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  if op not in EPILOGUES:
+    raise ValueError(f"pingpong: unknown op {op!r}; use one of {sorted(EPILOGUES)}")
   fetch = op == "bwd"
   trans_b = fetch if trans_b is None else trans_b
   (m, k), n = x_MxK.shape, w.shape[0 if trans_b else 1]
