@@ -21,6 +21,7 @@ h fetched during the K loop into the warpgroup's output buffer).
 
   python3 bench/pingpong_mlp.py                    # parcae-small's shape and 2x K: ping-pong, library, XLA
   python3 bench/pingpong_mlp.py --cluster 2 --stages 3 --piece 64 --sustain 2
+  python3 bench/pingpong_mlp.py --ops kloop,gemm,bwd --impls library,pingpong,concurrent   # what limits its K loop
 """
 from __future__ import annotations
 
@@ -44,23 +45,30 @@ from parcae.model import mlp_kernels  # noqa: E402
 TM, TN, TK = 128, 128, 64   # a compute warpgroup's tile; the K step (one 128-byte swizzled row of bf16)
 # pylint: disable=protected-access
 EPILOGUES = {"gemm": lambda a, _: (a,), "fwd": mlp_kernels._relu2_f32, "pair": mlp_kernels._pair_f32,
-             "bwd": mlp_kernels._mask_product_f32}   # bwd: (g @ w2^T) * max(h, 0), w2 [N, K]
+             "bwd": mlp_kernels._mask_product_f32,   # bwd: (g @ w2^T) * max(h, 0), w2 [N, K]
+             "kloop": lambda a, _: ()}   # the K loops alone: nothing stored (its output is left unwritten)
+SCHEDULES = ("pingpong", "concurrent")
 # pylint: enable=protected-access
 
 
 def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, interpret=False, h_MxN=None,
-             trans_b=None):
+             trans_b=None, schedule="pingpong"):
   """EPILOGUES[op] of bf16(x @ w): a tuple of [M, N] bf16 arrays, one program per SM (num_sms programs;
   interpret: Pallas' interpreter, on a CPU). op "bwd": w is [N, K] (the product is x @ w^T) and h_MxN the
   forward's h, fetched into the warpgroup's output buffer during its K loop (as the library's backward does);
   trans_b=False takes w as [K, N] instead (the interpreter has no transposed wgmma operand). cluster = c > 1:
   c SMs take the row tiles ci .. ci + c - 1 of the same columns and share each weight slice (each loads 1/c of
   it and multicasts it, as the library's kernels do); a stage is reloaded only when every SM of the cluster has
-  consumed it (the interpreter cannot run it)."""
+  consumed it (the interpreter cannot run it). schedule "concurrent": the same tiles, rings and epilogues
+  without the schedule barrier, both warpgroups' K loops at once (their stages loaded alternately), to tell one
+  warpgroup's stream of wgmmas from the rings as what limits the ping-pong's K loop."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   if op not in EPILOGUES:
     raise ValueError(f"pingpong: unknown op {op!r}; use one of {sorted(EPILOGUES)}")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"pingpong: unknown schedule {schedule!r}; use one of {SCHEDULES}")
+  ping = schedule == "pingpong"
   fetch = op == "bwd"
   trans_b = fetch if trans_b is None else trans_b
   (m, k), n = x_MxK.shape, w.shape[0 if trans_b else 1]
@@ -74,6 +82,7 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
   grid = (num_sms or mlp_kernels._num_sms()) // cluster  # pylint: disable=protected-access
   epilogue = EPILOGUES[op]
   n_out = len(epilogue(jnp.zeros((8, 8), jnp.bfloat16), jnp.zeros((8, 8), jnp.bfloat16)))
+  n_alloc = max(n_out, 1)   # "kloop" stores nothing but returns one (unwritten) array
   tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
   shared = dict(collective_axes="cluster") if cluster > 1 else {}
   consumed_type = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if cluster > 1 else
@@ -82,7 +91,7 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
   def kernel(x_gmem, w_gmem, *refs):
     h_gmem, refs = (refs[0], refs[1:]) if fetch else (None, refs)
     outs = refs[:n_out]
-    x_smem, w_smem, o_smem, full_x, full_w, consumed, sched, full_h = refs[n_out:]
+    x_smem, w_smem, o_smem, full_x, full_w, consumed, sched, full_h = refs[n_alloc:]
     wg, sm = lax.axis_index("wg"), lax.axis_index("sm")
     cta = lax.axis_index("cluster") if cluster > 1 else 0
     n_local = lax.div(n_pairs - sm + grid - 1, grid)   # pairs p = sm, sm + grid, ... of this program
@@ -106,9 +115,50 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
       plgpu.barrier_wait(consumed.at[slot(w_i, q, kk)])
       load(w_i, q, kk)
 
-    def sync():  # both compute warpgroups pass it together (a two-arrival barrier)
-      plgpu.barrier_arrive(sched)
-      plgpu.barrier_wait(sched)
+    def sync():  # both compute warpgroups pass it together (a two-arrival barrier); none when concurrent
+      if ping:
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    def feed_alternately():  # concurrent: both rings' K steps in turn, as the two K loops consume them
+      @pl.loop(0, n_local)
+      def _pair(q):
+        odd_exists = tile(1, q)[2]
+
+        @pl.loop(0, ks)
+        def _(kk):
+          reused = q * ks + kk >= s   # the stage's previous use must have been consumed
+          pl.when(reused)(lambda: plgpu.barrier_wait(consumed.at[slot(0, q, kk)]))
+          load(0, q, kk)
+          pl.when(jnp.logical_and(reused, odd_exists))(lambda: plgpu.barrier_wait(consumed.at[slot(1, q, kk)]))
+          pl.when(odd_exists)(lambda: load(1, q, kk))
+
+    def feed_pingpong():  # each ring's K steps in the order the alternating K loops consume them
+      for kk in range(s):
+        load(0, 0, kk)
+
+      @pl.loop(0, n_local)
+      def _pair(q):
+        odd_exists = tile(1, q)[2]
+
+        @pl.when(odd_exists)
+        def _():  # the odd tile's first stages, while the even tile's K loop runs
+          for kk in range(s):
+            @pl.when(q > 0)
+            def _():
+              plgpu.barrier_wait(consumed.at[slot(1, q, kk)])
+            load(1, q, kk)
+
+        pl.loop(s, ks)(lambda kk: reload(0, q, kk))
+
+        @pl.when(q + 1 < n_local)
+        def _():  # the next even tile's first stages, while the odd tile's K loop runs
+          for kk in range(s):
+            reload(0, q + 1, kk)
+
+        @pl.when(odd_exists)
+        def _():
+          pl.loop(s, ks)(lambda kk: reload(1, q, kk))
 
     @pl.when(wg == 2)
     def _memory():
@@ -116,31 +166,7 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
 
       @pl.when(n_local > 0)
       def _():
-        for kk in range(s):
-          load(0, 0, kk)
-
-        @pl.loop(0, n_local)
-        def _pair(q):
-          odd_exists = tile(1, q)[2]
-
-          @pl.when(odd_exists)
-          def _():  # the odd tile's first stages, while the even tile's K loop runs
-            for kk in range(s):
-              @pl.when(q > 0)
-              def _():
-                plgpu.barrier_wait(consumed.at[slot(1, q, kk)])
-              load(1, q, kk)
-
-          pl.loop(s, ks)(lambda kk: reload(0, q, kk))
-
-          @pl.when(q + 1 < n_local)
-          def _():  # the next even tile's first stages, while the odd tile's K loop runs
-            for kk in range(s):
-              reload(0, q + 1, kk)
-
-          @pl.when(odd_exists)
-          def _():
-            pl.loop(s, ks)(lambda kk: reload(1, q, kk))
+        (feed_pingpong if ping else feed_alternately)()
 
         # the last S stages of each ring: observe their release too (every phase of a barrier is waited on)
         odd_tiles = n_local - jnp.where(tile(1, n_local - 1)[2], 0, 1)
@@ -205,7 +231,7 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
       plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
-      kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
+      kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_alloc,
       scratch_types=[plgpu.SMEM((2 * s, TM, TK), jnp.bfloat16, transforms=tf),
                      plgpu.SMEM((2 * s, TN, TK) if trans_b else (2 * s, TK, TN), jnp.bfloat16, transforms=tf),
                      plgpu.SMEM((2, TM, piece), jnp.bfloat16),
@@ -223,7 +249,8 @@ def main():
   p.add_argument("--stages", type=int, default=3)
   p.add_argument("--piece", type=int, default=64)
   p.add_argument("--cluster", type=int, default=1, help="SMs sharing each weight slice (1 or 2)")
-  p.add_argument("--impls", default="xla,library,pingpong")
+  p.add_argument("--impls", default="xla,library,pingpong",
+                 help="of xla, library, pingpong, concurrent (the ping-pong's tiles without its schedule)")
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--sustain", type=float, default=0.0)
   args = p.parse_args()
@@ -238,21 +265,24 @@ def main():
     rows = np.sort(np.random.default_rng(0).choice(m, 512, replace=False))
     for op in args.ops.split(","):
       inputs = (g, w2, h) if op == "bwd" else (x, w)
-      ref = reference(op, inputs, rows)
+      ref = None if op == "kloop" else reference(op, inputs, rows)
       # bwd: h fills a [TM, TN] output buffer per warpgroup, so its rings hold 2 stages (shared memory)
       kw = dict(op=op, stages=2 if op == "bwd" else args.stages, piece=TN if op == "bwd" else args.piece,
                 cluster=args.cluster)
-      pp = jax.jit(lambda a, b, *c, kw=kw: pingpong(a, b, h_MxN=c[0] if c else None, **kw))
-      impls = {"xla": XLA[op], "library": jax.jit(library[op]), "pingpong": pp}
-      for impl, fn in ((i, impls[i]) for i in args.impls.split(",")):
+      impls = {i: jax.jit(lambda a, b, *c, kw=kw, i=i: pingpong(a, b, h_MxN=c[0] if c else None, schedule=i, **kw))
+               for i in SCHEDULES}
+      if op != "kloop":  # kloop: the K loops alone, only the ping-pong kernel has it and it writes nothing
+        impls.update({"xla": XLA[op], "library": jax.jit(library[op])})
+      for impl, fn in ((i, impls[i]) for i in args.impls.split(",") if i in impls):
         try:
           ms, out = timed(fn, inputs, args.iters)
         except Exception as e:  # a launch that does not compile is reported, not fatal
           print(f"{name:14s} {op:4s} {impl:8s} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
           continue
         out = jnp.concatenate(out, axis=1) if isinstance(out, tuple) else out
-        err = float(np.max(np.abs(np.asarray(out[rows], np.float64) - ref)) / np.max(np.abs(ref)))
-        line = f"{name:14s} {op:4s} {impl:8s} {ms:8.4f} ms {2 * m * d * f / ms / 1e9:7.1f} TF/s  err {err:.2e}"
+        err = (float(np.max(np.abs(np.asarray(out[rows], np.float64) - ref)) / np.max(np.abs(ref)))
+               if ref is not None else float("nan"))
+        line = f"{name:14s} {op:5s} {impl:10s} {ms:8.4f} ms {2 * m * d * f / ms / 1e9:7.1f} TF/s  err {err:.2e}"
         if args.sustain:
           line += sustained_text(sustained(fn, inputs, max(1, int(args.sustain * 1e3 / ms))))
         print(line, flush=True)
