@@ -52,7 +52,7 @@ SCHEDULES = ("pingpong", "concurrent")
 
 
 def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, interpret=False, h_MxN=None,
-             trans_b=None, schedule="pingpong"):
+             trans_b=None, schedule="pingpong", out_swizzle=False):
   """EPILOGUES[op] of bf16(x @ w): a tuple of [M, N] bf16 arrays, one program per SM (num_sms programs;
   interpret: Pallas' interpreter, on a CPU). op "bwd": w is [N, K] (the product is x @ w^T) and h_MxN the
   forward's h, fetched into the warpgroup's output buffer during its K loop (as the library's backward does);
@@ -61,7 +61,8 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
   it and multicasts it, as the library's kernels do); a stage is reloaded only when every SM of the cluster has
   consumed it (the interpreter cannot run it). schedule "concurrent": the same tiles, rings and epilogues
   without the schedule barrier, both warpgroups' K loops at once (their stages loaded alternately), to tell one
-  warpgroup's stream of wgmmas from the rings as what limits the ping-pong's K loop."""
+  warpgroup's stream of wgmmas from the rings as what limits the ping-pong's K loop. out_swizzle: the output
+  buffers tiled and swizzled as the operands' (the epilogue's register stores without bank conflicts)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   if op not in EPILOGUES:
@@ -234,7 +235,7 @@ def pingpong(x_MxK, w, op="fwd", stages=3, piece=64, cluster=1, num_sms=None, in
       kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_alloc,
       scratch_types=[plgpu.SMEM((2 * s, TM, TK), jnp.bfloat16, transforms=tf),
                      plgpu.SMEM((2 * s, TN, TK) if trans_b else (2 * s, TK, TN), jnp.bfloat16, transforms=tf),
-                     plgpu.SMEM((2, TM, piece), jnp.bfloat16),
+                     plgpu.SMEM((2, TM, piece), jnp.bfloat16, **(dict(transforms=tf) if out_swizzle else {})),
                      plgpu.Barrier(num_barriers=2 * s), plgpu.Barrier(num_barriers=2 * s),
                      consumed_type(num_barriers=2 * s), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_barriers=2)],
       grid=(grid,), grid_names=("sm",), num_threads=3, thread_name="wg",
@@ -251,6 +252,7 @@ def main():
   p.add_argument("--cluster", type=int, default=1, help="SMs sharing each weight slice (1 or 2)")
   p.add_argument("--impls", default="xla,library,pingpong",
                  help="of xla, library, pingpong, concurrent (the ping-pong's tiles without its schedule)")
+  p.add_argument("--out-swizzle", default="0", help="comma-separated 0/1: output buffers swizzled (each timed)")
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--sustain", type=float, default=0.0)
   args = p.parse_args()
@@ -269,11 +271,14 @@ def main():
       # bwd: h fills a [TM, TN] output buffer per warpgroup, so its rings hold 2 stages (shared memory)
       kw = dict(op=op, stages=2 if op == "bwd" else args.stages, piece=TN if op == "bwd" else args.piece,
                 cluster=args.cluster)
-      impls = {i: jax.jit(lambda a, b, *c, kw=kw, i=i: pingpong(a, b, h_MxN=c[0] if c else None, schedule=i, **kw))
-               for i in SCHEDULES}
+      impls = {i + ("_swz" if int(z) else ""):
+               jax.jit(lambda a, b, *c, kw=kw, i=i, z=int(z): pingpong(a, b, h_MxN=c[0] if c else None, schedule=i,
+                                                                       out_swizzle=bool(z), **kw))
+               for i in SCHEDULES for z in args.out_swizzle.split(",")}
       if op != "kloop":  # kloop: the K loops alone, only the ping-pong kernel has it and it writes nothing
         impls.update({"xla": XLA[op], "library": jax.jit(library[op])})
-      for impl, fn in ((i, impls[i]) for i in args.impls.split(",") if i in impls):
+      chosen = args.impls.split(",")
+      for impl, fn in ((i, f) for i, f in impls.items() if i.removesuffix("_swz") in chosen):
         try:
           ms, out = timed(fn, inputs, args.iters)
         except Exception as e:  # a launch that does not compile is reported, not fatal
