@@ -19,13 +19,15 @@ gpu_interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params
 callbacks = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks")
 
 
-@pytest.mark.parametrize("op,stages,piece,schedule", [
-    ("gemm", 3, 64, "pingpong"), ("fwd", 2, 128, "pingpong"), ("pair", 3, 64, "pingpong"), ("bwd", 2, 128, "pingpong"),
-    ("gemm", 3, 64, "concurrent"), ("bwd", 2, 128, "concurrent")])
-def test_pingpong_kernel_under_the_gpu_interpreter(op, stages, piece, schedule):
+@pytest.mark.parametrize("op,stages,piece,schedule,swizzle", [
+    ("gemm", 3, 64, "pingpong", False), ("fwd", 2, 128, "pingpong", False), ("pair", 3, 64, "pingpong", False),
+    ("bwd", 2, 128, "pingpong", False), ("gemm", 3, 64, "concurrent", False), ("bwd", 2, 128, "concurrent", False),
+    ("pair", 3, 64, "pingpong", True)])
+def test_pingpong_kernel_under_the_gpu_interpreter(op, stages, piece, schedule, swizzle):
   """9 tiles of [128, 128] over 2 programs: program 0 runs pairs 0, 2, 4 (pair 4 without its odd tile), program 1
   pairs 1, 3; 4 K steps through rings of 2-3 stages, so stages are reused within a tile and across tiles. The
-  concurrent schedule (both K loops at once, stages fed alternately) through the same checks."""
+  concurrent schedule (both K loops at once, stages fed alternately) and swizzled output buffers through the
+  same checks."""
   m, k, n = 384, 256, 384
   x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
   w = (jax.random.normal(jax.random.key(1), (k, n)) / 16).astype(jnp.bfloat16)
@@ -35,7 +37,8 @@ def test_pingpong_kernel_under_the_gpu_interpreter(op, stages, piece, schedule):
   # has no transposed wgmma operand, so the GPU run's error check is the transposed load's only test)
   got = pingpong_mlp.pingpong(x, w, op, stages, piece, num_sms=2,
                               interpret=gpu_interpret.InterpretGPUParams(detect_races=True),
-                              h_MxN=h if op == "bwd" else None, trans_b=False, schedule=schedule)
+                              h_MxN=h if op == "bwd" else None, trans_b=False, schedule=schedule,
+                              out_swizzle=swizzle)
   assert not callbacks.get_races().races_found
   want = {"gemm": lambda: (jnp.dot(x, w),), "fwd": lambda: (mlp_kernels.relu2(jnp.dot(x, w)),),
           "pair": lambda: (jnp.dot(x, w), mlp_kernels.relu2(jnp.dot(x, w))),
