@@ -212,14 +212,17 @@ def test_an_epilogue_piece_that_does_not_fill_the_tile_is_refused():
 
 
 @pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
-@pytest.mark.parametrize("cluster,steps,piece,fetch", [(1, 3, 128, 0), (2, 3, 128, 0), (2, 4, 64, 3), (2, 3, 32, 5)])
-def test_mosaic_kernels_match_xla_on_every_row_on_a_hopper_gpu(cluster, steps, piece, fetch, monkeypatch):
+@pytest.mark.parametrize("cluster,steps,piece,fetch,swizzle", [(1, 3, 128, 0, 0), (2, 3, 128, 0, 0), (2, 4, 64, 3, 0),
+                                                               (2, 3, 32, 5, 0), (2, 4, 64, 3, 1), (2, 3, 128, 0, 1)])
+def test_mosaic_kernels_match_xla_on_every_row_on_a_hopper_gpu(cluster, steps, piece, fetch, swizzle, monkeypatch):
   """On the GPU: each kernel's whole output against the same formula through XLA (cuBLAS), on 128 x 4 output
   tiles, about 4 per program of the persistent loop (CLUSTER row tiles per cluster). Both round the float32 accumulator to
   bf16 once, so they differ only where the two summation orders round the other way: by at most a few bf16
   ulps of an entry, and in few entries; a tile written to the wrong place or skipped differs everywhere.
-  steps / piece / fetch: the forward kernels' pipeline depth and epilogue piece, the backward's h fetch step."""
+  steps / piece / fetch: the forward kernels' pipeline depth and epilogue piece, the backward's h fetch step;
+  swizzle: OUT_SWIZZLE (the h tile is fetched into a swizzled buffer and loaded from it too)."""
   monkeypatch.setattr(mk, "CLUSTER", cluster)
+  monkeypatch.setattr(mk, "OUT_SWIZZLE", swizzle)
   for name, value in (("STEPS_NO_H", steps), ("PIECE_NO_H", piece), ("H_FETCH_STEP", fetch)):
     monkeypatch.setattr(mk, name, value)
   m, k, n = 16384, 256, 1024

@@ -44,6 +44,10 @@ STEPS_NO_H, PIECE_NO_H = 4, 64
 # has read that buffer (session 26: step 6 of 12 against 0, -7.6%); see `fetch_step`.
 H_FETCH_STEP = 6
 CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) sharing each weight tile
+# 1: the epilogue's output buffers tiled and swizzled as the operands' buffers (register stores without shared
+# memory bank conflicts). Not timed yet: bench/RESULTS.md, session 32 found the ping-pong kernel's stores, not
+# its K loops, costing it; the same stores are part of these kernels' fixed time per tile (session 30).
+OUT_SWIZZLE = 0
 TK = 64                               # K step: one 128-byte swizzled row of bf16
 
 
@@ -166,7 +170,8 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
 
   return plgpu.kernel(
       kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
-      scratch_types=[plgpu.SMEM((WGS, BM, piece), jnp.bfloat16), plgpu.Barrier(num_barriers=WGS)],
+      scratch_types=[plgpu.SMEM((WGS, BM, piece), jnp.bfloat16, **(dict(transforms=tf) if OUT_SWIZZLE else {})),
+                     plgpu.Barrier(num_barriers=WGS)],
       grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",
       **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}))(*operands)
 
