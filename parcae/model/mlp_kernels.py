@@ -44,9 +44,10 @@ STEPS_NO_H, PIECE_NO_H = 4, 64
 # has read that buffer (session 26: step 6 of 12 against 0, -7.6%); see `fetch_step`.
 H_FETCH_STEP = 6
 CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) sharing each weight tile
-# 1: the epilogue's output buffers tiled and swizzled as the operands' buffers (register stores without shared
-# memory bank conflicts). Not timed yet: bench/RESULTS.md, session 32 found the ping-pong kernel's stores, not
-# its K loops, costing it; the same stores are part of these kernels' fixed time per tile (session 30).
+# 1: the epilogue's output buffers tiled and swizzled as the operands' buffers. Unswizzled, every epilogue
+# store (and the backward's h load) is an 8-way shared-memory bank conflict, which accounts for nearly all of
+# the kernels' fixed time per tile (bench/RESULTS.md, session 32, from the PTX). Off until a GPU run has checked
+# its values (tests/test_model_mlp_kernels.py's GPU test) and timed it.
 OUT_SWIZZLE = 0
 TK = 64                               # K step: one 128-byte swizzled row of bf16
 
