@@ -9,7 +9,7 @@ row l // 4 and columns 2 (l % 4), +1, of each 8-row x 8-column block) and the bu
 bytes, or (8, 64) tiles with the 128-byte swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8)).
 bench/RESULTS.md, session 32.
 
-  PYTHONPATH=/tmp/cudaplug JAX_PLATFORMS=cpu python bench/kernel_ptx.py     # the plugin: RESULTS, session 17
+  PYTHONPATH=$PLUGIN_DIR JAX_PLATFORMS=cpu python bench/kernel_ptx.py   # PLUGIN_DIR: jax's CUDA plugin (RESULTS, session 17)
 """
 from __future__ import annotations
 
