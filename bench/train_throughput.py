@@ -100,13 +100,13 @@ VARIANTS = {
     "parcae_medium_norm_xla": ("parcae", "medium", {"model.norm_impl": "xla"}),
     "gpt_medium_norm_xla": ("gpt", "medium", {"model.norm_impl": "xla"}),
     "parcae_small_quartet_norm_xla": ("parcae", "small", {"quant.recipe": "quartet", "model.norm_impl": "xla"}),
-    # CUDA graphs (XLA command buffers): none, and the default set plus device-side while loops and
-    # conditionals (the no-grad loop's trip count is data-dependent: the host reads its predicate back)
     # the optimizer the PyTorch reference's figures were measured with (fused AdamW, ../shared/docs/gpu.md), where
     # the recipes use MuonAdamW: the like-for-like comparison of the step. lr 1e-3: at the recipe's 8e-3 for
     # every matrix the loss rose within the timed steps (2026-12-07), which the bench's check rejects
     "parcae_small_adamw": ("parcae", "small", {"optim.name": "adamw", "optim.lr": 1e-3}),
     "parcae_small_accum16_adamw": ("parcae", "small", {"_accum": 16, "optim.name": "adamw", "optim.lr": 1e-3}),
+    # CUDA graphs (XLA command buffers): none, and the default set plus device-side while loops and
+    # conditionals (the no-grad loop's trip count is data-dependent: the host reads its predicate back)
     "parcae_small_cmdbuf_off": ("parcae", "small", {"_xla_flags": "--xla_gpu_enable_command_buffer="}),
     "parcae_small_cmdbuf_while": ("parcae", "small",
                                   {"_xla_flags": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"}),

@@ -200,7 +200,7 @@ def test_the_backward_fetches_h_inside_every_k_loop(monkeypatch):
     assert 0 <= mk.fetch_step(steps) < steps
 
 
-def test_an_epilogue_piece_that_does_not_fill_the_tile_is_refused():
+def test_an_epilogue_piece_that_does_not_fill_the_tile_is_refused(monkeypatch):
   """A piece width that does not divide the warpgroup's columns would leave columns unwritten; the backward's
   h tile fills its whole buffer, so its piece is the whole tile."""
   x, w = jnp.zeros((256, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16)
@@ -209,6 +209,9 @@ def test_an_epilogue_piece_that_does_not_fill_the_tile_is_refused():
     mk._ws_gemm((x, w), 64, 256, ep, trans_b=False, piece=48)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="with an h operand"):
     mk._ws_gemm((x, w.T, jnp.zeros((256, 256), jnp.bfloat16)), 64, 256, ep, trans_b=True, piece=64)  # pylint: disable=protected-access
+  monkeypatch.setattr(mk, "OUT_SWIZZLE", 1)
+  with pytest.raises(ValueError, match="piece 32: swizzled output buffers"):
+    mk._ws_gemm((x, w), 64, 256, ep, trans_b=False, piece=32)  # pylint: disable=protected-access
 
 
 @pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")

@@ -128,6 +128,9 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
   if BN % piece or (len(operands) == 3 and piece != BN):
     raise ValueError(f"epilogue piece {piece} must divide {BN} (and be {BN} with an h operand, which fills the "
                      "whole buffer)")
+  if OUT_SWIZZLE and piece % TK:
+    raise ValueError(f"epilogue piece {piece}: swizzled output buffers (OUT_SWIZZLE) take whole {TK}-column "
+                     f"swizzle tiles; use a piece of {TK} or {BN}, or OUT_SWIZZLE = 0")
   n_tiles = n // wide
   tf = (plgpu.TilingTransform((8, TK)), plgpu.SwizzleTransform(2 * TK))
   shared = ("cluster",) if CLUSTER > 1 else ()
