@@ -259,6 +259,9 @@ def main():
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--sustain", type=float, default=0.0)
   args = p.parse_args()
+  unknown = set(args.impls.split(",")) - {"xla", "library", *SCHEDULES}
+  if unknown:
+    p.error(f"unknown --impls {sorted(unknown)}; use xla, library, {', '.join(SCHEDULES)}")
   library = {"gemm": lambda x, w: mlp_kernels._ws_gemm((x, w), x.shape[1], w.shape[1], lambda a, _: (a,), trans_b=False,  # pylint: disable=protected-access
                                                        steps=mlp_kernels.STEPS_NO_H, piece=mlp_kernels.PIECE_NO_H)[0],
              "fwd": mlp_kernels._relu2_matmul_mosaic, "pair": mlp_kernels._pair_matmul_mosaic,  # pylint: disable=protected-access
@@ -285,7 +288,7 @@ def main():
         try:
           ms, out = timed(fn, inputs, args.iters)
         except Exception as e:  # a launch that does not compile is reported, not fatal
-          print(f"{name:14s} {op:4s} {impl:8s} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+          print(f"{name:14s} {op:5s} {impl:10s} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
           continue
         out = jnp.concatenate(out, axis=1) if isinstance(out, tuple) else out
         err = (float(np.max(np.abs(np.asarray(out[rows], np.float64) - ref)) / np.max(np.abs(ref)))
