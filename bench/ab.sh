@@ -3,6 +3,8 @@
 #   here, once:   mkdir -p .whl/old && git archive <COMMIT> parcae bench | tar -x -C .whl/old
 #                 (and the wheels: ../shared/tools/gpu_wheels.sh); carry ".whl" in the device call
 #   on the GPU:   bash bench/ab.sh 560 "new:parcae_small old:parcae_small new:gpt_medium"
+# A tree name other than "new" runs from .whl/NAME (a patched copy of this tree, say .whl/sw), its outputs
+# under $OUT/NAME.
 # Items run in order (each: bench/train_throughput.py --exact --only VARIANT --warmup 1 --steps 3, the old ones
 # from .whl/old) until fewer than 60 of the BUDGET seconds are left; every output goes to $OUT/all.log and
 # each variant's table row is printed. AB_ARGS adds arguments to every run (AB_ARGS=--profile: each tree's trace
@@ -12,7 +14,6 @@ site=$(mktemp -d); cur=$(mktemp)
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl 2>/dev/null
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-mkdir -p $OUT/old
 S=$(date +%s); B=$1
 for item in $2; do
   tree=${item%%:*}; v=${item#*:}; left=$((B - $(date +%s) + S))
@@ -21,7 +22,8 @@ for item in $2; do
   if [ $tree = new ]; then
     PYTHONPATH=$site:$PWD timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 $AB_ARGS 2>&1 | tee -a $OUT/all.log > $cur
   else
-    (cd .whl/old && PYTHONPATH=$site:$PWD OUT=$OUT/old timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 $AB_ARGS 2>&1 | tee -a $OUT/all.log > $cur)
+    mkdir -p $OUT/$tree
+    (cd .whl/$tree && PYTHONPATH=$site:$PWD OUT=$OUT/$tree timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 $AB_ARGS 2>&1 | tee -a $OUT/all.log > $cur)
   fi
   grep -E "^$v |FAILED|Error" $cur | tail -3
 done
