@@ -21,6 +21,8 @@ for item in $2; do
   echo "== $tree $v at $(( $(date +%s)-S ))s"
   if [ $tree = new ]; then
     PYTHONPATH=$site:$PWD timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 $AB_ARGS 2>&1 | tee -a $OUT/all.log > $cur
+  elif [ ! -d .whl/$tree ]; then
+    echo "== no tree .whl/$tree for $item: make it with git archive (see the top of this script)"; continue
   else
     mkdir -p $OUT/$tree
     (cd .whl/$tree && PYTHONPATH=$site:$PWD OUT=$OUT/$tree timeout $left python3 bench/train_throughput.py --exact --only $v --warmup 1 --steps 3 $AB_ARGS 2>&1 | tee -a $OUT/all.log > $cur)
