@@ -214,6 +214,7 @@ def test_an_epilogue_piece_that_does_not_fill_the_tile_is_refused(monkeypatch):
     mk._ws_gemm((x, w), 64, 256, ep, trans_b=False, piece=32)  # pylint: disable=protected-access
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
 @pytest.mark.parametrize("cluster,steps,piece,fetch,swizzle", [(1, 3, 128, 0, 0), (2, 3, 128, 0, 0), (2, 4, 64, 3, 0),
                                                                (2, 3, 32, 5, 0), (2, 4, 64, 3, 1), (2, 3, 128, 0, 1)])
@@ -243,3 +244,61 @@ def test_mosaic_kernels_match_xla_on_every_row_on_a_hopper_gpu(cluster, steps, p
       a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
       np.testing.assert_allclose(a, b, rtol=2 ** -6, atol=2 ** -6 * float(np.abs(b).max()) / 64)
       assert np.mean(a != b) < 0.02, (i, float(np.mean(a != b)))
+
+
+_EPILOGUE_CHILD = """
+import jax, jax.numpy as jnp, numpy as np
+from parcae.model import mlp_kernels as mk
+bits = np.arange(2 ** 16, dtype=np.uint16).view(jnp.bfloat16)
+grid = jnp.asarray(bits[np.isfinite(bits.astype(np.float32))])  # every finite bf16 value
+e = np.arange(60)
+da = np.concatenate([[0.0, -0.0, 1.0, -1.0], np.ldexp(1.0 + e / 61, -130 + 4 * e) * np.where(e % 2, -1, 1)])
+da = jnp.asarray(da.astype(jnp.bfloat16))
+for fn in ("_relu2_f32", "_pair_f32", "_mask_product_f32"):
+  a, b = (grid, grid) if fn != "_mask_product_f32" else (jnp.repeat(da, grid.size), jnp.tile(grid, da.size))
+  outs = []
+  for flag in (False, True):
+    mk.EPILOGUE_BF16 = flag  # a fresh function each time: jit caches the trace by function
+    outs.append(jax.jit(lambda a, b, f=getattr(mk, fn): f(a, b))(a, b))
+  for f32, bf16 in zip(*outs):
+    assert bf16.dtype == jnp.bfloat16, fn
+    np.testing.assert_array_equal(np.asarray(bf16).view(np.uint16), np.asarray(f32).view(np.uint16), err_msg=fn)
+print("equal bits")
+"""
+
+
+def test_bf16_epilogues_give_the_float32_epilogues_bits():
+  """The kernels' epilogue math in bf16 (EPILOGUE_BF16: packed bf16x2 max / mul on the GPU, each op rounded
+  to bf16) against the float32 formula rounded once at the end: equal bits for relu2 and the pair on every
+  finite bf16 input (subnormals, zeros of both signs and the largest values included: 0.5 * r is exact, and
+  (0.5 * r) * r is rounded once, where r * r * 0.5 would overflow at r = 2^64) and for the mask product on
+  every bf16 h against 64 da values across the exponent range. Run where XLA rounds every bf16 op
+  (--xla_allow_excess_precision=false, as the GPU's bf16x2 instructions do); with excess precision XLA would
+  compute the bf16 formula in float32 and the check would prove nothing. The Hopper test below checks the
+  kernels themselves."""
+  import os
+  import subprocess
+  import sys
+  env = {**os.environ, "XLA_FLAGS": "--xla_allow_excess_precision=false", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _EPILOGUE_CHILD], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "equal bits" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
+def test_bf16_epilogue_kernels_give_the_float32_epilogues_bits_on_a_hopper_gpu(monkeypatch):
+  """On the GPU: relu2, backward and pair with the epilogue's math in bf16 (packed bf16x2 max / mul) and in
+  float32 write the same bits (same accumulators; the only difference is the epilogue's arithmetic)."""
+  m, k, n = 16384, 256, 1024
+  ks = jax.random.split(jax.random.key(7), 4)
+  x, g = (jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in ks[:2])
+  w = (jax.random.normal(ks[2], (k, n)) / 16).astype(jnp.bfloat16)
+  w2 = (jax.random.normal(ks[3], (n, k)) / 16).astype(jnp.bfloat16)
+  h = jnp.dot(x, w)
+  outs = {}
+  for flag in (False, True):
+    monkeypatch.setattr(mk, "EPILOGUE_BF16", flag)
+    outs[flag] = [jax.tree.leaves(jax.jit(lambda *a, f=f: f(*a))(*args))  # fresh lambdas: traced anew
+                  for f, args in zip(mk.KERNELS["mosaic"], ((x, w), (g, w2, h), (x, w)))]
+  for f32, bf16 in zip(jax.tree.leaves(outs[False]), jax.tree.leaves(outs[True])):
+    np.testing.assert_array_equal(np.asarray(bf16).view(np.uint16), np.asarray(f32).view(np.uint16))

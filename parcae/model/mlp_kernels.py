@@ -26,7 +26,9 @@ Under the trainer's mesh the kernels run per device (shard_map): rows over the b
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,23 @@ CLUSTER = 2                           # CTAs per cluster (row tiles 2i, 2i + 1) 
 # training +0.05%), so the conflicts are hidden and 0 stays the default.
 OUT_SWIZZLE = 0
 TK = 64                               # K step: one 128-byte swizzled row of bf16
+# Mosaic GPU's in-kernel profiler (bench/mlp_profile.py). A directory turns it on:
+# each kernel call then writes a Chrome trace into it (jax's CompilerParams.profile_dir) with one begin/end
+# clock stamp (the SM's %clock, taken by thread 0 of each warpgroup) per region named with `_region` below.
+# PROFILE_DETAIL 1: per tile the compute warpgroups' kloop and epilogue, and the final drain; 2: also the whole
+# tile on every warpgroup (the memory warpgroup's too) and the epilogue's steps (h_wait, math, store_wait,
+# smem_store, commit, tma_issue; the backward's h_fetch); 3: also each K step's wgmma (mma). The trace is kept
+# in shared memory (16 bytes per region and warpgroup, 3 warpgroups, `profile_space` regions): at parcae-small's
+# shape relu2 / pair at STEPS_NO_H = 4 (~3 KB of shared memory left) lower with detail 1 only, the backward
+# with detail 2 (detail 3 at half the rows); more fails to lower. Off (""), no region exists: the kernels'
+# jaxprs and PTX are unchanged.
+PROFILE_DIR = ""
+PROFILE_DETAIL = 2
+# The epilogues' elementwise math in bf16 (packed bf16x2 max / mul on the GPU) instead of float32 with
+# conversions each way: the same bits (0.5 * r is exact; each product of two bf16 values is rounded once
+# either way), but the float32 epilogue's conversions made its math ~11-12% of the relu2 / pair / backward
+# kernels' time (bench/mlp_profile.py, bench/RESULTS.md session 34).
+EPILOGUE_BF16 = True
 
 
 def _target_gpu():
@@ -99,6 +118,9 @@ def _mask_product(da, h):
 
 
 def _relu2_f32(a_bf16, _):
+  if EPILOGUE_BF16:  # 0.5 * r exact in bf16, then one rounding of 0.5 * r * r: the float32 formula's bits
+    r = jnp.maximum(a_bf16, jnp.bfloat16(0))
+    return ((jnp.bfloat16(0.5) * r) * r,)
   r = jnp.maximum(a_bf16.astype(jnp.float32), 0.0)
   return ((0.5 * r * r).astype(jnp.bfloat16),)
 
@@ -108,10 +130,29 @@ def _pair_f32(a_bf16, _):
 
 
 def _mask_product_f32(da_bf16, h_bf16):
+  if EPILOGUE_BF16:  # one rounding of da * max(h, 0), as the float32 product's
+    return (da_bf16 * jnp.maximum(h_bf16, jnp.bfloat16(0)),)
   return ((da_bf16.astype(jnp.float32) * jnp.maximum(h_bf16.astype(jnp.float32), 0.0)).astype(jnp.bfloat16),)
 
 
 # ------------------------------------------------------------------------------------- Mosaic GPU kernels
+
+def _region(name: str, level: int = 2):
+  """A profiled region (jax.named_scope) when PROFILE_DIR is set and `level` <= PROFILE_DETAIL; else nothing."""
+  return jax.named_scope(name) if PROFILE_DIR and level <= PROFILE_DETAIL else contextlib.nullcontext()
+
+
+def profile_space(m: int, k: int, n: int, n_out: int, piece: int, fetch: bool, num_sms: int | None = None) -> int:
+  """Regions per warpgroup that one call of a kernel records at PROFILE_DETAIL (an upper bound, + 2 for the
+  trace's header): tiles per CTA x regions per tile (the compute warpgroups record the most) + the drain."""
+  tiles = math.ceil(m // (BM * CLUSTER) * (n // (WGS * BN)) / ((num_sms or _num_sms()) // CLUSTER))
+  per_tile = 2                                             # kloop, epilogue
+  if PROFILE_DETAIL >= 2:
+    per_tile += 2 + 2 * fetch + 4 * n_out * (BN // piece)  # tile, math, h_fetch + h_wait, 4 per stored piece
+  if PROFILE_DETAIL >= 3:
+    per_tile += k // TK                                    # one per K step
+  return tiles * per_tile + 1 + 2
+
 
 def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
   """Warp-specialized [M, n] = operands[0] @ operands[1] (or its transpose, [n, k]); `epilogue` maps the bf16
@@ -166,18 +207,25 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
         if len(operands) == 3:  # the backward's h tile into the output buffer once the last store has read it
           fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg],
                                     fetch_step(k // TK))
-        pipeline(compute, wg, fetch)(x_rows, w_cols, allocations=allocs)
+        with _region("tile"):
+          pipeline(compute, wg, fetch)(x_rows, w_cols, allocations=allocs)
 
     ignore = lambda *_, **__: None
     pl.run_scoped(tiles, pipeline(ignore, wg).get_allocations(*in_gmem[:2]), collective_axes="wg")
-    plgpu.wait_smem_to_gmem(0)
+    with _region("drain", 1):
+      plgpu.wait_smem_to_gmem(0)
+
+  profile = {}
+  if PROFILE_DIR:
+    space = profile_space(m, k, n, n_out, piece, len(operands) == 3)
+    profile = dict(compiler_params=plgpu.CompilerParams(profile_space=space, profile_dir=PROFILE_DIR))
 
   return plgpu.kernel(
       kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
       scratch_types=[plgpu.SMEM((WGS, BM, piece), jnp.bfloat16, **(dict(transforms=tf) if OUT_SWIZZLE else {})),
                      plgpu.Barrier(num_barriers=WGS)],
       grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",
-      **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}))(*operands)
+      **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}), **profile)(*operands)
 
 
 def fetch_step(k_steps: int) -> int:
@@ -193,8 +241,9 @@ def _fetch_h(h_gmem, h_smem, barrier, at, step):
 
   @pl.when(step == at)
   def _():
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.copy_gmem_to_smem(h_gmem, h_smem, barrier)
+    with _region("h_fetch"):
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.copy_gmem_to_smem(h_gmem, h_smem, barrier)
 
 
 def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols, piece):
@@ -207,18 +256,27 @@ def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows,
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   fetch = len(in_gmem) == 3
-  acc = run(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
-  h = None
-  if fetch:
-    plgpu.barrier_wait(barrier.at[wg])
-    h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
-  for i, tile in enumerate(epilogue(acc.astype(jnp.bfloat16), h)):
-    for j in range(BN // piece):
-      if i or j or not fetch:
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read the buffer
-      o_smem[wg] = tile if piece == BN else tile[:, j * piece:(j + 1) * piece]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, pl.ds(cols.start + j * piece, piece)])
+  with _region("kloop", 1):
+    acc = run(plgpu.layout_cast(jnp.zeros((BM, BN), jnp.float32), plgpu.Layout.WGMMA))
+  with _region("epilogue", 1):
+    h = None
+    if fetch:
+      with _region("h_wait"):
+        plgpu.barrier_wait(barrier.at[wg])
+        h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+    with _region("math"):
+      tiles = epilogue(acc.astype(jnp.bfloat16), h)
+    for i, tile in enumerate(tiles):
+      for j in range(BN // piece):
+        if i or j or not fetch:
+          with _region("store_wait"):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read the buffer
+        with _region("smem_store"):
+          o_smem[wg] = tile if piece == BN else tile[:, j * piece:(j + 1) * piece]
+        with _region("commit"):
+          plgpu.commit_smem()
+        with _region("tma_issue"):
+          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, pl.ds(cols.start + j * piece, piece)])
 
 
 def _mma_body(cols, trans_b, before_step=None):
@@ -234,7 +292,8 @@ def _mma_body(cols, trans_b, before_step=None):
 
     def mma(acc_ref):
       plgpu.wgmma(acc_ref, x_smem, b)
-    return pl.run_state(mma)(plgpu.ACC.init(acc))
+    with _region("mma", 3):
+      return pl.run_state(mma)(plgpu.ACC.init(acc))
   return body
 
 
