@@ -47,8 +47,8 @@ from parcae.model import mlp_kernels  # noqa: E402
 
 TM, TN, TK = 128, 128, 64   # a compute warpgroup's tile; the K step (one 128-byte swizzled row of bf16)
 # pylint: disable=protected-access
-EPILOGUES = {"gemm": lambda a, _: (a,), "fwd": mlp_kernels._relu2_f32, "pair": mlp_kernels._pair_f32,
-             "bwd": mlp_kernels._mask_product_f32,   # bwd: (g @ w2^T) * max(h, 0), w2 [N, K]
+EPILOGUES = {"gemm": lambda a, _: (a,), "fwd": mlp_kernels._relu2_epilogue, "pair": mlp_kernels._pair_epilogue,
+             "bwd": mlp_kernels._mask_product_epilogue,   # bwd: (g @ w2^T) * max(h, 0), w2 [N, K]
              "kloop": lambda a, _: ()}   # the K loops alone: nothing stored (its output is left unwritten)
 SCHEDULES = ("pingpong", "concurrent")
 # pylint: enable=protected-access

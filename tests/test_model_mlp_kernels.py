@@ -254,8 +254,8 @@ grid = jnp.asarray(bits[np.isfinite(bits.astype(np.float32))])  # every finite b
 e = np.arange(60)
 da = np.concatenate([[0.0, -0.0, 1.0, -1.0], np.ldexp(1.0 + e / 61, -130 + 4 * e) * np.where(e % 2, -1, 1)])
 da = jnp.asarray(da.astype(jnp.bfloat16))
-for fn in ("_relu2_f32", "_pair_f32", "_mask_product_f32"):
-  a, b = (grid, grid) if fn != "_mask_product_f32" else (jnp.repeat(da, grid.size), jnp.tile(grid, da.size))
+for fn in ("_relu2_epilogue", "_pair_epilogue", "_mask_product_epilogue"):
+  a, b = (grid, grid) if fn != "_mask_product_epilogue" else (jnp.repeat(da, grid.size), jnp.tile(grid, da.size))
   outs = []
   for flag in (False, True):
     mk.EPILOGUE_BF16 = flag  # a fresh function each time: jit caches the trace by function

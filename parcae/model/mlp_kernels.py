@@ -97,7 +97,7 @@ def supported(m: int, k: int, n: int) -> bool:
 
 
 # The elementwise steps in the operands' dtype, as the XLA path writes them (each product of two bf16 values is
-# exact in float32 and rounded once, so the kernels' float32 epilogues give the same bits).
+# exact in float32 and rounded once, so the kernels' epilogues below, in float32 or in bf16, give the same bits).
 @jax.custom_jvp
 def relu2(x):
   """ReLU^2 with the reference's 0.5 factor: 0.5 * max(x, 0)^2. Its derivative is max(x, 0) itself, so the
@@ -117,7 +117,7 @@ def _mask_product(da, h):
   return da * jnp.maximum(h, 0)
 
 
-def _relu2_f32(a_bf16, _):
+def _relu2_epilogue(a_bf16, _):
   if EPILOGUE_BF16:  # 0.5 * r exact in bf16, then one rounding of 0.5 * r * r: the float32 formula's bits
     r = jnp.maximum(a_bf16, jnp.bfloat16(0))
     return ((jnp.bfloat16(0.5) * r) * r,)
@@ -125,11 +125,11 @@ def _relu2_f32(a_bf16, _):
   return ((0.5 * r * r).astype(jnp.bfloat16),)
 
 
-def _pair_f32(a_bf16, _):
-  return (a_bf16,) + _relu2_f32(a_bf16, _)
+def _pair_epilogue(a_bf16, _):
+  return (a_bf16,) + _relu2_epilogue(a_bf16, _)
 
 
-def _mask_product_f32(da_bf16, h_bf16):
+def _mask_product_epilogue(da_bf16, h_bf16):
   if EPILOGUE_BF16:  # one rounding of da * max(h, 0), as the float32 product's
     return (da_bf16 * jnp.maximum(h_bf16, jnp.bfloat16(0)),)
   return ((da_bf16.astype(jnp.float32) * jnp.maximum(h_bf16.astype(jnp.float32), 0.0)).astype(jnp.bfloat16),)
@@ -315,19 +315,19 @@ def _check(m, k, n, x, what):
 def _relu2_matmul_mosaic(x_MxK, w_KxN):
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   _check(m, k, n, x_MxK, "relu2_matmul")
-  return _ws_gemm((x_MxK, w_KxN), k, n, _relu2_f32, trans_b=False, steps=STEPS_NO_H, piece=PIECE_NO_H)[0]
+  return _ws_gemm((x_MxK, w_KxN), k, n, _relu2_epilogue, trans_b=False, steps=STEPS_NO_H, piece=PIECE_NO_H)[0]
 
 
 def _pair_matmul_mosaic(x_MxK, w_KxN):
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   _check(m, k, n, x_MxK, "pair_matmul")
-  return _ws_gemm((x_MxK, w_KxN), k, n, _pair_f32, trans_b=False, n_out=2, steps=STEPS_NO_H, piece=PIECE_NO_H)
+  return _ws_gemm((x_MxK, w_KxN), k, n, _pair_epilogue, trans_b=False, n_out=2, steps=STEPS_NO_H, piece=PIECE_NO_H)
 
 
 def _relu_grad_matmul_mosaic(g_MxK, w_NxK, h_MxN):
   (m, k), n = g_MxK.shape, w_NxK.shape[0]
   _check(m, k, n, g_MxK, "relu_grad_matmul")
-  return _ws_gemm((g_MxK, w_NxK, h_MxN), k, n, _mask_product_f32, trans_b=True)[0]
+  return _ws_gemm((g_MxK, w_NxK, h_MxN), k, n, _mask_product_epilogue, trans_b=True)[0]
 
 
 def _pair_jnp(x, w):
