@@ -302,3 +302,30 @@ def test_bf16_epilogue_kernels_give_the_float32_epilogues_bits_on_a_hopper_gpu(m
                   for f, args in zip(mk.KERNELS["mosaic"], ((x, w), (g, w2, h), (x, w)))]
   for f32, bf16 in zip(jax.tree.leaves(outs[False]), jax.tree.leaves(outs[True])):
     np.testing.assert_array_equal(np.asarray(bf16).view(np.uint16), np.asarray(f32).view(np.uint16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
+@pytest.mark.parametrize("m", [16384, 256 * 66])
+def test_one_pipeline_across_tiles_gives_the_per_tile_pipelines_bits_on_a_hopper_gpu(m, monkeypatch):
+  """On the GPU: with CROSS_TILE (one memory pipeline over a program's tiles: START, STEADY..., STOP) the three
+  kernels write the same bits as with a pipeline per tile (the same accumulations; only when the loads are
+  issued differs). K = 768: 12 steps, whole for the forward's 4 stages and the backward's 3. m = 16384, n = 1024:
+  256 tiles over the H100's 66 two-SM programs (3 or 4 each); m = 256 x 66, n = 256: one tile per program (a
+  lone tile runs a whole pipeline)."""
+  k, n = 768, 1024 if m == 16384 else 256
+  ks = jax.random.split(jax.random.key(3), 4)
+  x, g = (jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in ks[:2])
+  w = (jax.random.normal(ks[2], (k, n)) / 16).astype(jnp.bfloat16)
+  w2 = (jax.random.normal(ks[3], (n, k)) / 16).astype(jnp.bfloat16)
+  h = jnp.dot(x, w)
+  outs = {}
+  for flag in (0, 1):
+    monkeypatch.setattr(mk, "CROSS_TILE", flag)
+    outs[flag] = [jax.tree.leaves(jax.jit(lambda *a, f=f: f(*a))(*args))  # fresh lambdas: traced anew
+                  for f, args in zip(mk.KERNELS["mosaic"], ((x, w), (g, w2, h), (x, w)))]
+  want = jax.tree.leaves(jax.jit(mk.KERNELS["jnp"][0])(x, w))[0]
+  np.testing.assert_allclose(np.asarray(outs[1][0][0], np.float32), np.asarray(want, np.float32), rtol=2 ** -6,
+                             atol=2 ** -6 * float(np.abs(np.asarray(want, np.float32)).max()) / 64)
+  for per_tile, cross in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(np.asarray(cross).view(np.uint16), np.asarray(per_tile).view(np.uint16))

@@ -69,6 +69,12 @@ PROFILE_DETAIL = 2
 # either way), but the float32 epilogue's conversions made its math ~11-12% of the relu2 / pair / backward
 # kernels' time (bench/mlp_profile.py, bench/RESULTS.md session 34).
 EPILOGUE_BF16 = True
+# One memory pipeline across a program's tiles (jax's pipeline_state START / STEADY / STOP) instead of one per
+# tile, which lets the memory warpgroup load the next tile's first stages during this tile's epilogue instead
+# of after its last stage is consumed (the refill the bf16 epilogue exposed: 12% of the backward's span,
+# bench/RESULTS.md session 34: the same bits on the H100; relu2 -4.9%, backward -4.4%, pair -6.0%; training
+# +0.7% in one A/B pair). Needs the K steps to divide by the stages (else per tile, as with 0).
+CROSS_TILE = 1
 
 
 def _target_gpu():
@@ -159,10 +165,11 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
   accumulator tile (and the backward's h tile) to the n_out output tiles, stored one after another.
 
   One program per SM, looping over the [BM, 2 x BN] output tiles (n fastest: consecutive tiles share the
-  x rows): the memory warpgroup issues the next tile's first loads while the compute warpgroups run this
-  tile's epilogue, and each tile's store completes during the next tile's K loop. A cluster of CLUSTER = c
-  CTAs (c SMs) takes row tiles ci .. ci + c - 1 of the same columns: each loads 1/c of the shared weight tile
-  and multicasts it to all (TMA); c = 2 reads a third less from L2 per tile than c = 1."""
+  x rows): with CROSS_TILE the memory warpgroup issues the next tile's first loads while the compute
+  warpgroups run this tile's epilogue (without, it waits for the last stage's release first), and each tile's
+  store completes during the next tile's K loop. A cluster of CLUSTER = c CTAs (c SMs) takes row tiles
+  ci .. ci + c - 1 of the same columns: each loads 1/c of the shared weight tile and multicasts it to all
+  (TMA); c = 2 reads a third less from L2 per tile than c = 1."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, wide, steps = operands[0].shape[0], WGS * BN, steps or STEPS
@@ -179,11 +186,11 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
            plgpu.BlockSpec((wide, TK), lambda s: (0, s), transforms=tf, collective_axes=shared) if trans_b else
            plgpu.BlockSpec((TK, wide), lambda s: (s, 0), transforms=tf, collective_axes=shared)]
 
-  def pipeline(compute, wg, before_step=None):
+  def pipeline(compute, wg, before_step=None, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         _mma_body(pl.ds(wg * BN, BN), trans_b, before_step), grid=(k // TK,), in_specs=specs,
         compute_context=compute, max_concurrent_steps=steps, num_compute_wgs=WGS, memory_registers=40,
-        memory_thread_idx=WGS, wg_axis="wg")
+        memory_thread_idx=WGS, wg_axis="wg", **({} if state is None else dict(pipeline_state=state)))
 
   def kernel(*refs):
     n_in = len(operands)
@@ -207,8 +214,16 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
         if len(operands) == 3:  # the backward's h tile into the output buffer once the last store has read it
           fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg],
                                     fetch_step(k // TK))
+        run = lambda state=None: pipeline(compute, wg, fetch, state)(x_rows, w_cols, allocations=allocs)
         with _region("tile"):
-          pipeline(compute, wg, fetch)(x_rows, w_cols, allocations=allocs)
+          if not CROSS_TILE or (k // TK) % steps:
+            run()
+          else:  # one pipeline across the program's tiles: START, STEADY..., STOP (a lone tile: a whole one)
+            first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
+            pl.when(first & last)(run)
+            pl.when(first & ~last)(lambda: run(plgpu.PipelinePipeline.START))
+            pl.when(~first & ~last)(lambda: run(plgpu.PipelinePipeline.STEADY))
+            pl.when(~first & last)(lambda: run(plgpu.PipelinePipeline.STOP))
 
     ignore = lambda *_, **__: None
     pl.run_scoped(tiles, pipeline(ignore, wg).get_allocations(*in_gmem[:2]), collective_axes="wg")
