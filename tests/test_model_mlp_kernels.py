@@ -284,24 +284,34 @@ def test_bf16_epilogues_give_the_float32_epilogues_bits():
   assert proc.returncode == 0 and "equal bits" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
-def test_bf16_epilogue_kernels_give_the_float32_epilogues_bits_on_a_hopper_gpu(monkeypatch):
-  """On the GPU: relu2, backward and pair with the epilogue's math in bf16 (packed bf16x2 max / mul) and in
-  float32 write the same bits (same accumulators; the only difference is the epilogue's arithmetic)."""
-  m, k, n = 16384, 256, 1024
-  ks = jax.random.split(jax.random.key(7), 4)
+def _mosaic_outputs_per_knob(monkeypatch, knob, values, m, k, n, seed):
+  """{value: the three Mosaic kernels' outputs (relu2, backward, pair)} on random [m, k] x [k, n] operands, for
+  each value of an mlp_kernels knob; and (x, w)."""
+  ks = jax.random.split(jax.random.key(seed), 4)
   x, g = (jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in ks[:2])
   w = (jax.random.normal(ks[2], (k, n)) / 16).astype(jnp.bfloat16)
   w2 = (jax.random.normal(ks[3], (n, k)) / 16).astype(jnp.bfloat16)
   h = jnp.dot(x, w)
   outs = {}
-  for flag in (False, True):
-    monkeypatch.setattr(mk, "EPILOGUE_BF16", flag)
-    outs[flag] = [jax.tree.leaves(jax.jit(lambda *a, f=f: f(*a))(*args))  # fresh lambdas: traced anew
-                  for f, args in zip(mk.KERNELS["mosaic"], ((x, w), (g, w2, h), (x, w)))]
-  for f32, bf16 in zip(jax.tree.leaves(outs[False]), jax.tree.leaves(outs[True])):
-    np.testing.assert_array_equal(np.asarray(bf16).view(np.uint16), np.asarray(f32).view(np.uint16))
+  for value in values:
+    monkeypatch.setattr(mk, knob, value)
+    outs[value] = [jax.tree.leaves(jax.jit(lambda *a, f=f: f(*a))(*args))  # fresh lambdas: traced anew
+                   for f, args in zip(mk.KERNELS["mosaic"], ((x, w), (g, w2, h), (x, w)))]
+  return outs, (x, w)
+
+
+def _assert_same_bits(a_outs, b_outs):
+  for a, b in zip(jax.tree.leaves(a_outs), jax.tree.leaves(b_outs)):
+    np.testing.assert_array_equal(np.asarray(b).view(np.uint16), np.asarray(a).view(np.uint16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
+def test_bf16_epilogue_kernels_give_the_float32_epilogues_bits_on_a_hopper_gpu(monkeypatch):
+  """On the GPU: relu2, backward and pair with the epilogue's math in bf16 (packed bf16x2 max / mul) and in
+  float32 write the same bits (same accumulators; the only difference is the epilogue's arithmetic)."""
+  outs, _ = _mosaic_outputs_per_knob(monkeypatch, "EPILOGUE_BF16", (False, True), 16384, 256, 1024, seed=7)
+  _assert_same_bits(outs[False], outs[True])
 
 
 @pytest.mark.gpu
@@ -313,19 +323,9 @@ def test_one_pipeline_across_tiles_gives_the_per_tile_pipelines_bits_on_a_hopper
   issued differs). K = 768: 12 steps, whole for the forward's 4 stages and the backward's 3. m = 16384, n = 1024:
   256 tiles over the H100's 66 two-SM programs (3 or 4 each); m = 256 x 66, n = 256: one tile per program (a
   lone tile runs a whole pipeline)."""
-  k, n = 768, 1024 if m == 16384 else 256
-  ks = jax.random.split(jax.random.key(3), 4)
-  x, g = (jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in ks[:2])
-  w = (jax.random.normal(ks[2], (k, n)) / 16).astype(jnp.bfloat16)
-  w2 = (jax.random.normal(ks[3], (n, k)) / 16).astype(jnp.bfloat16)
-  h = jnp.dot(x, w)
-  outs = {}
-  for flag in (0, 1):
-    monkeypatch.setattr(mk, "CROSS_TILE", flag)
-    outs[flag] = [jax.tree.leaves(jax.jit(lambda *a, f=f: f(*a))(*args))  # fresh lambdas: traced anew
-                  for f, args in zip(mk.KERNELS["mosaic"], ((x, w), (g, w2, h), (x, w)))]
-  want = jax.tree.leaves(jax.jit(mk.KERNELS["jnp"][0])(x, w))[0]
-  np.testing.assert_allclose(np.asarray(outs[1][0][0], np.float32), np.asarray(want, np.float32), rtol=2 ** -6,
-                             atol=2 ** -6 * float(np.abs(np.asarray(want, np.float32)).max()) / 64)
-  for per_tile, cross in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
-    np.testing.assert_array_equal(np.asarray(cross).view(np.uint16), np.asarray(per_tile).view(np.uint16))
+  outs, (x, w) = _mosaic_outputs_per_knob(monkeypatch, "CROSS_TILE", (0, 1), m, 768, 1024 if m == 16384 else 256,
+                                          seed=3)
+  want = np.asarray(jax.jit(mk.KERNELS["jnp"][0])(x, w), np.float32)
+  np.testing.assert_allclose(np.asarray(outs[1][0][0], np.float32), want, rtol=2 ** -6,
+                             atol=2 ** -6 * float(np.abs(want).max()) / 64)
+  _assert_same_bits(outs[0], outs[1])
