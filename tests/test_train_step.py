@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from parcae.model.config import ve_layout
+from conftest import CPU_DEFAULT_CODEGEN
 from train_helpers import tiny_config
 
 
@@ -24,7 +25,8 @@ def compiled_step_text(kind):
            for k in ("inputs", "targets")}
   run = {k: jax.ShapeDtypeStruct((), jnp.int32) for k in ("total_steps", "warmup_steps", "cooldown_steps")}
   with jax.set_mesh(mesh):
-    text = jax.jit(make_train_step(graphdef, optimizer, tc)).trace(abstract, batch, run).lower().compile().as_text()
+    text = jax.jit(make_train_step(graphdef, optimizer, tc)).trace(abstract, batch, run).lower().compile(
+        CPU_DEFAULT_CODEGEN).as_text()  # the fusions a user's CPU run gets (conftest)
   return text, cfg.model
 
 
