@@ -286,7 +286,8 @@ def test_bf16_epilogues_give_the_float32_epilogues_bits():
 
 def _mosaic_outputs_per_knob(monkeypatch, knob, values, m, k, n, seed):
   """{value: the three Mosaic kernels' outputs (relu2, backward, pair)} on random [m, k] x [k, n] operands, for
-  each value of an mlp_kernels knob; and (x, w)."""
+  each value of an mlp_kernels knob (a value that is a tuple of (knob, value) pairs sets those knobs instead);
+  and (x, w)."""
   ks = jax.random.split(jax.random.key(seed), 4)
   x, g = (jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in ks[:2])
   w = (jax.random.normal(ks[2], (k, n)) / 16).astype(jnp.bfloat16)
@@ -294,7 +295,8 @@ def _mosaic_outputs_per_knob(monkeypatch, knob, values, m, k, n, seed):
   h = jnp.dot(x, w)
   outs = {}
   for value in values:
-    monkeypatch.setattr(mk, knob, value)
+    for name, v in (value if isinstance(value, tuple) else ((knob, value),)):
+      monkeypatch.setattr(mk, name, v)
     outs[value] = [jax.tree.leaves(jax.jit(lambda *a, f=f: f(*a))(*args))  # fresh lambdas: traced anew
                    for f, args in zip(mk.KERNELS["mosaic"], ((x, w), (g, w2, h), (x, w)))]
   return outs, (x, w)
@@ -329,3 +331,28 @@ def test_one_pipeline_across_tiles_gives_the_per_tile_pipelines_bits_on_a_hopper
   np.testing.assert_allclose(np.asarray(outs[1][0][0], np.float32), want, rtol=2 ** -6,
                              atol=2 ** -6 * float(np.abs(want).max()) / 64)
   _assert_same_bits(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernels run on a Hopper GPU (H100 / H200) only")
+def test_two_output_buffers_give_the_one_buffers_bits_on_a_hopper_gpu(monkeypatch):
+  """On the GPU: relu2 and pair storing through two output buffers per warpgroup in turn (OUT_BUFFERS = 2:
+  [BM, 32] pieces at 4 stages, [BM, 64] at 3) write the same bits as through one [BM, 64] buffer; 3-4 tiles per
+  program, so the buffers' turns run on across tiles (the backward keeps its one buffer: its bits too)."""
+  one, two32, two64 = (), (("OUT_BUFFERS", 2), ("PIECE_NO_H", 32)), (("OUT_BUFFERS", 2), ("STEPS_NO_H", 3))
+  outs, _ = _mosaic_outputs_per_knob(monkeypatch, None, (one, two32, two64), 16384, 768, 1024, seed=5)
+  _assert_same_bits(outs[one], outs[two32])
+  _assert_same_bits(outs[one], outs[two64])
+
+
+def test_output_buffers_must_divide_a_tiles_pieces(monkeypatch):
+  """OUT_BUFFERS that do not divide a tile's stored pieces (relu2: one [BM, 128] piece) fail before any kernel
+  is built, naming the fix."""
+  monkeypatch.setattr(mk, "OUT_BUFFERS", 2)
+  x = jax.ShapeDtypeStruct((256, 768), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((768, 1024), jnp.bfloat16)
+  with pytest.raises(ValueError, match="OUT_BUFFERS 2: each tile's 1 stored pieces.*use 1 or 2 buffers"):
+    mk._ws_gemm((x, w), 768, 1024, mk._relu2_epilogue, trans_b=False, piece=mk.BN)  # pylint: disable=protected-access
+  out = jax.eval_shape(lambda x, w: mk._ws_gemm((x, w), 768, 1024, mk._relu2_epilogue, trans_b=False,  # pylint: disable=protected-access
+                                                 piece=64), x, w)  # two pieces: traces
+  assert out[0].shape == (256, 1024)

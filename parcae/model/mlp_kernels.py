@@ -75,6 +75,12 @@ EPILOGUE_BF16 = True
 # bench/RESULTS.md session 34: the same bits on the H100; relu2 -4.9%, backward -4.4%, pair -6.0%; training
 # +0.7% in one A/B pair). Needs the K steps to divide by the stages (else per tile, as with 0).
 CROSS_TILE = 1
+# Output buffers per compute warpgroup for the kernels without an h operand (relu2, pair): with 2, a piece is
+# written into one buffer while the previous piece's TMA store still reads the other (the wait before each write
+# lets one store stay in flight), instead of waiting for every store to finish reading (the pair kernel's store
+# waits: 17% of its span, bench/RESULTS.md session 34). Each tile's pieces (outputs x BN / piece) must divide
+# by it. Two [BM, 32] buffers take the shared memory of one [BM, 64] (PIECE_NO_H = 32 at STEPS_NO_H = 4).
+OUT_BUFFERS = 1
 
 
 def _target_gpu():
@@ -176,6 +182,10 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
   if BN % piece or (len(operands) == 3 and piece != BN):
     raise ValueError(f"epilogue piece {piece} must divide {BN} (and be {BN} with an h operand, which fills the "
                      "whole buffer)")
+  nbuf = 1 if len(operands) == 3 else OUT_BUFFERS  # the backward fetches h into its one buffer
+  if (n_out * BN // piece) % nbuf:
+    raise ValueError(f"OUT_BUFFERS {nbuf}: each tile's {n_out * BN // piece} stored pieces (outputs x {BN} / piece "
+                     f"{piece}) must divide by the buffers; use 1 or 2 buffers with an even count of pieces")
   if OUT_SWIZZLE and piece % TK:
     raise ValueError(f"epilogue piece {piece}: swizzled output buffers (OUT_SWIZZLE) take whole {TK}-column "
                      f"swizzle tiles; use a piece of {TK} or {BN}, or OUT_SWIZZLE = 0")
@@ -207,12 +217,13 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
         rows, out_cols = pl.ds(mi * BM, BM), pl.ds(ni * wide + wg * BN, BN)
 
         compute = functools.partial(_tile_epilogue, epilogue=epilogue, in_gmem=in_gmem, o_gmem=o_gmem,
-                                    o_smem=o_smem, barrier=barrier, wg=wg, rows=rows, cols=out_cols, piece=piece)
+                                    o_smem=o_smem, barrier=barrier, wg=wg, rows=rows, cols=out_cols, piece=piece,
+                                    nbuf=nbuf)
         x_rows = in_gmem[0].at[pl.ds(mi * BM, BM), :]
         w_cols = in_gmem[1].at[pl.ds(ni * wide, wide), :] if trans_b else in_gmem[1].at[:, pl.ds(ni * wide, wide)]
         fetch = None
         if len(operands) == 3:  # the backward's h tile into the output buffer once the last store has read it
-          fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg], barrier.at[wg],
+          fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg, 0], barrier.at[wg],
                                     fetch_step(k // TK))
         run = lambda state=None: pipeline(compute, wg, fetch, state)(x_rows, w_cols, allocations=allocs)
         with _region("tile"):
@@ -237,7 +248,7 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
 
   return plgpu.kernel(
       kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
-      scratch_types=[plgpu.SMEM((WGS, BM, piece), jnp.bfloat16, **(dict(transforms=tf) if OUT_SWIZZLE else {})),
+      scratch_types=[plgpu.SMEM((WGS, nbuf, BM, piece), jnp.bfloat16, **(dict(transforms=tf) if OUT_SWIZZLE else {})),
                      plgpu.Barrier(num_barriers=WGS)],
       grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",
       **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}), **profile)(*operands)
@@ -261,13 +272,14 @@ def _fetch_h(h_gmem, h_smem, barrier, at, step):
       plgpu.copy_gmem_to_smem(h_gmem, h_smem, barrier)
 
 
-def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols, piece):
+def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols, piece, nbuf):
   """Compute warpgroup wg's part of one tile: `run` (the K loop) into its [BM, BN] accumulator, then the
-  epilogue's output tiles, `piece` columns at a time, through its shared-memory buffer o_smem[wg] to
-  GMEM[rows, cols] (the backward's h tile is fetched into that buffer during the K loop: `_fetch_h`). The
-  previous store must have read the buffer before it is written again; waiting for the previous tile's at
-  the tile's start instead of before the first write cost the forward kernels 1-3% (bench/RESULTS.md,
-  session 26)."""
+  epilogue's output tiles, `piece` columns at a time, through its nbuf shared-memory buffers o_smem[wg] in
+  turn to GMEM[rows, cols] (the backward's h tile is fetched into its one buffer during the K loop:
+  `_fetch_h`). A buffer's previous store must have read it before it is written again: stores complete in
+  issue order, so at most nbuf - 1 may still be reading (a tile's pieces divide by nbuf: the first piece
+  takes buffer 0, whose store is the oldest). Waiting for the previous tile's stores at the tile's start
+  instead of before the first write cost the forward kernels 1-3% (bench/RESULTS.md, session 26)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   fetch = len(in_gmem) == 3
@@ -278,20 +290,21 @@ def _tile_epilogue(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows,
     if fetch:
       with _region("h_wait"):
         plgpu.barrier_wait(barrier.at[wg])
-        h = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+        h = plgpu.load(o_smem.at[wg, 0], (), layout=plgpu.Layout.WGMMA, optimized=False)
     with _region("math"):
       tiles = epilogue(acc.astype(jnp.bfloat16), h)
     for i, tile in enumerate(tiles):
       for j in range(BN // piece):
+        buf = o_smem.at[wg, (i * (BN // piece) + j) % nbuf]
         if i or j or not fetch:
           with _region("store_wait"):
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read the buffer
+            plgpu.wait_smem_to_gmem(nbuf - 1, wait_read_only=True)  # this buffer's last store has read it
         with _region("smem_store"):
-          o_smem[wg] = tile if piece == BN else tile[:, j * piece:(j + 1) * piece]
+          buf[...] = tile if piece == BN else tile[:, j * piece:(j + 1) * piece]
         with _region("commit"):
           plgpu.commit_smem()
         with _region("tma_issue"):
-          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem[i].at[rows, pl.ds(cols.start + j * piece, piece)])
+          plgpu.copy_smem_to_gmem(buf, o_gmem[i].at[rows, pl.ds(cols.start + j * piece, piece)])
 
 
 def _mma_body(cols, trans_b, before_step=None):
