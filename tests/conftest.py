@@ -17,7 +17,7 @@ run): the tests' programs are tiny and their time goes to compilation, which thi
 instruction order, not the HLO: results move by float32 rounding (a tiny trainer's loss by ~4e-5 relative), so
 every process of a test, subprocesses included, must run with the same flags: tests that start processes
 with their own device count take the flags from `xla_flags(n)`. PARCAE_TEST_XLA_OPT=1 keeps XLA's default
-level (for checking a result that might depend on it).
+level and CPU emitters (for checking a result that might depend on them).
 
 XLA's older CPU emitters (`--xla_cpu_use_fusion_emitters=false`): they compile a tiny train step in about half
 the time of the MLIR fusion emitters (2.7-3.1 s vs 5.1 s on this 2-core machine; the whole suite 865 s -> 642 s
@@ -31,11 +31,22 @@ import os
 import shutil
 import tempfile
 
-XLA_TEST_FLAGS = ("" if os.environ.get("PARCAE_TEST_XLA_OPT") else
-                  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+
+def _jaxlib_before(major, minor):
+  from importlib.metadata import PackageNotFoundError, version
+  try:
+    return tuple(int(p) for p in version("jaxlib").split(".")[:2]) < (major, minor)
+  except (PackageNotFoundError, ValueError):
+    return False
 
 
-CPU_DEFAULT_CODEGEN = {"xla_cpu_use_fusion_emitters": True}
+# jaxlib 0.11 knows no `xla_cpu_use_fusion_emitters` (an unknown XLA flag is fatal): there the suite runs with
+# its CPU emitters (checked on the GPU image's jax 0.11.2, 2026-12-07)
+_OLD_EMITTERS = _jaxlib_before(0, 11)
+XLA_TEST_FLAGS = "" if os.environ.get("PARCAE_TEST_XLA_OPT") else "--xla_backend_optimization_level=0"
+if _OLD_EMITTERS and not os.environ.get("PARCAE_TEST_XLA_OPT"):
+  XLA_TEST_FLAGS += " --xla_cpu_use_fusion_emitters=false"
+CPU_DEFAULT_CODEGEN = {"xla_cpu_use_fusion_emitters": True} if _OLD_EMITTERS else {}
 
 
 def xla_flags(devices):
