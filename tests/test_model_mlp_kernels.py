@@ -353,6 +353,6 @@ def test_output_buffers_must_divide_a_tiles_pieces(monkeypatch):
   w = jax.ShapeDtypeStruct((768, 1024), jnp.bfloat16)
   with pytest.raises(ValueError, match="OUT_BUFFERS 2: each tile's 1 stored pieces.*use 1 or 2 buffers"):
     mk._ws_gemm((x, w), 768, 1024, mk._relu2_epilogue, trans_b=False, piece=mk.BN)  # pylint: disable=protected-access
-  out = jax.eval_shape(lambda x, w: mk._ws_gemm((x, w), 768, 1024, mk._relu2_epilogue, trans_b=False,  # pylint: disable=protected-access
-                                                 piece=64), x, w)  # two pieces: traces
+  two_pieces = lambda x, w: mk._ws_gemm((x, w), 768, 1024, mk._relu2_epilogue, trans_b=False, piece=64)  # pylint: disable=protected-access
+  out = jax.eval_shape(two_pieces, x, w)  # traces
   assert out[0].shape == (256, 1024)

@@ -80,6 +80,8 @@ CROSS_TILE = 1
 # lets one store stay in flight), instead of waiting for every store to finish reading (the pair kernel's store
 # waits: 17% of its span, bench/RESULTS.md session 34). Each tile's pieces (outputs x BN / piece) must divide
 # by it. Two [BM, 32] buffers take the shared memory of one [BM, 64] (PIECE_NO_H = 32 at STEPS_NO_H = 4).
+# Measured on the H100 (bench/RESULTS.md session 35): the same bits, no gain (relu2 +1.7% / pair 0% with two
+# [BM, 32]; -0.2% / +3.5% with two [BM, 64] at 3 stages; training +0.1%): the stores' bandwidth sets the pace.
 OUT_BUFFERS = 1
 
 
