@@ -228,6 +228,7 @@ def test_grad_accumulation_matches_one_big_batch(data, tmp_path):
   assert b[1]["n_exec_mean"] <= a[1]["n_exec_mean"]  # depth grouping: micro-batches stop at their own max
 
 
+@pytest.mark.slow
 def test_unrolled_grad_phase_trains_like_the_scan(data, tmp_path):
   """The reference recipes' grad phase (unrolled, no remat) and the rematerialized scan are the same
   computation through the whole trainer (accumulation, depths, optimizer): the same losses step after step;
