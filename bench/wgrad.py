@@ -68,7 +68,14 @@ def formulations(jax, jnp):
   }
 
 
-def child(flags: str, shapes: dict, forms: list, iters: int):
+def kernels_of(fn, args, tag: str) -> dict:
+  """{GPU kernel name: microseconds per call} of fn(*args), from a profiler trace of 5 calls."""
+  from profiling import top_device_ops
+  us = top_device_ops(lambda: [fn(*args) for _ in range(5)], f"wgrad_{tag}", n=6)
+  return {k[:60]: round(v / 5, 1) for k, v in sorted(us.items(), key=lambda kv: -kv[1])[:4]}
+
+
+def child(flags: str, shapes: dict, forms: list, iters: int, profile: bool):
   """Runs in a process whose XLA_FLAGS are `flags`: one row per (shape, formulation)."""
   import jax
   import jax.numpy as jnp
@@ -98,6 +105,8 @@ def child(flags: str, shapes: dict, forms: list, iters: int):
                    "rel_err": err, "ok": err < 2 ** -7, "kernels": gemms,
                    "dots": [l.split("=")[1].split("custom-call")[0].strip()[:80] for l in hlo.splitlines()
                             if "__cublas" in l and "custom-call(" in l][:4]})
+      if profile:
+        rows[-1]["gpu_kernels_us"] = kernels_of(fn, args, f"{name}_{form}")
       print(json.dumps(rows[-1]), flush=True)
   return rows
 
@@ -109,6 +118,7 @@ def main():
   p.add_argument("--forms", default=",".join(FORMS))
   p.add_argument("--iters", type=int, default=50)
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--profile", action="store_true", help="also each row's GPU kernels (a profiler trace)")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   shapes = {s: SHAPES[s] for s in args.only.split(",")}
@@ -117,15 +127,15 @@ def main():
     args.iters = 2
   forms = args.forms.split(",")
   if args.child is not None:
-    print("ROWS " + json.dumps(child(args.child, shapes, forms, args.iters)), flush=True)
+    print("ROWS " + json.dumps(child(args.child, shapes, forms, args.iters, args.profile)), flush=True)
     return
   rows = []
   for flags in args.flags.split(";"):
     env = dict(os.environ)
     if flags != "default":
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-    cmd = [sys.executable, __file__, "--child", flags, "--only", ",".join(shapes), "--forms", ",".join(forms),
-           "--iters", str(args.iters)] + ["--smoke"] * args.smoke
+    cmd = [sys.executable, __file__, f"--child={flags}", "--only", ",".join(shapes), "--forms", ",".join(forms),
+           "--iters", str(args.iters)] + ["--smoke"] * args.smoke + ["--profile"] * args.profile
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     got = [l for l in proc.stdout.splitlines() if l.startswith("ROWS ")]
     if proc.returncode or not got:
@@ -140,6 +150,8 @@ def main():
     if "ms" in r:
       print(f"{r['shape']:11s} {r['form']:8s} {r['ms']:8.4f} {r['tflops']:6.1f} {r['rel_err']:8.1e}  "
             f"{'' if r['ok'] else 'WRONG '}{r['flags']} {r['kernels']} {r['dots'][:2]}")
+      if "gpu_kernels_us" in r:
+        print("      " + "; ".join(f"{k} {v} us" for k, v in r["gpu_kernels_us"].items()))
     else:
       print(f"{r.get('shape', '-'):11s} {r.get('form', '-'):8s} FAILED {r['flags']}: {r['error'][:120]}")
 
