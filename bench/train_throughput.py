@@ -64,6 +64,7 @@ VARIANTS = {
                                                        "model.block_remat_first": 1}),
     "gpt_medium_chunk1k": ("gpt", "medium", {"train.loss_chunk": 1024}),
     "parcae_small_chunk8k": ("parcae", "small", {"train.loss_chunk": 8192}),
+    "parcae_small_chunk16k": ("parcae", "small", {"train.loss_chunk": 16384}),
     "gpt_small_chunk8k": ("gpt", "small", {"train.loss_chunk": 8192}),
     "gpt_medium_no_block_remat": ("gpt", "medium", {"model.block_remat": "none"}),
     "parcae_small_rope_xla": ("parcae", "small", {"model.rope_impl": "xla"}),

@@ -197,3 +197,17 @@ def test_grad_kernel_lowers_for_cuda(cuda_lowering, monkeypatch):
   t = jax.ShapeDtypeStruct((64,), jnp.int32)
   f = jax.jit(lambda x, t: lse.row_lse_grad(x, t, 1 / 3, jnp.bfloat16))
   assert len(triton_calls(f.trace(x, t).lower(lowering_platforms=("cuda",)).as_text())) == 1
+
+
+@pytest.mark.parametrize("dtype,aliased", [(jnp.bfloat16, True), (jnp.float32, False)])
+def test_grad_kernel_writes_over_the_logits(cuda_lowering, monkeypatch, dtype, aliased):
+  """Lowered for CUDA, the gradient kernel's call gives its first output the logits' buffer (operand 0) where
+  the gradient has the logits' dtype (one [N, V] array less at the loss head's peak), and no buffer otherwise."""
+  from conftest import triton_calls
+  compile_kernels(monkeypatch)
+  x = jax.ShapeDtypeStruct((64, 32768), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((64,), jnp.int32)
+  f = jax.jit(lambda x, t: lse.row_lse_grad(x, t, 1 / 3, dtype))
+  ((_, call),) = triton_calls(f.trace(x, t).lower(lowering_platforms=("cuda",)).as_text())
+  alias = "output_operand_alias<output_tuple_indices = [0], operand_index = 0"
+  assert (alias in call) == aliased, call[-600:]

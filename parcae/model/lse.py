@@ -149,7 +149,11 @@ def row_lse_grad(x_NxV, t_N, g: float, dtype, interpret=None):
   """(lse [N], target logit [N], d [N, V]) for logits x [N, V] and targets t [N]: lse as `row_lse`, the
   target's logit x[i, t_i] in float32, and d = (exp(x - lse) - onehot(t)) * g rounded to `dtype` (the training
   loss's logit gradient; g a Python float: the cotangent of each token's NLL). One device's whole rows and
-  vocabulary (the caller runs it per device: `mean_token_nll`)."""
+  vocabulary (the caller runs it per device: `mean_token_nll`).
+  Where d has the logits' dtype it is written over them (`input_output_aliases`): a program touches only its
+  own rows, and reads each tile of them again just before writing it, so no logit is read after its place is
+  written; the logits' buffer serves as the gradient's, one [N, V] array less at the loss head's peak (a
+  caller that reads x_NxV afterwards makes XLA copy it first)."""
   n, v = x_NxV.shape
   cols = _cols(v, GRAD_COLS)
   interpret, params = _backend(interpret, GRAD_WARPS, GRAD_STAGES)
@@ -160,5 +164,6 @@ def row_lse_grad(x_NxV, t_N, g: float, dtype, interpret=None):
       kernel, out_shape=(jax.ShapeDtypeStruct((n, v), dtype), vec, vec), grid=(n // GRAD_ROWS,),
       in_specs=[pl.BlockSpec((GRAD_ROWS, v), lambda i: (i, 0)), rows],
       out_specs=(pl.BlockSpec((GRAD_ROWS, v), lambda i: (i, 0)), rows, rows),
+      input_output_aliases={0: 0} if jnp.dtype(dtype) == x_NxV.dtype else {},
       interpret=interpret, **params)(x_NxV, t_N.astype(jnp.int32))
   return lse, tgt, d
