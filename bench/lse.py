@@ -4,6 +4,7 @@
   PYTHONPATH=$PWD python bench/lse.py --smoke         # CPU: tiny shape, interpret mode
   PYTHONPATH=$PWD python bench/lse.py --grad          # the training loss's kernel: lse + logit gradient
   PYTHONPATH=$PWD python bench/lse.py --grad --chunks 8192 --grad-rows 1 --grad-cols 4096 --warps 8 --sustain 5
+  PYTHONPATH=$PWD python bench/lse.py --inplace --chunks 8192   # the kernel writing over its logits: same bits?
 
 --grad times, per chunk, the training loss head's elementwise work on the bf16 logits: the log-sum-exp kernel
 followed by XLA's gradient fusion (bf16((exp(x - lse) - onehot) * g), the path before `lse.row_lse_grad`)
@@ -49,7 +50,10 @@ def main():
   p.add_argument("--variants", default="library", help="';'-separated: library, three=False|True,hot=True|False")
   p.add_argument("--sustain", type=float, default=0.0, help="--grad: also time each over this many seconds of "
                  "back-to-back calls, with the GPU's clock, power and energy per call (profiling.sustained)")
+  p.add_argument("--inplace", action="store_true", help="check the gradient kernel's in-place bf16 result")
   args = p.parse_args()
+  if args.inplace:
+    return inplace_main(args)
   if args.grad:
     return grad_main(args)
   if args.smoke:
@@ -130,6 +134,35 @@ def variant_lse_grad(x, t, g, dtype, *, three, hot, interpret=None):
   if not hot:
     d = d.at[jnp.arange(n), t].set(((jnp.exp(x_t - lse_n) - 1.0) * np.float32(g)).astype(dtype))
   return lse_n, x_t, d
+
+
+def inplace_main(args):
+  """`lse.row_lse_grad` writes a bf16 gradient over its bf16 logits (input_output_aliases) and a float32 one
+  into a new buffer: the bf16 result must be the float32 one rounded once (the same float32 value before the
+  cast), and the log-sum-exps and target logits equal, bit for bit. Run with the logits donated, so the kernel
+  works in the logits' own buffer (no copy by XLA), at the training shape [chunk, vocab]."""
+  if args.smoke:
+    args.chunks, args.vocab = "64", 2048
+  g = 1.0 / (8 * 32768)
+  rows = []
+  for n in map(int, args.chunks.split(",")):
+    make = jax.jit(lambda k: (4.0 * jax.random.normal(k, (n, args.vocab))).astype(jnp.bfloat16))
+    t = jax.random.randint(jax.random.key(1), (n,), 0, args.vocab)
+    wide = jax.jit(lambda x, t: lse.row_lse_grad(x, t, g, jnp.float32))(make(jax.random.key(0)), t)
+    inplace = jax.jit(lambda x, t: lse.row_lse_grad(x, t, g, jnp.bfloat16), donate_argnums=0)
+    big = f"bf16[{n},{args.vocab}]"
+    copies = sum(big in ln and " copy(" in ln for ln in inplace.lower(make(jax.random.key(0)), t).compile()
+                 .as_text().splitlines())
+    got = inplace(make(jax.random.key(0)), t)
+    same = [bool(jnp.array_equal(got[i], wide[i])) for i in (0, 1)]
+    d_same = float(jnp.mean(got[2] == wide[2].astype(jnp.bfloat16)))
+    print(f"chunk {n} x {args.vocab}: lse equal {same[0]}, target equal {same[1]}, gradient entries equal to "
+          f"bf16(float32 path) {d_same:.9f}; copies of the logits in the in-place program: {copies}", flush=True)
+    rows.append({"chunk": n, "lse_equal": same[0], "target_equal": same[1], "grad_equal_fraction": d_same,
+                 "copies": copies})
+  with open(os.path.join(os.environ.get("OUT", "/tmp"), "lse_inplace.json"), "w") as fh:
+    json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, fh, indent=1)
+  return rows
 
 
 def grad_main(args):

@@ -39,3 +39,13 @@ def test_grad_smoke_run_with_sustain_records_each_kernel(tmp_path, monkeypatch):
   load_bench("lse").main()
   rows = json.load(open(tmp_path / "lse_grad.json"))["rows"]
   assert rows and all(r["sustained"]["ms_sustained"] > 0 and r["before_sustained"]["ms_sustained"] > 0 for r in rows)
+
+
+def test_inplace_check_finds_the_same_bits(monkeypatch, tmp_path):
+  """bench/lse.py --inplace (smoke, interpret mode): the in-place bf16 gradient equals the float32 path's rounded
+  once, with equal log-sum-exps and target logits."""
+  import argparse
+  monkeypatch.setenv("OUT", str(tmp_path))
+  monkeypatch.setattr(lse, "GRAD_COLS", 512)
+  (row,) = load_bench("lse").inplace_main(argparse.Namespace(smoke=True, chunks="", vocab=0))
+  assert row["lse_equal"] and row["target_equal"] and row["grad_equal_fraction"] == 1.0, row
