@@ -34,6 +34,7 @@ Writes $OUT/mlp_profile.json (summary), $OUT/mlp_profile.txt (the tables) and $O
   JAX_PLATFORMS=cuda XLA_FLAGS= python3 bench/mlp_profile.py [--only relu2,bwd_d2] [--budget-s 200]
   python3 bench/mlp_profile.py --smoke    # CPU: the trace parser on a synthetic trace and, with jax's CUDA
                                           # plugin importable, every configuration lowered for an H100
+  python3 bench/mlp_profile.py --smem-probe   # CPU + CUDA plugin: the GEMM's room for an extra scratch buffer
 The profiler cannot run on a CPU: Pallas's GPU interpreter does not lower through Mosaic GPU, where the
 profiler lives, so the smoke checks what it can (the regions' shared memory fits; the parser) and says so.
 """
@@ -347,13 +348,47 @@ def lower_all(names):
       print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[-1][:200]}")
 
 
+def smem_probe(extra_kbs=(0, 32, 64), shapes=((2, 128), (3, 64), (3, 128), (4, 64))):
+  """CPU: whether the library's plain GEMM (parcae-small's MLP shape) still fits an H100's shared memory with
+  an extra float32 scratch buffer of each size (KB), per (pipeline stages, output piece): the room an epilogue
+  with its own tables (say RoPE's cos / sin) would have. Compiles for a compile-only H100; returns
+  {(kb, stages, piece): None if it fits, else the compiler's complaint}."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from parcae.train.targets import target_devices
+  sh = jax.sharding.SingleDeviceSharding(target_devices("h100")[0])
+  real, out = plgpu.kernel, {}
+  try:
+    for kb in extra_kbs:
+      def with_scratch(*a, scratch_types=(), kb=kb, **k):
+        extra = [plgpu.SMEM((128, kb * 1024 // (128 * 4)), jnp.float32)] if kb else []
+        return real(*a, scratch_types=list(scratch_types) + extra, **k)
+      plgpu.kernel = with_scratch
+      for steps, piece in shapes:
+        try:
+          with Knobs(STEPS_NO_H=steps, PIECE_NO_H=piece, _num_sms=lambda: 132):
+            kernel_fn("gemm").lower(*operands("gemm", M, like=sh)).compile()
+          out[(kb, steps, piece)] = None
+        except Exception as e:  # pylint: disable=broad-except
+          out[(kb, steps, piece)] = str(e).strip().splitlines()[-1][:200]
+        print(f"extra {kb} KB, {steps} stages, piece {piece}: {out[(kb, steps, piece)] or 'fits'}", flush=True)
+  finally:
+    plgpu.kernel = real
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", default=",".join(CONFIGS), help="configurations, ','-separated: " + ", ".join(CONFIGS))
   p.add_argument("--iters", type=int, default=2000, help="calls per unprofiled burst")
   p.add_argument("--budget-s", type=float, default=1e9, help="start no configuration after this many seconds")
   p.add_argument("--smoke", action="store_true", help="CPU: parser self-test and compile-only lowering")
+  p.add_argument("--smem-probe", action="store_true", help="CPU: the GEMM's shared-memory room (`smem_probe`)")
   args = p.parse_args(argv)
+  if args.smem_probe:
+    smem_probe()
+    return
   names = [n for n in args.only.split(",") if n]
   unknown = [n for n in names if n not in CONFIGS]
   if unknown:

@@ -25,3 +25,17 @@ def test_profile_space_counts_every_region_of_the_busiest_warpgroup(monkeypatch)
   assert mk.profile_space(m, k, n, 1, 128, False, num_sms=132) == 24 * 2 + 3
   monkeypatch.setattr(mk, "PROFILE_DETAIL", 3)
   assert mk.profile_space(m, k, n, 2, 64, True, num_sms=132) == 24 * (2 + 4 + 4 * 4 + 12) + 3
+
+
+def test_smem_probe_tells_fitting_from_overflowing_buffers():
+  """With jax's CUDA plugin (compile-only H100; skipped without it): the library's GEMM (4 stages, [128, 64]
+  pieces) fits an H100's shared memory, and the same with 64 KB more at 3 stages is refused as too large."""
+  import pytest
+  try:
+    from parcae.train.targets import target_devices
+    target_devices("h100")
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no compile-only H100 target ({type(e).__name__})")
+  out = mlp_profile.smem_probe(extra_kbs=(0, 64), shapes=((4, 64), (3, 64)))
+  assert out[(0, 4, 64)] is None and out[(0, 3, 64)] is None, out
+  assert "exceeds available shared memory" in out[(64, 3, 64)], out
