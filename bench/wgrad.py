@@ -1,9 +1,9 @@
 """Weight-gradient GEMMs dW = x^T @ dy (tokens contracted) at the models' shapes, by formulation and XLA flags.
 
-The training step's profile (bench/RESULTS.md, session 35) put the attention projections' weight gradients at
-~356 TF/s where the step's other GEMMs run at ~700: XLA splits their K (32,768 tokens) into a batch of 2 or 4
-(bf16[2, 16384, 768] x [2, 16384, 2304] -> f32[2, 768, 2304], then a reduce) and cuBLAS splits it again. Each
-flag set runs in its own process (XLA reads its flags once); each times every formulation of every shape:
+Written to test session 35's reading that the attention projections' weight gradients ran at ~356 TF/s (XLA
+splits their K, 32,768 tokens, into a batch of 2 or 4: bf16[2, 16384, 768] x [2, 16384, 2304] -> f32[2, 768,
+2304], then a reduce); it found them at 700+ TF/s alone and the reading wrong (bench/RESULTS.md, session 36).
+Each flag set runs in its own process (XLA reads its flags once); each times every formulation of every shape:
   model   : the model's autodiff: the vjp of bf16(x) @ bf16(w) with respect to the float32 w (bf16 product)
   f32out  : dot_general contracting the tokens with a float32 result (no bf16 rounding of the product)
   chunksN : the tokens cut into N chunks by hand, a batched product in float32, summed, rounded to bf16
@@ -15,7 +15,7 @@ and checks each against a float32 product on the GPU (max |err| / max |ref| unde
 output plus the float32 sums' order).
 
   python bench/wgrad.py                          # the default flag sets
-  python bench/wgrad.py --flags "default;--xla_gpu_experimental_enable_split_k_rewrite=false"
+  python bench/wgrad.py --flags "default;--xla_gpu_enable_cublaslt=false" --profile   # + each row's kernels
   python bench/wgrad.py --smoke                  # tiny shapes on the CPU
 Writes $OUT/wgrad.json (or ./wgrad.json).
 """
@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # parcae-medium's q/k/v and output projection
 SHAPES = {"small_qkv": (32768, 768, 2304), "small_o": (32768, 768, 768), "small_fc": (32768, 768, 3072),
           "small_proj": (32768, 3072, 768), "medium_qkv": (32768, 1024, 3072), "medium_o": (32768, 1024, 1024)}
-FLAGS = ["default", "--xla_gpu_experimental_enable_split_k_rewrite=false",
-         "--xla_gpu_enable_cublaslt=false",
+# (--xla_gpu_experimental_enable_split_k_rewrite=false, which would keep K whole, is unknown to jax 0.11.2: fatal)
+FLAGS = ["default", "--xla_gpu_enable_cublaslt=false",
          "--xla_gpu_enable_triton_gemm=true --xla_gpu_triton_gemm_any=true"]
 FORMS = ["model", "f32out", "chunks2", "chunks4", "kmajor", "concat4"]
 
