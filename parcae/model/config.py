@@ -16,7 +16,7 @@ REMAT_POLICIES = ("full", "dots", "none")
 BLOCK_REMAT_POLICIES = REMAT_POLICIES + ("mlp_act",)  # mlp_act: recompute only the MLP activation
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNEL_IMPLS = ("auto", "xla", "pallas")  # rope_impl, lse_impl, norm_impl
-MLP_IMPLS = ("auto", "xla", "mosaic", "jnp")  # mlp_impl ("jnp": the fused path's VJP with jnp kernels, tests)
+MLP_IMPLS = ("auto", "xla", "mosaic", "jnp")  # mlp_impl, qkv_impl ("jnp": the fused path's VJP with jnp kernels, tests)
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
 # name: (d_model, n_heads, prelude, core, coda); GPT uses n_layers = prelude + core + coda.
@@ -81,6 +81,11 @@ def default_model_config() -> ml_collections.ConfigDict:
   # injection the loop's boundary (state update, injection, next pass's norm1) then runs as one kernel each way
   # too (model/loop_boundary.py; session 24: training +0.3%, evaluation +1.7% on parcae-small)
   c.norm_impl = "auto"
+  # The q/k/v GEMM of blocks without value embeddings (bf16 recipe, QK-norm on): "auto" = one Mosaic GPU GEMM with
+  # RoPE + QK-norm in its epilogue (model/qkv_rope.py) on a Hopper GPU where the shapes allow (head_dim 128, no
+  # "tensor" axis), else XLA's GEMM and the RoPE path of rope_impl ("xla"); "mosaic" forces the kernel, "jnp" its
+  # custom VJP with a jnp stand-in (tests)
+  c.qkv_impl = "xla"
   return c
 
 
@@ -115,6 +120,7 @@ def validate_model_config(cfg) -> None:
   _choice(cfg, "lse_impl", KERNEL_IMPLS)
   _choice(cfg, "mlp_impl", MLP_IMPLS)
   _choice(cfg, "norm_impl", KERNEL_IMPLS)
+  _choice(cfg, "qkv_impl", MLP_IMPLS)
   _choice(cfg, "no_grad_split", (1, 2, 4))
   _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
   positive = ["vocab_size", "d_model", "n_heads", "ffn_mult", "max_seq_len"]

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from parcae import compile_target
-from parcae.model import add_norm, init, mlp_kernels, rope_norm
+from parcae.model import add_norm, init, mlp_kernels, qkv_rope, rope_norm
 from parcae.model.mlp_kernels import relu2  # the MLP activation, defined beside its fused kernels
 
 VE_GATE_WIDTH = 32  # gate reads the first 32 channels of the normed block input
@@ -132,6 +132,7 @@ class Attention(nnx.Module):
     self.v = Linear(init.kernel(ks[2], d, d, std), cd, quant)
     self.o = Linear(init.zeros(d, d), cd, quant)
     self.n_heads, self.cd, self.impl, self.rope_impl = h, cd, cfg.attention_impl, cfg.rope_impl
+    self.qkv_impl = cfg.get("qkv_impl", "xla")
     self.use_qk_norm = cfg.qk_norm
     if with_ve:
       self.ve_gate = Linear(init.ve_gate(ks[3], h, VE_GATE_WIDTH), cd)
@@ -153,10 +154,14 @@ class Attention(nnx.Module):
     columns are its own heads' and a tensor-parallel GEMM needs no collective (plain [Wq | Wk | Wv] makes
     XLA gather; tests/test_train_mesh.py); q and k in the split-halves order of `split_pairs`."""
     b, s, d = x_BxSxD.shape
-    h, tp = self.n_heads, tensor_shards(self.n_heads)
-    wq, wk = (split_pairs(lin.kernel[...], h) for lin in (self.q, self.k))
-    w_DxTx3xG = jnp.stack([w.reshape(d, tp, d // tp) for w in (wq, wk, self.v.kernel[...])], axis=2)
-    return self.q.matmul(x_BxSxD, w_DxTx3xG.reshape(d, 3 * d), key).reshape(b, s, tp, 3, d // tp)
+    tp = tensor_shards(self.n_heads)
+    return self.q.matmul(x_BxSxD, self._qkv_kernel(tp), key).reshape(b, s, tp, 3, d // tp)
+
+  def _qkv_kernel(self, tp: int):
+    """The three kernels side by side, [D, T x 3 x G] (`_qkv_gemm`'s column order)."""
+    d = self.q.kernel.shape[0]
+    wq, wk = (split_pairs(lin.kernel[...], self.n_heads) for lin in (self.q, self.k))
+    return jnp.stack([w.reshape(d, tp, d // tp) for w in (wq, wk, self.v.kernel[...])], axis=2).reshape(d, 3 * d)
 
   def qkv(self, x_BxSxD, key=None):
     """q, k, v [B, S, H, K] straight from the GEMM (no RoPE, no norm)."""
@@ -170,8 +175,12 @@ class Attention(nnx.Module):
     (parcae.model.rope_norm) where rope_impl picks it."""
     b, s, d = x_BxSxD.shape
     h = self.n_heads
-    y = self._qkv_gemm(x_BxSxD, key)
     cos, sin = rope
+    impl = self._fused_qkv(x_BxSxD.shape, cos.shape[0] >= s) if ve is None else None
+    if impl:  # the GEMM with RoPE + QK-norm in its epilogue (model.qkv_impl)
+      w = self._qkv_kernel(1).astype(self.cd)
+      return qkv_rope.qkv_rope_qk_norm(x_BxSxD.astype(self.cd), w, cos, sin, impl=impl)
+    y = self._qkv_gemm(x_BxSxD, key)
     ve_BxSxD, ids_BxS = (None, None) if ve is None else ve
     gate_BxSxH = None
     if ve is not None:
@@ -187,6 +196,22 @@ class Attention(nnx.Module):
     if ve_BxSxD is not None:
       v = (v.astype(jnp.float32) + gate_BxSxH[..., None] * ve_BxSxD.reshape(b, s, h, d // h)).astype(self.cd)
     return q, k, v
+
+  def _fused_qkv(self, x_shape, tables_cover):
+    """The qkv_rope implementation a block without value embeddings takes (`model.qkv_impl`), or None."""
+    if self.qkv_impl == "xla" or self.q.quant != "bf16" or not self.use_qk_norm or not tables_cover:
+      return None
+    b, s, d = x_shape
+    ok = self.cd == jnp.bfloat16 and qkv_rope.shapes_ok(b, s, d, self.n_heads)
+    if self.qkv_impl == "auto":
+      ok = ok and self.rope_impl != "xla" and compile_target.platform() == "gpu" and mlp_kernels.hopper()
+      return "mosaic" if ok else None
+    if not ok or (self.qkv_impl == "mosaic" and compile_target.platform() != "gpu"):
+      raise ValueError(f"model.qkv_impl={self.qkv_impl!r} needs bf16 compute, head_dim {mlp_kernels.BN}, tokens "
+                       f"per device % {mlp_kernels.BM * mlp_kernels.CLUSTER}, sequence % {mlp_kernels.BM}, no "
+                       f"'tensor' mesh axis (and for 'mosaic' a Hopper GPU); got x {x_shape}, {self.n_heads} "
+                       f"heads, traced for {compile_target.platform()}. Use qkv_impl='auto' or 'xla'")
+    return self.qkv_impl
 
   def _fused_rope(self, y_shape, tables_cover):
     if self.rope_impl == "xla" or not tables_cover:

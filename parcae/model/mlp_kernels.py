@@ -168,9 +168,11 @@ def profile_space(m: int, k: int, n: int, n_out: int, piece: int, fetch: bool, n
   return tiles * per_tile + 1 + 2
 
 
-def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
+def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN, tile_fn=None, out_types=None):
   """Warp-specialized [M, n] = operands[0] @ operands[1] (or its transpose, [n, k]); `epilogue` maps the bf16
   accumulator tile (and the backward's h tile) to the n_out output tiles, stored one after another.
+  tile_fn (default `_tile_epilogue`, same keywords) runs a compute warpgroup's tile instead: its own epilogue and
+  stores into the outputs out_types (default n_out bf16 [M, n]); operands past the third are its own (GMEM refs).
 
   One program per SM, looping over the [BM, 2 x BN] output tiles (n fastest: consecutive tiles share the
   x rows): with CROSS_TILE the memory warpgroup issues the next tile's first loads while the compute
@@ -181,10 +183,11 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, wide, steps = operands[0].shape[0], WGS * BN, steps or STEPS
-  if BN % piece or (len(operands) == 3 and piece != BN):
+  has_h = len(operands) == 3 and tile_fn is None  # the backward's h operand (fetched into the output buffer)
+  if BN % piece or (has_h and piece != BN):
     raise ValueError(f"epilogue piece {piece} must divide {BN} (and be {BN} with an h operand, which fills the "
                      "whole buffer)")
-  nbuf = 1 if len(operands) == 3 else OUT_BUFFERS  # the backward fetches h into its one buffer
+  nbuf = 1 if has_h or tile_fn else OUT_BUFFERS  # the backward fetches h into its one buffer
   if (n_out * BN // piece) % nbuf:
     raise ValueError(f"OUT_BUFFERS {nbuf}: each tile's {n_out * BN // piece} stored pieces (outputs x {BN} / piece "
                      f"{piece}) must divide by the buffers; use 1 or 2 buffers with an even count of pieces")
@@ -204,6 +207,9 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
         compute_context=compute, max_concurrent_steps=steps, num_compute_wgs=WGS, memory_registers=40,
         memory_thread_idx=WGS, wg_axis="wg", **({} if state is None else dict(pipeline_state=state)))
 
+  out_types = out_types or (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out
+  n_out = len(out_types)
+
   def kernel(*refs):
     n_in = len(operands)
     in_gmem, o_gmem = refs[:n_in], refs[n_in:n_in + n_out]
@@ -218,13 +224,13 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
         mi, ni = lax.div(t, n_tiles) * CLUSTER + cta, lax.rem(t, n_tiles)
         rows, out_cols = pl.ds(mi * BM, BM), pl.ds(ni * wide + wg * BN, BN)
 
-        compute = functools.partial(_tile_epilogue, epilogue=epilogue, in_gmem=in_gmem, o_gmem=o_gmem,
+        compute = functools.partial(tile_fn or _tile_epilogue, epilogue=epilogue, in_gmem=in_gmem, o_gmem=o_gmem,
                                     o_smem=o_smem, barrier=barrier, wg=wg, rows=rows, cols=out_cols, piece=piece,
                                     nbuf=nbuf)
         x_rows = in_gmem[0].at[pl.ds(mi * BM, BM), :]
         w_cols = in_gmem[1].at[pl.ds(ni * wide, wide), :] if trans_b else in_gmem[1].at[:, pl.ds(ni * wide, wide)]
         fetch = None
-        if len(operands) == 3:  # the backward's h tile into the output buffer once the last store has read it
+        if has_h:  # the backward's h tile into the output buffer once the last store has read it
           fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg, 0], barrier.at[wg],
                                     fetch_step(k // TK))
         run = lambda state=None: pipeline(compute, wg, fetch, state)(x_rows, w_cols, allocations=allocs)
@@ -245,11 +251,11 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN):
 
   profile = {}
   if PROFILE_DIR:
-    space = profile_space(m, k, n, n_out, piece, len(operands) == 3)
+    space = profile_space(m, k, n, n_out, piece, has_h)
     profile = dict(compiler_params=plgpu.CompilerParams(profile_space=space, profile_dir=PROFILE_DIR))
 
   return plgpu.kernel(
-      kernel, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * n_out,
+      kernel, out_type=tuple(out_types),
       scratch_types=[plgpu.SMEM((WGS, nbuf, BM, piece), jnp.bfloat16, **(dict(transforms=tf) if OUT_SWIZZLE else {})),
                      plgpu.Barrier(num_barriers=WGS)],
       grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",

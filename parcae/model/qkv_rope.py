@@ -1,0 +1,196 @@
+"""The attention's q/k/v GEMM with RoPE and QK-norm in its epilogue (Mosaic GPU, `model.qkv_impl`).
+
+With the RoPE kernels (model/rope_norm.py) a block without value embeddings writes the q/k/v GEMM's output
+y [tokens, 3D] and reads it back once: 300 MB of parcae-small's 32,768-token micro-batch per call, the RoPE
+forward's 24.5 ms per step (bench/RESULTS.md, session 36). Here the GEMM (`mlp_kernels._ws_gemm`, one head per
+compute warpgroup: BN = head_dim = 128) rotates and normalizes its own accumulator tile before the only write:
+
+  q, k, v = qkv_rope_qk_norm(x [M, D], w [D, 3D], cos, sin)   (w: [q | k | v], q and k in split halves)
+  a = bf16(x @ w)  -- the GEMM's output, rounded as XLA's GEMM rounds it
+  q / k tiles: r = bf16(RoPE(a)) in float32 (layers.apply_rope), out = bf16(r * rsqrt(mean(r^2) + eps))
+  v tiles: a as it is
+
+the math of rope_norm's forward kernel (and of the jnp path) per element; the norm's sum runs in another order.
+Under differentiation the forward also writes r (q's heads, then k's: rope_norm's residual r2), and the backward
+is rope_norm's backward kernel (the gradient of y) and the two GEMMs of y = x @ w's transpose.
+
+A compute warpgroup's tile is [128 tokens, 128 columns]: one head of q, k or v (role = column block // heads).
+Its cos / sin rows (float32, 64 frequencies) are loaded from global memory (the tables stay in L2) into the
+accumulator's register layout, 64 rows at a time: shared memory holds no table (the pipeline's four stages and
+the output buffer leave ~3 KB), and a half's tables take 64 of a thread's registers. Each [64, 64] result goes
+out through the warpgroup's [128, 64] shared-memory buffer with TMA.
+Blocks with value embeddings keep the GEMM + rope_norm path (their v needs a gather of the table's rows).
+On a CPU, impl="jnp" runs the same custom VJP with a jnp stand-in for the kernel (tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from parcae.model import mlp_kernels as mk
+from parcae.model import rope_norm
+
+HALF = 64  # rows per register pass and columns per stored piece (half a head)
+
+
+def supported(m: int, d: int, n_heads: int, seq: int) -> bool:
+  """Whole tiles (mlp_kernels.supported for [m, d] @ [d, 3d]), head_dim = the tile width (128), whole row tiles
+  per sequence."""
+  return d // n_heads == mk.BN and d % n_heads == 0 and seq % mk.BM == 0 and mk.supported(m, d, 3 * d)
+
+
+def _math(a_bf16, c, s, eps):
+  """RoPE of a [rows, 2 x HALF] bf16 tile (split halves) with its float32 cos / sin [rows, HALF], rounded to
+  bf16, and its RMS-normalized copy: (r0, r1, n0, n1), bf16 halves. As rope_norm's `_rotate` / `_inv_rms`."""
+  x0 = a_bf16[:, :HALF].astype(jnp.float32)
+  x1 = a_bf16[:, HALF:].astype(jnp.float32)
+  r0 = (x0 * c - x1 * s).astype(jnp.bfloat16)
+  r1 = (x0 * s + x1 * c).astype(jnp.bfloat16)
+  f0, f1 = r0.astype(jnp.float32), r1.astype(jnp.float32)
+  ms = (jnp.sum(f0 * f0, axis=1) + jnp.sum(f1 * f1, axis=1)) / (2 * HALF)
+  inv = lax.broadcast_in_dim(lax.rsqrt(ms + eps), f0.shape, (0,))
+  return r0, r1, (f0 * inv).astype(jnp.bfloat16), (f1 * inv).astype(jnp.bfloat16)
+
+
+def _rope_tile(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols, piece, nbuf, heads, seq, eps):
+  """A compute warpgroup's tile (mlp_kernels._ws_gemm's tile_fn): the K loop, then q / k's RoPE + norm or v
+  as it is, out through its one [BM, HALF] buffer. o_gmem: q, k, v [M, D] (+ r2 [M, 2D] under autodiff)."""
+  del epilogue, barrier, piece, nbuf
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  buf = o_smem.at[wg, 0]
+  acc = run(plgpu.layout_cast(jnp.zeros((mk.BM, mk.BN), jnp.float32), plgpu.Layout.WGMMA))
+  a = acc.astype(jnp.bfloat16)
+  cb = lax.div(cols.start, mk.BN)             # column block of y: role x heads + head
+  role, head = lax.div(cb, heads), lax.rem(cb, heads)
+  cos_gmem, sin_gmem = in_gmem[2], in_gmem[3]
+
+  def put(pieces):
+    """Fill the buffer (after its last store has read it) with `pieces`, (array, dst, dst_rows, dst_cols)
+    stacked by row, then store each to dst[dst_rows, dst_cols : + HALF]."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    at = 0
+    for p, *_ in pieces:
+      buf[pl.ds(at, p.shape[0]), :] = p
+      at += p.shape[0]
+    plgpu.commit_smem()
+    at = 0
+    for p, dst, dst_rows, dst_cols in pieces:
+      plgpu.copy_smem_to_gmem(buf.at[pl.ds(at, p.shape[0]), :], dst.at[dst_rows, pl.ds(dst_cols, HALF)])
+      at += p.shape[0]
+
+  @pl.when(role == 2)
+  def _v():
+    for j in range(2):
+      put([(a[:, j * HALF:(j + 1) * HALF], o_gmem[2], rows, head * mk.BN + j * HALF)])
+
+  def qk(dst):
+    p0 = lax.rem(rows.start, seq)
+    table = lambda ref, h: plgpu.load(ref.at[pl.ds(p0 + h * HALF, HALF), :], (), layout=plgpu.Layout.WGMMA,
+                                      optimized=False)
+    for h in range(2):  # 64 rows at a time, each stored before the next is formed (registers)
+      r0, r1, n0, n1 = _math(a[h * HALF:(h + 1) * HALF], table(cos_gmem, h), table(sin_gmem, h), eps)
+      sub = pl.ds(rows.start + h * HALF, HALF)
+      if len(o_gmem) == 4:  # the backward's residual: the rounded RoPE output, at y's own column (q's, k's)
+        put([(r0, o_gmem[3], sub, cols.start), (r1, o_gmem[3], sub, cols.start + HALF)])
+      put([(n0, dst, sub, head * mk.BN), (n1, dst, sub, head * mk.BN + HALF)])
+
+  pl.when(role == 0)(lambda: qk(o_gmem[0]))
+  pl.when(role == 1)(lambda: qk(o_gmem[1]))
+
+
+def _kernel(x_MxD, w_Dx3D, cos, sin, seq, residual):
+  (m, d), n = x_MxD.shape, w_Dx3D.shape[1]
+  heads = d // mk.BN
+  if x_MxD.dtype != jnp.bfloat16 or not supported(m, d, heads, seq):
+    raise ValueError(f"qkv_rope: the Mosaic GPU kernel needs bf16 operands, head_dim {mk.BN} and whole tiles "
+                     f"(tokens per device % {mk.BM * mk.CLUSTER}, sequence % {mk.BM}); got {x_MxD.dtype}, "
+                     f"x {x_MxD.shape}, sequence {seq}. Use model.qkv_impl='xla'")
+  eps = float(jnp.finfo(jnp.bfloat16).eps)
+  out = jax.ShapeDtypeStruct((m, d), jnp.bfloat16)
+  outs = (out,) * 3 + ((jax.ShapeDtypeStruct((m, 2 * d), jnp.bfloat16),) if residual else ())
+  tile = functools.partial(_rope_tile, heads=heads, seq=seq, eps=eps)
+  return mk._ws_gemm((x_MxD, w_Dx3D, cos.astype(jnp.float32), sin.astype(jnp.float32)), d, n, None,
+                     trans_b=False, steps=mk.STEPS_NO_H, piece=HALF, tile_fn=tile, out_types=outs)
+
+
+def _jnp(x_MxD, w_Dx3D, cos, sin, seq, residual):
+  """The kernel's stand-in: XLA's GEMM, then the epilogue's math on [tokens, 2, heads, K] blocks, the RoPE
+  output rounded to bf16 by `lax.reduce_precision` (a cast pair f32 -> bf16 -> f32, as layers.apply_rope +
+  qk_norm write it, is one XLA may drop under its default --xla_allow_excess_precision)."""
+  (m, d), k = x_MxD.shape, mk.BN
+  y = jnp.dot(x_MxD, w_Dx3D).reshape(m, 3, d // k, k)
+  c = jnp.tile(cos[:seq], (m // seq, 1))[:, None, None].astype(jnp.float32)
+  s = jnp.tile(sin[:seq], (m // seq, 1))[:, None, None].astype(jnp.float32)
+  x0, x1 = y[:, :2, :, :HALF].astype(jnp.float32), y[:, :2, :, HALF:].astype(jnp.float32)
+  rnd = lambda a: lax.reduce_precision(a, exponent_bits=8, mantissa_bits=7)
+  f0, f1 = rnd(x0 * c - x1 * s), rnd(x0 * s + x1 * c)
+  inv = lax.rsqrt((jnp.sum(f0 * f0, -1, keepdims=True) + jnp.sum(f1 * f1, -1, keepdims=True)) / k
+                  + float(jnp.finfo(jnp.bfloat16).eps))
+  qk = jnp.concatenate([f0 * inv, f1 * inv], -1).astype(jnp.bfloat16).reshape(m, 2, d)
+  outs = (qk[:, 0], qk[:, 1], y[:, 2].reshape(m, d))
+  return outs + ((jnp.concatenate([f0, f1], -1).astype(jnp.bfloat16).reshape(m, 2 * d),) if residual else ())
+
+
+KERNELS = {"mosaic": _kernel, "jnp": _jnp}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _local(x_BxSxD, w_Dx3D, cos, sin, seq, impl):
+  return KERNELS[impl](x_BxSxD.reshape(-1, x_BxSxD.shape[-1]), w_Dx3D, cos, sin, seq, residual=False)
+
+
+def _local_fwd(x_BxSxD, w_Dx3D, cos, sin, seq, impl):
+  q, k, v, r2 = KERNELS[impl](x_BxSxD.reshape(-1, x_BxSxD.shape[-1]), w_Dx3D, cos, sin, seq, residual=True)
+  return (q, k, v), (x_BxSxD, w_Dx3D, cos, sin, r2)
+
+
+def _local_bwd(seq, impl, res, g):
+  """rope_norm's backward kernel, then y = x @ w's transposes as autodiff of jnp.dot forms them (x [B, S, D]:
+  the same program, so XLA rounds dw to bf16 where it does for the unfused path)."""
+  x_BxSxD, w_Dx3D, cos, sin, r2 = res
+  eps = float(jnp.finfo(jnp.bfloat16).eps)
+  dy, _ = rope_norm._backward(r2, cos, sin, *g, (), s=seq, k=mk.BN, t=1, eps=eps, norm=True, cd=jnp.bfloat16,
+                              interpret=None)
+  _, dot_vjp = jax.vjp(jnp.dot, x_BxSxD, w_Dx3D)
+  dx, dw = dot_vjp(dy.reshape(*x_BxSxD.shape[:2], -1))
+  return dx, dw, jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_local.defvjp(_local_fwd, _local_bwd)
+
+
+def qkv_rope_qk_norm(x_BxSxD, w_Dx3D, cos_SxK2, sin_SxK2, *, impl="mosaic"):
+  """q, k, v [B, S, H, K] from x [B, S, D] and the fused q/k/v kernel w [D, 3D] ([q | k | v], q and k in the
+  split-halves order of layers.split_pairs), bf16: RoPE and QK-norm on q and k (see the module docstring).
+  Per device under the trainer's batch axes (not with a "tensor" axis: Attention's [T, 3, G] column order)."""
+  b, s, d = x_BxSxD.shape
+  cos, sin = cos_SxK2[:s].astype(jnp.float32), sin_SxK2[:s].astype(jnp.float32)
+
+  def per_device(x, w, cos, sin):
+    outs = _local(x, w, cos, sin, s, impl)
+    return tuple(o.reshape(x.shape[0], s, d // mk.BN, mk.BN) for o in outs)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = rope_norm.kernel_axes(mesh)
+  if "tensor" in axes:
+    raise ValueError("qkv_rope: not under a 'tensor' mesh axis (the q/k/v columns are per shard); use "
+                     "model.qkv_impl='xla'")
+  if not axes:
+    return per_device(x_BxSxD, w_Dx3D, cos, sin)
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  batch = rope_norm.kernel_batch_axes(mesh)
+  out = P(batch, None, None, None)
+  return jax.shard_map(per_device, in_specs=(P(batch, None, None), P(), P(), P()), out_specs=(out, out, out),
+                       axis_names=set(axes), check_vma=False)(x_BxSxD, w_Dx3D, cos, sin)
+
+
+def shapes_ok(b: int, s: int, d: int, n_heads: int) -> bool:
+  """Whether each device's call is whole tiles under the mesh in force (batch split over the batch axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = rope_norm.kernel_axes(mesh)
+  shards = rope_norm.kernel_batch_shards(mesh)
+  return "tensor" not in axes and b % shards == 0 and supported(b // shards * s, d, n_heads, s)

@@ -1,0 +1,181 @@
+"""model/qkv_rope.py: the q/k/v GEMM with RoPE + QK-norm in its epilogue. On a CPU its custom VJP with the jnp
+stand-in against Attention.project's other paths, the model's choice of path, and (with jax's CUDA plugin) the
+Mosaic GPU kernel compiled for an H100; on a Hopper GPU the kernel itself against the stand-in."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from parcae import model as M
+from parcae.model import layers, mlp_kernels as mk, qkv_rope
+
+
+def _attention(qkv_impl, rope_impl="xla", d=256, h=2):
+  cfg = M.default_model_config()
+  cfg.d_model, cfg.n_heads, cfg.rope_impl, cfg.qkv_impl = d, h, rope_impl, qkv_impl
+  return layers.Attention(cfg, jax.random.key(0), with_ve=False, cd=jnp.bfloat16, quant="bf16")
+
+
+def _project_vjp(attn, x, rope, cts):
+  """project's outputs and the cotangents of x and of the layer's parameters for cotangents cts of q, k, v."""
+  graph, state = nnx.split(attn)
+  outs, vjp = jax.vjp(lambda x, state: nnx.merge(graph, state).project(x, rope), x, state)
+  return outs, jax.tree.leaves(vjp(cts))
+
+
+def _case(b=2, s=128, d=256, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(ks[0], (b, s, d), jnp.float32)
+  cts = tuple(jax.random.normal(kk, (b, s, d // 128, 128), jnp.bfloat16) for kk in ks[1:])
+  return x, layers.rope_tables(s, 128, 50000.0), cts
+
+
+def test_custom_vjp_gives_the_unfused_paths_bits():
+  """qkv_impl "jnp" (the kernel's custom VJP, its forward a jnp stand-in): q, k, v equal to the XLA path's bit
+  for bit, and the cotangents of x and of the three kernels equal to those of the RoPE kernels' path
+  (rope_impl "pallas", interpreted), whose backward kernel it shares."""
+  x, rope, cts = _case()
+  fused = jax.jit(lambda x, cts: _project_vjp(_attention("jnp"), x, rope, cts))
+  plain = jax.jit(lambda x, cts: _project_vjp(_attention("xla", "xla"), x, rope, cts))
+  kernels = jax.jit(lambda x, cts: _project_vjp(_attention("xla", "pallas"), x, rope, cts))
+  (out_f, grads_f), (out_x, _), (_, grads_k) = fused(x, cts), plain(x, cts), kernels(x, cts)
+  for a, b in zip(out_f, out_x):
+    assert a.shape == b.shape == (2, 128, 2, 128)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  assert sum(float(jnp.abs(b).max()) > 0 for b in grads_k) == 4  # x, q, k, v (the unused o: zero)
+  for a, b in zip(grads_f, grads_k):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_model_picks_the_fused_path_only_where_it_can_run():
+  """"auto" keeps the XLA path on a CPU; blocks with value embeddings, float32 compute or no QK-norm never take
+  it; "mosaic" off a GPU and shapes the kernel cannot tile are refused with the fix; unknown values too."""
+  assert _attention("auto")._fused_qkv((2, 128, 256), True) is None
+  assert _attention("jnp")._fused_qkv((2, 128, 256), True) == "jnp"
+  assert _attention("jnp")._fused_qkv((2, 128, 256), False) is None   # tables shorter than the sequence
+  with pytest.raises(ValueError, match="qkv_impl='mosaic'.*Hopper GPU"):
+    _attention("mosaic")._fused_qkv((2, 128, 256), True)
+  with pytest.raises(ValueError, match="head_dim 128.*qkv_impl='auto' or 'xla'"):
+    _attention("jnp", d=256, h=4)._fused_qkv((2, 128, 256), True)  # head_dim 64
+  with pytest.raises(ValueError, match="sequence % 128"):
+    _attention("jnp")._fused_qkv((4, 64, 256), True)
+  cfg = M.default_model_config()
+  cfg.qkv_impl = "triton"
+  with pytest.raises(ValueError, match="model.qkv_impl='triton'"):
+    M.validate_model_config(cfg)
+  cfg = M.default_model_config()
+  cfg.d_model, cfg.n_heads, cfg.qkv_impl = 256, 2, "jnp"
+  ve = layers.Attention(cfg, jax.random.key(0), with_ve=True, cd=jnp.bfloat16, quant="bf16")
+  x, rope, _ = _case()
+  ids = jnp.zeros((2, 128), jnp.int32)
+  calls = []
+  real = qkv_rope.qkv_rope_qk_norm
+  try:
+    qkv_rope.qkv_rope_qk_norm = lambda *a, **k: calls.append(1) or real(*a, **k)
+    ve.project(x, rope, ve.lookup_ve(ids))
+    assert not calls  # value embeddings: the GEMM + RoPE path
+    _attention("jnp").project(x, rope)
+    assert calls
+  finally:
+    qkv_rope.qkv_rope_qk_norm = real
+
+
+def _h100_or_skip():
+  try:
+    from parcae.train.targets import target_devices
+    return jax.sharding.SingleDeviceSharding(target_devices("h100")[0])
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no compile-only H100 target ({type(e).__name__})")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_kernel_compiles_for_an_h100(residual):
+  """With jax's CUDA plugin (compile-only H100; skipped without it): the Mosaic GPU kernel at parcae-small's
+  shape lowers and compiles (shared memory, registers), with 3 or 4 outputs."""
+  sh = _h100_or_skip()
+  m, d, s = 32768, 768, 2048
+  arg = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+  f = jax.jit(lambda x, w, c, sn: qkv_rope._kernel(x, w, c, sn, s, residual))
+  lowered = f.lower(arg((m, d)), arg((d, 3 * d)), arg((s, 64), jnp.float32), arg((s, 64), jnp.float32))
+  assert len(lowered.out_info) == 3 + residual
+  assert "mosaic_gpu" in lowered.as_text()
+  lowered.compile()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernel runs on a Hopper GPU (H100 / H200) only")
+@pytest.mark.parametrize("b,s,d", [(8, 256, 256), (4, 2048, 768)])
+def test_kernel_matches_the_stand_in_on_a_hopper_gpu(b, s, d):
+  """On the GPU, inputs whose GEMM is exact (small integers: any summation order gives the same float32
+  accumulator): v and the RoPE output r equal the stand-in's bit for bit but where the compilers contract the
+  rotation's products differently; q and k also where the norm's sum runs in another order: within one bf16
+  rounding (2^-6 relative) and at under 1 in 1,000 elements. A tile routed to the wrong head, role or rows
+  differs everywhere. Also the cotangents through the custom VJP (shared backward kernel and XLA's GEMMs)."""
+  m = b * s
+  ks = jax.random.split(jax.random.key(d), 5)
+  x = jax.random.randint(ks[0], (m, d), -2, 3).astype(jnp.bfloat16)
+  w = jax.random.randint(ks[1], (d, 3 * d), -1, 2).astype(jnp.bfloat16)
+  cos, sin = layers.rope_tables(s, 128, 50000.0)
+  got = jax.jit(lambda *a: qkv_rope._kernel(*a, s, True))(x, w, cos, sin)
+  want = jax.jit(lambda *a: qkv_rope._jnp(*a, s, True))(x, w, cos, sin)
+  for i, (a, ref) in enumerate(zip(got, want)):
+    a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
+    assert a.shape == ref.shape
+    if i == 2:
+      np.testing.assert_array_equal(a, ref)
+    assert np.all(np.abs(a - ref) <= 2.0 ** -6 * np.abs(ref)), (i, np.abs(a - ref).max())
+    assert (a != ref).mean() < 1e-3, (i, (a != ref).mean())
+  no_grad = jax.jit(lambda *a: qkv_rope._kernel(*a, s, False))(x, w, cos, sin)
+  for a, ref in zip(no_grad, got):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(ref, np.float32))
+  cts = tuple(jax.random.normal(kk, (m, d), jnp.bfloat16) for kk in ks[2:])
+  grads = [jax.jit(lambda x, w, impl=impl: jax.vjp(lambda x, w: qkv_rope._local(x.reshape(b, s, d), w, cos, sin, s, impl), x, w)[1](
+      cts))(x, w) for impl in ("mosaic", "jnp")]
+  for a, ref in zip(*grads):
+    a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
+    assert np.abs(a - ref).max() <= 2.0 ** -6 * np.abs(ref).max(), np.abs(a - ref).max()
+
+
+@pytest.mark.parametrize("kind", ["parcae", "gpt"])
+def test_model_with_the_fused_qkv_path_trains_as_the_rope_kernels_path(kind):
+  """A whole model (bf16, head_dim 128, looped with no-grad and grad iterations for Parcae): loss and parameter
+  gradients with qkv_impl "jnp" (the fused path's custom VJP, in every block without value embeddings) as those
+  of qkv_impl "xla" with the RoPE kernels (interpreted), whose backward kernel it shares; the fused path is
+  taken in the no-grad and the grad passes."""
+  ids = jax.random.randint(jax.random.key(1), (2, 128), 0, 64)
+  calls = []
+  real = qkv_rope.KERNELS["jnp"]
+
+  def grads(qkv_impl):
+    c = M.default_model_config()
+    c.kind, c.vocab_size, c.d_model, c.n_heads, c.max_seq_len = kind, 64, 256, 2, 128
+    c.n_layers, c.prelude_layers, c.core_layers, c.coda_layers = 3, 1, 2, 1
+    c.mean_recurrence, c.mean_backprop_depth = 3, 2
+    c.compute_dtype, c.qkv_impl, c.rope_impl = "bfloat16", qkv_impl, "pallas"
+    m = M.build(c, jax.random.key(0))
+    graphdef, state = nnx.split(m)
+    state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), state)
+
+    def loss(state):
+      model = nnx.merge(graphdef, state)
+      y, _ = model.hidden(ids, jnp.array([1, 2]), jnp.array([2, 1]), key=jax.random.key(3), grad_steps=2)
+      return jnp.mean(model.logits(y).astype(jnp.float32) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+  want = grads("xla")
+  qkv_rope.KERNELS["jnp"] = lambda *a, residual: calls.append(residual) or real(*a, residual=residual)
+  try:
+    got = grads("jnp")
+  finally:
+    qkv_rope.KERNELS["jnp"] = real
+  assert True in calls and (False in calls) == (kind == "parcae"), calls
+  # Not bit for bit in the looped model: there XLA's CPU compiler drops one of the interpreted RoPE kernel's bf16
+  # roundings (a float32 -> bf16 -> float32 cast pair, under its default --xla_allow_excess_precision; with
+  # that off the two are equal bit for bit), which the stand-in keeps (lax.reduce_precision). So: the loss to
+  # 2^-14 and each gradient leaf to one bf16 ulp of its largest entry (2^-7 of it: the bf16 gradients' roundings
+  # may fall the other way); a wrong head, role or rotation moves them by O(1).
+  assert float(got[0]) == pytest.approx(float(want[0]), rel=2.0 ** -14)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.abs(g - w).max() <= 2.0 ** -7 * np.abs(w).max(), (np.abs(g - w).max(), np.abs(w).max())
