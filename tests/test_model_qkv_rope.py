@@ -108,9 +108,11 @@ def test_kernel_compiles_for_an_h100(residual):
 @pytest.mark.parametrize("b,s,d", [(8, 256, 256), (4, 2048, 768)])
 def test_kernel_matches_the_stand_in_on_a_hopper_gpu(b, s, d):
   """On the GPU, inputs whose GEMM is exact (small integers: any summation order gives the same float32
-  accumulator): v and the RoPE output r equal the stand-in's bit for bit but where the compilers contract the
-  rotation's products differently; q and k also where the norm's sum runs in another order: within one bf16
-  rounding (2^-6 relative) and at under 1 in 1,000 elements. A tile routed to the wrong head, role or rows
+  accumulator): v equal to the stand-in's bit for bit; the RoPE output r and q, k equal but where the compilers
+  contract the rotation's products into FMAs differently (and the norm's sum runs in another order): there by
+  at most 2^-6 of the element or of its head's RMS, whichever is larger (where x0 c - x1 s cancels, one float32
+  rounding of a product is large relative to the result: the H100 showed 1 in 60,000 elements off by up to 36%
+  of such a small element), and at under 1 in 1,000 elements. A tile routed to the wrong head, role or rows
   differs everywhere. Also the cotangents through the custom VJP (shared backward kernel and XLA's GEMMs)."""
   m = b * s
   ks = jax.random.split(jax.random.key(d), 5)
@@ -124,7 +126,9 @@ def test_kernel_matches_the_stand_in_on_a_hopper_gpu(b, s, d):
     assert a.shape == ref.shape
     if i == 2:
       np.testing.assert_array_equal(a, ref)
-    assert np.all(np.abs(a - ref) <= 2.0 ** -6 * np.abs(ref)), (i, np.abs(a - ref).max())
+    heads = ref.reshape(m, -1, 128)
+    scale = np.maximum(np.abs(heads), np.sqrt(np.mean(heads * heads, -1, keepdims=True))).reshape(ref.shape)
+    assert np.all(np.abs(a - ref) <= 2.0 ** -6 * scale), (i, np.abs(a - ref).max())
     assert (a != ref).mean() < 1e-3, (i, (a != ref).mean())
   no_grad = jax.jit(lambda *a: qkv_rope._kernel(*a, s, False))(x, w, cos, sin)
   for a, ref in zip(no_grad, got):

@@ -34,6 +34,9 @@ from parcae.model import mlp_kernels as mk
 from parcae.model import rope_norm
 
 HALF = 64  # rows per register pass and columns per stored piece (half a head)
+# Load the second 64 rows' cos / sin before the first rows' math and stores (their latency hidden behind those;
+# 64 more registers live) instead of after.
+PREFETCH = False
 
 
 def supported(m: int, d: int, n_heads: int, seq: int) -> bool:
@@ -91,8 +94,10 @@ def _rope_tile(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, col
     p0 = lax.rem(rows.start, seq)
     table = lambda ref, h: plgpu.load(ref.at[pl.ds(p0 + h * HALF, HALF), :], (), layout=plgpu.Layout.WGMMA,
                                       optimized=False)
+    tabs = [(table(cos_gmem, h), table(sin_gmem, h)) if PREFETCH or h == 0 else None for h in range(2)]
     for h in range(2):  # 64 rows at a time, each stored before the next is formed (registers)
-      r0, r1, n0, n1 = _math(a[h * HALF:(h + 1) * HALF], table(cos_gmem, h), table(sin_gmem, h), eps)
+      c, sn = tabs[h] or (table(cos_gmem, h), table(sin_gmem, h))
+      r0, r1, n0, n1 = _math(a[h * HALF:(h + 1) * HALF], c, sn, eps)
       sub = pl.ds(rows.start + h * HALF, HALF)
       if len(o_gmem) == 4:  # the backward's residual: the rounded RoPE output, at y's own column (q's, k's)
         put([(r0, o_gmem[3], sub, cols.start), (r1, o_gmem[3], sub, cols.start + HALF)])
