@@ -35,7 +35,6 @@ EPS = float(jnp.finfo(jnp.bfloat16).eps)
 
 def unfused(x, w, cos, sin, s, residual):
   """XLA's GEMM, then rope_norm's forward kernel (the model's path with rope_impl "pallas")."""
-  m, d = x.shape
   return rope_norm._forward(jnp.dot(x, w), cos, sin, (), None, s=s, k=128, t=1, eps=EPS, norm=True,
                             cd=jnp.bfloat16, interpret=None, residual=residual)
 
