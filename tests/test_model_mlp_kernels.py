@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from parcae import compile_target, model as M
 from parcae.model import layers, mlp_kernels as mk
+from train_helpers import loss_and_grads
 
 
 def _inputs(n=256, d=64, f=256, seed=0):
@@ -100,15 +101,7 @@ def test_model_with_the_fused_mlp_path_trains_identically(kind, pair, monkeypatc
   real = mk.KERNELS["jnp"]
 
   def grads(impl):
-    m = M.build(_tiny(impl, kind=kind), jax.random.key(0))
-    graphdef, state = nnx.split(m)
-    state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), state)
-
-    def loss(state):
-      model = nnx.merge(graphdef, state)
-      y, _ = model.hidden(ids, jnp.array([1, 2]), jnp.array([2, 1]), key=jax.random.key(3), grad_steps=2)
-      return jnp.mean(model.logits(y).astype(jnp.float32) ** 2)
-    return jax.jit(jax.value_and_grad(loss))(state)
+    return loss_and_grads(_tiny(impl, kind=kind), ids)
 
   want = grads("xla")
   mk.KERNELS["jnp"] = (lambda *a: calls.append("fwd") or real[0](*a), lambda *a: calls.append("bwd") or real[1](*a),

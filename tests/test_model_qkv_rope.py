@@ -9,6 +9,7 @@ from flax import nnx
 
 from parcae import model as M
 from parcae.model import layers, mlp_kernels as mk, qkv_rope
+from train_helpers import loss_and_grads
 
 
 def _attention(qkv_impl, rope_impl="pallas", d=256, h=2):
@@ -160,15 +161,7 @@ def test_model_with_the_fused_qkv_path_trains_as_the_rope_kernels_path(kind):
     c.n_layers, c.prelude_layers, c.core_layers, c.coda_layers = 3, 1, 2, 1
     c.mean_recurrence, c.mean_backprop_depth = 3, 2
     c.compute_dtype, c.qkv_impl, c.rope_impl = "bfloat16", qkv_impl, "pallas"
-    m = M.build(c, jax.random.key(0))
-    graphdef, state = nnx.split(m)
-    state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), state)
-
-    def loss(state):
-      model = nnx.merge(graphdef, state)
-      y, _ = model.hidden(ids, jnp.array([1, 2]), jnp.array([2, 1]), key=jax.random.key(3), grad_steps=2)
-      return jnp.mean(model.logits(y).astype(jnp.float32) ** 2)
-    return jax.jit(jax.value_and_grad(loss))(state)
+    return loss_and_grads(c, ids)
 
   want = grads("xla")
   qkv_rope.KERNELS["jnp"] = lambda *a, residual: calls.append(residual) or real(*a, residual=residual)

@@ -68,3 +68,21 @@ def lower_sharded_step_for_cuda(cfg, shape=(2, 2, 2)):
   run = {k: jax.ShapeDtypeStruct((), jnp.int32) for k in ("total_steps", "warmup_steps", "cooldown_steps")}
   with jax.set_mesh(mesh):
     return step.trace(abstract, batch, run).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def loss_and_grads(model_cfg, ids):
+  """A model built from model_cfg, its parameters perturbed (so no gradient is zero by init): the jitted loss
+  mean(logits^2) of a Parcae pass (no-grad iterations n = [1, 2], grad iterations k = [2, 1]) on ids and its
+  gradients. For comparing two implementations of one model bit for bit."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from parcae import model as M
+  graphdef, state = nnx.split(M.build(model_cfg, jax.random.key(0)))
+  state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), state)
+
+  def loss(state):
+    model = nnx.merge(graphdef, state)
+    y, _ = model.hidden(ids, jnp.array([1, 2]), jnp.array([2, 1]), key=jax.random.key(3), grad_steps=2)
+    return jnp.mean(model.logits(y).astype(jnp.float32) ** 2)
+  return jax.jit(jax.value_and_grad(loss))(state)
