@@ -92,25 +92,32 @@ def bench(name, b, s, d, iters):
   return row
 
 
+VARIANTS = {  # the fused kernel's launch knobs: qkv_rope.PREFETCH / TABLES, mlp_kernels.STEPS_NO_H
+    "gmem": {}, "gmem_prefetch": {"PREFETCH": True}, "gmem_steps3": {"STEPS_NO_H": 3}, "smem": {"TABLES": "smem"}}
+
+
 def variants(b, s, d, iters, names):
-  """The fused kernel's fwd / fwd_res per launch variant "prefetch{0,1}_steps{3,4}" (qkv_rope.PREFETCH,
-  mlp_kernels.STEPS_NO_H), each checked as in `check`."""
+  """The fused kernel's fwd / fwd_res per launch variant of VARIANTS, each checked as in `check`."""
   from parcae.model import mlp_kernels
   x = jax.random.normal(jax.random.key(1), (b * s, d), jnp.bfloat16)
   w = (jax.random.normal(jax.random.key(2), (d, 3 * d)) * d ** -0.5).astype(jnp.bfloat16)
   cos, sin = layers.rope_tables(s, 128, 50000.0)
-  out, saved = {}, (qkv_rope.PREFETCH, mlp_kernels.STEPS_NO_H)
-  try:
-    for name in names:
-      qkv_rope.PREFETCH, mlp_kernels.STEPS_NO_H = bool(int(name[8])), int(name[-1])
+  out = {}
+  for name in names:
+    knobs = VARIANTS[name]
+    saved = {k: getattr(qkv_rope if hasattr(qkv_rope, k) else mlp_kernels, k) for k in knobs}
+    try:
+      for k, v in knobs.items():
+        setattr(qkv_rope if hasattr(qkv_rope, k) else mlp_kernels, k, v)
       row = {"check": check(b, s, d, "mosaic")}
       for op, r in (("fwd", False), ("fwd_res", True)):
         row[f"{op}_ms"], _ = timed(jax.jit(lambda *a, r=r: qkv_rope._kernel(*a, s, r)), (x, w, cos, sin), iters)
-      out[name] = row
-      print(f"variant {name}: fwd {row['fwd_ms'] * 1e3:.1f} us, fwd_res {row['fwd_res_ms'] * 1e3:.1f} us, "
-            f"differ {max(v['differ'] for v in row['check'].values()):.2e}", flush=True)
-  finally:
-    qkv_rope.PREFETCH, mlp_kernels.STEPS_NO_H = saved
+    finally:
+      for k, v in saved.items():
+        setattr(qkv_rope if hasattr(qkv_rope, k) else mlp_kernels, k, v)
+    out[name] = row
+    print(f"variant {name}: fwd {row['fwd_ms'] * 1e3:.1f} us, fwd_res {row['fwd_res_ms'] * 1e3:.1f} us, "
+          f"differ {max(v['differ'] for v in row['check'].values()):.2e}", flush=True)
   return out
 
 
@@ -124,7 +131,7 @@ def main(argv=None):
   p.add_argument("--only", default=",".join(SHAPES), help="shapes to run")
   p.add_argument("--iters", type=int, default=50)
   p.add_argument("--variants", default="", help="GPU: also the fused kernel's launch variants at parcae-small "
-                 "(`variants`), e.g. prefetch0_steps4,prefetch1_steps4,prefetch0_steps3")
+                 f"(`variants`), some of {','.join(VARIANTS)}")
   args = p.parse_args(argv)
   SMOKE = args.smoke
   shapes = {"tiny": (2, 128, 256)} if SMOKE else {n: SHAPES[n] for n in args.only.split(",")}

@@ -93,11 +93,14 @@ def _h100_or_skip():
     pytest.skip(f"no compile-only H100 target ({type(e).__name__})")
 
 
+@pytest.mark.parametrize("tables", ["gmem", "smem"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_kernel_compiles_for_an_h100(residual):
+def test_kernel_compiles_for_an_h100(residual, tables, monkeypatch):
   """With jax's CUDA plugin (compile-only H100; skipped without it): the Mosaic GPU kernel at parcae-small's
-  shape lowers and compiles (shared memory, registers), with 3 or 4 outputs."""
+  shape lowers and compiles (shared memory, registers), with 3 or 4 outputs, its tables read from global or
+  shared memory (`qkv_rope.TABLES`)."""
   sh = _h100_or_skip()
+  monkeypatch.setattr(qkv_rope, "TABLES", tables)
   m, d, s = 32768, 768, 2048
   arg = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
   f = jax.jit(lambda x, w, c, sn: qkv_rope._kernel(x, w, c, sn, s, residual))
@@ -109,15 +112,17 @@ def test_kernel_compiles_for_an_h100(residual):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not mk.hopper(), reason="the Mosaic GPU kernel runs on a Hopper GPU (H100 / H200) only")
-@pytest.mark.parametrize("b,s,d", [(8, 256, 256), (4, 2048, 768)])
-def test_kernel_matches_the_stand_in_on_a_hopper_gpu(b, s, d):
+@pytest.mark.parametrize("b,s,d,tables", [(8, 256, 256, "gmem"), (4, 2048, 768, "gmem"), (4, 2048, 768, "smem")])
+def test_kernel_matches_the_stand_in_on_a_hopper_gpu(b, s, d, tables, monkeypatch):
   """On the GPU, inputs whose GEMM is exact (small integers: any summation order gives the same float32
   accumulator): v equal to the stand-in's bit for bit; the RoPE output r and q, k equal but where the compilers
   contract the rotation's products into FMAs differently (and the norm's sum runs in another order): there by
   at most 2^-6 of the element or of its head's RMS, whichever is larger (where x0 c - x1 s cancels, one float32
   rounding of a product is large relative to the result: the H100 showed 1 in 60,000 elements off by up to 36%
   of such a small element), and at under 1 in 1,000 elements. A tile routed to the wrong head, role or rows
-  differs everywhere. Also the cotangents through the custom VJP (shared backward kernel and XLA's GEMMs)."""
+  differs everywhere. Also the cotangents through the custom VJP (shared backward kernel and XLA's GEMMs).
+  tables: `qkv_rope.TABLES` (the shared-memory tables need a width over 3 K steps)."""
+  monkeypatch.setattr(qkv_rope, "TABLES", tables)
   m = b * s
   ks = jax.random.split(jax.random.key(d), 5)
   x = jax.random.randint(ks[0], (m, d), -2, 3).astype(jnp.bfloat16)
@@ -179,3 +184,16 @@ def test_model_with_the_fused_qkv_path_trains_as_the_rope_kernels_path(kind):
   for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
     assert np.abs(g - w).max() <= 2.0 ** -7 * np.abs(w).max(), (np.abs(g - w).max(), np.abs(w).max())
+
+
+def test_shared_memory_tables_refuse_a_short_k_loop(monkeypatch):
+  """TABLES "smem" fetches at K step SMEM_STAGES: a width of that many K steps or fewer is refused by name."""
+  monkeypatch.setattr(qkv_rope, "TABLES", "smem")
+  monkeypatch.setattr(qkv_rope, "SMEM_STAGES", 4)
+  x, w = jnp.zeros((512, 256), jnp.bfloat16), jnp.zeros((256, 768), jnp.bfloat16)  # 4 K steps
+  cos, sin = layers.rope_tables(256, 128, 50000.0)
+  with pytest.raises(ValueError, match="TABLES='smem'.*width > 256"):
+    qkv_rope._kernel(x, w, cos, sin, 256, False)
+  monkeypatch.setattr(qkv_rope, "TABLES", "tmem")
+  with pytest.raises(ValueError, match="TABLES='tmem'"):
+    qkv_rope._kernel(x, w, cos, sin, 256, False)

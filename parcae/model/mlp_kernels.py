@@ -168,11 +168,14 @@ def profile_space(m: int, k: int, n: int, n_out: int, piece: int, fetch: bool, n
   return tiles * per_tile + 1 + 2
 
 
-def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN, tile_fn=None, out_types=None):
+def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN, tile_fn=None, out_types=None,
+             tile_scratch=(), tile_fetch=None, out_rows=BM):
   """Warp-specialized [M, n] = operands[0] @ operands[1] (or its transpose, [n, k]); `epilogue` maps the bf16
   accumulator tile (and the backward's h tile) to the n_out output tiles, stored one after another.
   tile_fn (default `_tile_epilogue`, same keywords) runs a compute warpgroup's tile instead: its own epilogue and
   stores into the outputs out_types (default n_out bf16 [M, n]); operands past the third are its own (GMEM refs).
+  With it: tile_scratch, more scratch (its refs reach tile_fn as `extra`); tile_fetch(in_gmem, extra, rows, wg),
+  a K-step hook (as the backward's h fetch); out_rows, the rows of each output buffer (default BM).
 
   One program per SM, looping over the [BM, 2 x BN] output tiles (n fastest: consecutive tiles share the
   x rows): with CROSS_TILE the memory warpgroup issues the next tile's first loads while the compute
@@ -214,6 +217,7 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN, t
     n_in = len(operands)
     in_gmem, o_gmem = refs[:n_in], refs[n_in:n_in + n_out]
     o_smem, barrier = refs[n_in + n_out], refs[n_in + n_out + 1]
+    extra = refs[n_in + n_out + 2:]
     wg = lax.axis_index("wg")
     cta = lax.axis_index("cluster") if CLUSTER > 1 else 0
 
@@ -229,7 +233,9 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN, t
                                     nbuf=nbuf)
         x_rows = in_gmem[0].at[pl.ds(mi * BM, BM), :]
         w_cols = in_gmem[1].at[pl.ds(ni * wide, wide), :] if trans_b else in_gmem[1].at[:, pl.ds(ni * wide, wide)]
-        fetch = None
+        fetch = tile_fetch(in_gmem, extra, rows, wg) if tile_fetch else None
+        if tile_fn:
+          compute = functools.partial(compute, extra=extra)
         if has_h:  # the backward's h tile into the output buffer once the last store has read it
           fetch = functools.partial(_fetch_h, in_gmem[2].at[rows, out_cols], o_smem.at[wg, 0], barrier.at[wg],
                                     fetch_step(k // TK))
@@ -256,8 +262,9 @@ def _ws_gemm(operands, k, n, epilogue, trans_b, n_out=1, steps=None, piece=BN, t
 
   return plgpu.kernel(
       kernel, out_type=tuple(out_types),
-      scratch_types=[plgpu.SMEM((WGS, nbuf, BM, piece), jnp.bfloat16, **(dict(transforms=tf) if OUT_SWIZZLE else {})),
-                     plgpu.Barrier(num_barriers=WGS)],
+      scratch_types=[plgpu.SMEM((WGS, nbuf, out_rows, piece), jnp.bfloat16,
+                                **(dict(transforms=tf) if OUT_SWIZZLE else {})),
+                     plgpu.Barrier(num_barriers=WGS), *tile_scratch],
       grid=(_num_sms() // CLUSTER,), grid_names=("sm",), num_threads=WGS + 1, thread_name="wg",
       **(dict(cluster=(CLUSTER,), cluster_names=("cluster",)) if CLUSTER > 1 else {}), **profile)(*operands)
 

@@ -41,6 +41,11 @@ HALF = 64  # rows per register pass and columns per stored piece (half a head)
 # Load the second 64 rows' cos / sin before the first rows' math and stores (their latency hidden behind those;
 # 64 more registers live) instead of after.
 PREFETCH = False
+# Where the epilogue reads cos / sin: "gmem" (from L2, into registers, per 64 rows) or "smem" (one TMA fetch of the
+# tile's 128 rows per CTA at K step SMEM_STAGES, into shared memory both warpgroups read; SMEM_STAGES pipeline
+# stages and [64, 64] output buffers make room). "smem" is compiled for an H100 (tests) but not yet run on a GPU.
+TABLES = "gmem"
+SMEM_STAGES = 3
 
 
 def supported(m: int, d: int, n_heads: int, seq: int) -> bool:
@@ -62,7 +67,23 @@ def _math(a_bf16, c, s, eps):
   return r0, r1, (f0 * inv).astype(jnp.bfloat16), (f1 * inv).astype(jnp.bfloat16)
 
 
-def _rope_tile(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols, piece, nbuf, heads, seq, eps):
+def _fetch_tables(in_gmem, extra, rows, wg, *, seq):
+  """TABLES "smem": at K step SMEM_STAGES, warpgroup 0 fetches the tile's cos / sin rows ([2, BM, HALF] float32)
+  into the shared table. By then the other warpgroup has consumed this tile's stage 0 (both consume every stage,
+  and the stage ring holds SMEM_STAGES), so it has left the previous tile's epilogue and its table reads."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  tab, bar = extra
+
+  def before_step(step):
+    @pl.when((step == SMEM_STAGES) & (wg == 0))
+    def _():
+      plgpu.copy_gmem_to_smem(in_gmem[2].at[:, pl.ds(lax.rem(rows.start, seq), mk.BM), :], tab, bar.at[0])
+  return before_step
+
+
+def _rope_tile(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols, piece, nbuf, heads, seq, eps,
+               extra=()):
   """A compute warpgroup's tile (mlp_kernels._ws_gemm's tile_fn): the K loop, then q / k's RoPE + norm or v
   as it is, out through its one [BM, HALF] buffer. o_gmem: q, k, v [M, D] (+ r2 [M, 2D] under autodiff)."""
   del epilogue, barrier, piece, nbuf
@@ -73,34 +94,35 @@ def _rope_tile(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, col
   a = acc.astype(jnp.bfloat16)
   cb = lax.div(cols.start, mk.BN)             # column block of y: role x heads + head
   role, head = lax.div(cb, heads), lax.rem(cb, heads)
-  cos_gmem, sin_gmem = in_gmem[2], in_gmem[3]
+  if extra:  # TABLES "smem": every warpgroup waits for its tile's fetch (v's too: the barrier's phase)
+    plgpu.barrier_wait(extra[1].at[0])
+  tables = extra[0] if extra else in_gmem[2].at[:, pl.ds(lax.rem(rows.start, seq), mk.BM), :]
 
   def put(pieces):
     """Fill the buffer (after its last store has read it) with `pieces`, (array, dst, dst_rows, dst_cols)
     stacked by row, then store each to dst[dst_rows, dst_cols : + HALF]."""
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    at = 0
-    for p, *_ in pieces:
-      buf[pl.ds(at, p.shape[0]), :] = p
-      at += p.shape[0]
-    plgpu.commit_smem()
-    at = 0
+    at = buf.shape[0]
     for p, dst, dst_rows, dst_cols in pieces:
+      if at + p.shape[0] > buf.shape[0]:  # a full buffer: wait until its last store has read it
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        at = 0
+      buf[pl.ds(at, p.shape[0]), :] = p
+      plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(buf.at[pl.ds(at, p.shape[0]), :], dst.at[dst_rows, pl.ds(dst_cols, HALF)])
       at += p.shape[0]
 
   @pl.when(role == 2)
   def _v():
     for j in range(2):
-      put([(a[:, j * HALF:(j + 1) * HALF], o_gmem[2], rows, head * mk.BN + j * HALF)])
+      put([(a[h * HALF:(h + 1) * HALF, j * HALF:(j + 1) * HALF], o_gmem[2], pl.ds(rows.start + h * HALF, HALF),
+            head * mk.BN + j * HALF) for h in range(2)])
 
   def qk(dst):
-    p0 = lax.rem(rows.start, seq)
-    table = lambda ref, h: plgpu.load(ref.at[pl.ds(p0 + h * HALF, HALF), :], (), layout=plgpu.Layout.WGMMA,
-                                      optimized=False)
-    tabs = [(table(cos_gmem, h), table(sin_gmem, h)) if PREFETCH or h == 0 else None for h in range(2)]
+    table = lambda i, h: plgpu.load(tables.at[i, pl.ds(h * HALF, HALF), :], (), layout=plgpu.Layout.WGMMA,
+                                    optimized=False)
+    tabs = [(table(0, h), table(1, h)) if PREFETCH or h == 0 else None for h in range(2)]
     for h in range(2):  # 64 rows at a time, each stored before the next is formed (registers)
-      c, sn = tabs[h] or (table(cos_gmem, h), table(sin_gmem, h))
+      c, sn = tabs[h] or (table(0, h), table(1, h))
       r0, r1, n0, n1 = _math(a[h * HALF:(h + 1) * HALF], c, sn, eps)
       sub = pl.ds(rows.start + h * HALF, HALF)
       if len(o_gmem) == 4:  # the backward's residual: the rounded RoPE output, at y's own column (q's, k's)
@@ -122,8 +144,19 @@ def _kernel(x_MxD, w_Dx3D, cos, sin, seq, residual):
   out = jax.ShapeDtypeStruct((m, d), jnp.bfloat16)
   outs = (out,) * 3 + ((jax.ShapeDtypeStruct((m, 2 * d), jnp.bfloat16),) if residual else ())
   tile = functools.partial(_rope_tile, heads=heads, seq=seq, eps=eps)
-  return mk._ws_gemm((x_MxD, w_Dx3D, cos.astype(jnp.float32), sin.astype(jnp.float32)), d, n, None,
-                     trans_b=False, steps=mk.STEPS_NO_H, piece=HALF, tile_fn=tile, out_types=outs)
+  tables = jnp.stack([cos, sin]).astype(jnp.float32)  # [2, S, K/2]
+  kw = dict(steps=mk.STEPS_NO_H)
+  if TABLES == "smem":
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+    if d // mk.TK <= SMEM_STAGES:
+      raise ValueError(f"qkv_rope.TABLES='smem' fetches the tables at K step {SMEM_STAGES}: needs width > "
+                       f"{SMEM_STAGES * mk.TK}, got {d}; use TABLES='gmem'")
+    kw = dict(steps=SMEM_STAGES, out_rows=HALF, tile_fetch=functools.partial(_fetch_tables, seq=seq),
+              tile_scratch=(plgpu.SMEM((2, mk.BM, HALF), jnp.float32), plgpu.Barrier(num_barriers=1)))
+  elif TABLES != "gmem":
+    raise ValueError(f"qkv_rope.TABLES={TABLES!r}: choose 'gmem' or 'smem'")
+  return mk._ws_gemm((x_MxD, w_Dx3D, tables), d, n, None, trans_b=False, piece=HALF, tile_fn=tile, out_types=outs,
+                     **kw)
 
 
 def _jnp(x_MxD, w_Dx3D, cos, sin, seq, residual):
