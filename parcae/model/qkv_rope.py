@@ -15,10 +15,11 @@ Under differentiation the forward also writes r (q's heads, then k's: rope_norm'
 is rope_norm's backward kernel (the gradient of y) and the two GEMMs of y = x @ w's transpose.
 
 A compute warpgroup's tile is [128 tokens, 128 columns]: one head of q, k or v (role = column block // heads).
-Its cos / sin rows (float32, 64 frequencies) are loaded from global memory (the tables stay in L2) into the
-accumulator's register layout, 64 rows at a time: shared memory holds no table (the pipeline's four stages and
-the output buffer leave ~3 KB), and a half's tables take 64 of a thread's registers. Each [64, 64] result goes
-out through the warpgroup's [128, 64] shared-memory buffer with TMA.
+Its cos / sin rows (float32, 64 frequencies) are read 64 rows at a time into the accumulator's register layout
+(a half's tables take 64 of a thread's registers): with TABLES "gmem" straight from global memory (L2; the
+pipeline's 4 stages and the [128, 64] output buffers leave no shared memory for them), with "smem" from a
+shared copy that one TMA per tile fetches during the K loop (3 stages, [64, 64] output buffers). Each [64, 64]
+result goes out through the warpgroup's shared-memory buffer with TMA.
 Blocks with value embeddings keep the GEMM + rope_norm path (their v needs a gather of the table's rows).
 On a CPU, impl="jnp" runs the same custom VJP with a jnp stand-in for the kernel (tests).
 Measured on two H100s (bench/RESULTS.md, session 37: `bench/qkv_rope.py`): parcae-small's projection forward
@@ -85,7 +86,8 @@ def _fetch_tables(in_gmem, extra, rows, wg, *, seq):
 def _rope_tile(run, *, epilogue, in_gmem, o_gmem, o_smem, barrier, wg, rows, cols, piece, nbuf, heads, seq, eps,
                extra=()):
   """A compute warpgroup's tile (mlp_kernels._ws_gemm's tile_fn): the K loop, then q / k's RoPE + norm or v
-  as it is, out through its one [BM, HALF] buffer. o_gmem: q, k, v [M, D] (+ r2 [M, 2D] under autodiff)."""
+  as it is, out through its one buffer ([BM or HALF, HALF]). o_gmem: q, k, v [M, D] (+ r2 [M, 2D] under
+  autodiff); extra: TABLES "smem"'s shared table and its barrier."""
   del epilogue, barrier, piece, nbuf
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
