@@ -30,7 +30,7 @@ from profiling import timed  # noqa: E402
 from parcae.model import layers, qkv_rope, rope_norm  # noqa: E402
 
 SHAPES = {"parcae_small": (16, 2048, 768), "parcae_small_half": (8, 2048, 768), "parcae_medium": (16, 2048, 1024)}
-EPS = float(jnp.finfo(jnp.bfloat16).eps)
+EPS = qkv_rope.EPS
 
 
 def unfused(x, w, cos, sin, s, residual):

@@ -39,6 +39,7 @@ from parcae.model import mlp_kernels as mk
 from parcae.model import rope_norm
 
 HALF = 64  # rows per register pass and columns per stored piece (half a head)
+EPS = float(jnp.finfo(jnp.bfloat16).eps)  # QK-norm's eps: the compute dtype's machine epsilon (as F.rms_norm)
 # Load the second 64 rows' cos / sin before the first rows' math and stores (their latency hidden behind those;
 # 64 more registers live) instead of after.
 PREFETCH = False
@@ -142,10 +143,9 @@ def _kernel(x_MxD, w_Dx3D, cos, sin, seq, residual):
     raise ValueError(f"qkv_rope: the Mosaic GPU kernel needs bf16 operands, head_dim {mk.BN} and whole tiles "
                      f"(tokens per device % {mk.BM * mk.CLUSTER}, sequence % {mk.BM}); got {x_MxD.dtype}, "
                      f"x {x_MxD.shape}, sequence {seq}. Use model.qkv_impl='xla'")
-  eps = float(jnp.finfo(jnp.bfloat16).eps)
   out = jax.ShapeDtypeStruct((m, d), jnp.bfloat16)
   outs = (out,) * 3 + ((jax.ShapeDtypeStruct((m, 2 * d), jnp.bfloat16),) if residual else ())
-  tile = functools.partial(_rope_tile, heads=heads, seq=seq, eps=eps)
+  tile = functools.partial(_rope_tile, heads=heads, seq=seq, eps=EPS)
   tables = jnp.stack([cos, sin]).astype(jnp.float32)  # [2, S, K/2]
   kw = dict(steps=mk.STEPS_NO_H)
   if TABLES == "smem":
@@ -173,7 +173,7 @@ def _jnp(x_MxD, w_Dx3D, cos, sin, seq, residual):
   rnd = lambda a: lax.reduce_precision(a, exponent_bits=8, mantissa_bits=7)
   f0, f1 = rnd(x0 * c - x1 * s), rnd(x0 * s + x1 * c)
   inv = lax.rsqrt((jnp.sum(f0 * f0, -1, keepdims=True) + jnp.sum(f1 * f1, -1, keepdims=True)) / k
-                  + float(jnp.finfo(jnp.bfloat16).eps))
+                  + EPS)
   qk = jnp.concatenate([f0 * inv, f1 * inv], -1).astype(jnp.bfloat16).reshape(m, 2, d)
   outs = (qk[:, 0], qk[:, 1], y[:, 2].reshape(m, d))
   return outs + ((jnp.concatenate([f0, f1], -1).astype(jnp.bfloat16).reshape(m, 2 * d),) if residual else ())
@@ -196,8 +196,7 @@ def _local_bwd(seq, impl, res, g):
   """rope_norm's backward kernel, then y = x @ w's transposes as autodiff of jnp.dot forms them (x [B, S, D]:
   the same program, so XLA rounds dw to bf16 where it does for the unfused path)."""
   x_BxSxD, w_Dx3D, cos, sin, r2 = res
-  eps = float(jnp.finfo(jnp.bfloat16).eps)
-  dy, _ = rope_norm._backward(r2, cos, sin, *g, (), s=seq, k=mk.BN, t=1, eps=eps, norm=True, cd=jnp.bfloat16,
+  dy, _ = rope_norm._backward(r2, cos, sin, *g, (), s=seq, k=mk.BN, t=1, eps=EPS, norm=True, cd=jnp.bfloat16,
                               interpret=None)
   _, dot_vjp = jax.vjp(jnp.dot, x_BxSxD, w_Dx3D)
   dx, dw = dot_vjp(dy.reshape(*x_BxSxD.shape[:2], -1))
