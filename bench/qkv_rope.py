@@ -93,7 +93,8 @@ def bench(name, b, s, d, iters):
 
 
 VARIANTS = {  # the fused kernel's launch knobs: qkv_rope.PREFETCH / TABLES, mlp_kernels.STEPS_NO_H
-    "gmem": {}, "gmem_prefetch": {"PREFETCH": True}, "gmem_steps3": {"STEPS_NO_H": 3}, "smem": {"TABLES": "smem"}}
+    "gmem": {"TABLES": "gmem"}, "gmem_prefetch": {"TABLES": "gmem", "PREFETCH": True},
+    "gmem_steps3": {"TABLES": "gmem", "STEPS_NO_H": 3}, "smem": {"TABLES": "smem"}}
 
 
 def variants(b, s, d, iters, names):

@@ -186,8 +186,16 @@ def test_model_with_the_fused_qkv_path_trains_as_the_rope_kernels_path(kind):
     assert np.abs(g - w).max() <= 2.0 ** -7 * np.abs(w).max(), (np.abs(g - w).max(), np.abs(w).max())
 
 
-def test_shared_memory_tables_refuse_a_short_k_loop(monkeypatch):
-  """TABLES "smem" fetches at K step SMEM_STAGES: a width of that many K steps or fewer is refused by name."""
+def test_table_placement_and_a_short_k_loop(monkeypatch):
+  """TABLES "auto" (the default) puts the tables in shared memory where the K loop is longer than SMEM_STAGES
+  steps, else reads them from global memory; "smem" asked for a width of that many K steps or fewer is refused
+  by name, and so is an unknown placement."""
+  assert qkv_rope.TABLES == "auto"
+  assert [qkv_rope.placement(d) for d in (128, 192, 256, 768)] == ["gmem", "gmem", "smem", "smem"]
+  monkeypatch.setattr(qkv_rope, "SMEM_STAGES", 4)
+  assert [qkv_rope.placement(d) for d in (256, 320, 1024)] == ["gmem", "smem", "smem"]
+  monkeypatch.setattr(qkv_rope, "TABLES", "gmem")
+  assert qkv_rope.placement(1024) == "gmem"
   monkeypatch.setattr(qkv_rope, "TABLES", "smem")
   monkeypatch.setattr(qkv_rope, "SMEM_STAGES", 4)
   x, w = jnp.zeros((512, 256), jnp.bfloat16), jnp.zeros((256, 768), jnp.bfloat16)  # 4 K steps

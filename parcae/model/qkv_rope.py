@@ -22,10 +22,11 @@ shared copy that one TMA per tile fetches during the K loop (3 stages, [64, 64] 
 result goes out through the warpgroup's shared-memory buffer with TMA.
 Blocks with value embeddings keep the GEMM + rope_norm path (their v needs a gather of the table's rows).
 On a CPU, impl="jnp" runs the same custom VJP with a jnp stand-in for the kernel (tests).
-Measured on two H100s (bench/RESULTS.md, session 37: `bench/qkv_rope.py`): parcae-small's projection forward
-8.4-8.7% faster than the GEMM + rope_norm kernel (the GEMM runs at ~490 TF/s with this epilogue, whose table
-loads and serialized stores cost about what the separate pass did), ~0.35% of the training step; parcae-medium
-unchanged. So `model.qkv_impl` defaults to "xla".
+Measured on H100s (bench/RESULTS.md, sessions 37-38: `bench/qkv_rope.py`): parcae-small's projection forward
+(q, k, v / + r under differentiation) with the tables in shared memory 216.9 / 244.2 us against the GEMM +
+rope_norm kernel's 264.2 / 306.0 (-18% / -20%); from global memory 247.9 / 290.2 (its L2 loads of the tables
+sit in the epilogue's critical path). By those figures ~0.8% of the training step, not yet measured in
+training: `model.qkv_impl` defaults to "xla".
 """
 from __future__ import annotations
 
@@ -43,11 +44,22 @@ EPS = float(jnp.finfo(jnp.bfloat16).eps)  # QK-norm's eps: the compute dtype's m
 # Load the second 64 rows' cos / sin before the first rows' math and stores (their latency hidden behind those;
 # 64 more registers live) instead of after.
 PREFETCH = False
-# Where the epilogue reads cos / sin: "gmem" (from L2, into registers, per 64 rows) or "smem" (one TMA fetch of the
+# Where the epilogue reads cos / sin: "gmem" (from L2, into registers, per 64 rows), "smem" (one TMA fetch of the
 # tile's 128 rows per CTA at K step SMEM_STAGES, into shared memory both warpgroups read; SMEM_STAGES pipeline
-# stages and [64, 64] output buffers make room). "smem" is compiled for an H100 (tests) but not yet run on a GPU.
-TABLES = "gmem"
+# stages and [64, 64] output buffers make room), or "auto": "smem" where the K loop has more than SMEM_STAGES
+# steps (every width over 192), else "gmem". On an H100 "smem" ran parcae-small's projection forward in 216.9 us
+# against "gmem"'s 247.9 (bench/RESULTS.md, session 38).
+TABLES = "auto"
 SMEM_STAGES = 3
+
+
+def placement(d: int) -> str:
+  """The table placement TABLES gives a model width d: "gmem" or "smem"."""
+  if TABLES == "auto":
+    return "smem" if d // mk.TK > SMEM_STAGES else "gmem"
+  if TABLES not in ("gmem", "smem"):
+    raise ValueError(f"qkv_rope.TABLES={TABLES!r}: choose 'auto', 'gmem' or 'smem'")
+  return TABLES
 
 
 def supported(m: int, d: int, n_heads: int, seq: int) -> bool:
