@@ -94,7 +94,8 @@ def bench(name, b, s, d, iters):
 
 VARIANTS = {  # the fused kernel's launch knobs: qkv_rope.PREFETCH / TABLES, mlp_kernels.STEPS_NO_H
     "gmem": {"TABLES": "gmem"}, "gmem_prefetch": {"TABLES": "gmem", "PREFETCH": True},
-    "gmem_steps3": {"TABLES": "gmem", "STEPS_NO_H": 3}, "smem": {"TABLES": "smem"}}
+    "gmem_steps3": {"TABLES": "gmem", "STEPS_NO_H": 3}, "smem": {"TABLES": "smem"},
+    "smem_stages2_rows128": {"TABLES": "smem", "SMEM_STAGES": 2, "SMEM_OUT_ROWS": 128}}
 
 
 def variants(b, s, d, iters, names):

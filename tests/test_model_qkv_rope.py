@@ -93,14 +93,17 @@ def _h100_or_skip():
     pytest.skip(f"no compile-only H100 target ({type(e).__name__})")
 
 
-@pytest.mark.parametrize("tables", ["gmem", "smem"])
+@pytest.mark.parametrize("tables", ["gmem", "smem", "smem_stages2_rows128"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_kernel_compiles_for_an_h100(residual, tables, monkeypatch):
   """With jax's CUDA plugin (compile-only H100; skipped without it): the Mosaic GPU kernel at parcae-small's
   shape lowers and compiles (shared memory, registers), with 3 or 4 outputs, its tables read from global or
-  shared memory (`qkv_rope.TABLES`)."""
+  shared memory (`qkv_rope.TABLES`; with 2 pipeline stages and two-piece output buffers too)."""
   sh = _h100_or_skip()
-  monkeypatch.setattr(qkv_rope, "TABLES", tables)
+  monkeypatch.setattr(qkv_rope, "TABLES", tables[:4])
+  if tables == "smem_stages2_rows128":
+    monkeypatch.setattr(qkv_rope, "SMEM_STAGES", 2)
+    monkeypatch.setattr(qkv_rope, "SMEM_OUT_ROWS", 2 * qkv_rope.HALF)
   m, d, s = 32768, 768, 2048
   arg = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
   f = jax.jit(lambda x, w, c, sn: qkv_rope._kernel(x, w, c, sn, s, residual))

@@ -51,6 +51,9 @@ PREFETCH = False
 # against "gmem"'s 247.9 (bench/RESULTS.md, session 38).
 TABLES = "auto"
 SMEM_STAGES = 3
+# "smem"'s output buffer rows per warpgroup: HALF (one [64, 64] piece: each store waits for the last one's read)
+# or 2 x HALF (two pieces per wait; 16 KB more per CTA: fits at SMEM_STAGES 2 only).
+SMEM_OUT_ROWS = HALF
 
 
 def placement(d: int) -> str:
@@ -165,7 +168,7 @@ def _kernel(x_MxD, w_Dx3D, cos, sin, seq, residual):
     if d // mk.TK <= SMEM_STAGES:
       raise ValueError(f"qkv_rope.TABLES='smem' fetches the tables at K step {SMEM_STAGES}: needs width > "
                        f"{SMEM_STAGES * mk.TK}, got {d}; use TABLES='gmem'")
-    kw = dict(steps=SMEM_STAGES, out_rows=HALF, tile_fetch=functools.partial(_fetch_tables, seq=seq),
+    kw = dict(steps=SMEM_STAGES, out_rows=SMEM_OUT_ROWS, tile_fetch=functools.partial(_fetch_tables, seq=seq),
               tile_scratch=(plgpu.SMEM((2, mk.BM, HALF), jnp.float32), plgpu.Barrier(num_barriers=1)))
   elif TABLES != "gmem":
     raise ValueError(f"qkv_rope.TABLES={TABLES!r}: choose 'gmem' or 'smem'")
