@@ -208,3 +208,25 @@ def test_table_placement_and_a_short_k_loop(monkeypatch):
   monkeypatch.setattr(qkv_rope, "TABLES", "tmem")
   with pytest.raises(ValueError, match="TABLES='tmem'"):
     qkv_rope._kernel(x, w, cos, sin, 256, False)
+
+
+@pytest.mark.parametrize("tables,stages,d,want", [("auto", 3, 768, "smem"), ("auto", 4, 256, "gmem"),
+                                                   ("gmem", 3, 768, "gmem")])
+def test_kernel_launches_the_gemm_its_placement_names(tables, stages, d, want, monkeypatch):
+  """`_kernel` hands mlp_kernels._ws_gemm the placement's launch (recorded instead of run, so on any machine):
+  "smem" its SMEM_STAGES stages, SMEM_OUT_ROWS-row buffers, the table fetch and its scratch; "gmem" none of
+  those and the library's stage count. (At 3 stages every width the kernel supports, 256 and up, gets "smem".)"""
+  launches = []
+  monkeypatch.setattr(mk, "_ws_gemm", lambda *a, **kw: launches.append(kw) or "launched")
+  monkeypatch.setattr(qkv_rope, "TABLES", tables)
+  monkeypatch.setattr(qkv_rope, "SMEM_STAGES", stages)
+  s = 256
+  x, w = jnp.zeros((1024, d), jnp.bfloat16), jnp.zeros((d, 3 * d), jnp.bfloat16)
+  cos, sin = layers.rope_tables(s, 128, 50000.0)
+  assert qkv_rope._kernel(x, w, cos, sin, s, True) == "launched"
+  (kw,) = launches
+  smem = {"steps": qkv_rope.SMEM_STAGES, "out_rows": qkv_rope.SMEM_OUT_ROWS}
+  if want == "smem":
+    assert {k: kw[k] for k in smem} == smem and kw["tile_fetch"] is not None and len(kw["tile_scratch"]) == 2, kw
+  else:
+    assert kw["steps"] == mk.STEPS_NO_H and not {"tile_fetch", "tile_scratch", "out_rows"} & set(kw), kw

@@ -163,15 +163,13 @@ def _kernel(x_MxD, w_Dx3D, cos, sin, seq, residual):
   tile = functools.partial(_rope_tile, heads=heads, seq=seq, eps=EPS)
   tables = jnp.stack([cos, sin]).astype(jnp.float32)  # [2, S, K/2]
   kw = dict(steps=mk.STEPS_NO_H)
-  if TABLES == "smem":
+  if placement(d) == "smem":
     from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
     if d // mk.TK <= SMEM_STAGES:
       raise ValueError(f"qkv_rope.TABLES='smem' fetches the tables at K step {SMEM_STAGES}: needs width > "
                        f"{SMEM_STAGES * mk.TK}, got {d}; use TABLES='gmem'")
     kw = dict(steps=SMEM_STAGES, out_rows=SMEM_OUT_ROWS, tile_fetch=functools.partial(_fetch_tables, seq=seq),
               tile_scratch=(plgpu.SMEM((2, mk.BM, HALF), jnp.float32), plgpu.Barrier(num_barriers=1)))
-  elif TABLES != "gmem":
-    raise ValueError(f"qkv_rope.TABLES={TABLES!r}: choose 'gmem' or 'smem'")
   return mk._ws_gemm((x_MxD, w_Dx3D, tables), d, n, None, trans_b=False, piece=HALF, tile_fn=tile, out_types=outs,
                      **kw)
 
