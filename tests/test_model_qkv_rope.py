@@ -153,19 +153,19 @@ def test_kernel_matches_the_stand_in_on_a_hopper_gpu(b, s, d, tables, monkeypatc
     assert np.abs(a - ref).max() <= 2.0 ** -6 * np.abs(ref).max(), np.abs(a - ref).max()
 
 
-@pytest.mark.parametrize("kind", ["parcae", "gpt"])
-def test_model_with_the_fused_qkv_path_trains_as_the_rope_kernels_path(kind):
-  """A whole model (bf16, head_dim 128, looped with no-grad and grad iterations for Parcae): loss and parameter
+def test_model_with_the_fused_qkv_path_trains_as_the_rope_kernels_path():
+  """A whole Parcae model (bf16, head_dim 128, looped with no-grad and grad iterations): loss and parameter
   gradients with qkv_impl "jnp" (the fused path's custom VJP, in every block without value embeddings) as those
   of qkv_impl "xla" with the RoPE kernels (interpreted), whose backward kernel it shares; the fused path is
-  taken in the no-grad and the grad passes."""
+  taken in the no-grad and the grad passes. (GPT's blocks are the same `layers.Block`s, built from the same
+  model config: a GPT case, 15 s of the suite on a 2-core CPU, tested nothing this one does not.)"""
   ids = jax.random.randint(jax.random.key(1), (2, 128), 0, 64)
   calls = []
   real = qkv_rope.KERNELS["jnp"]
 
   def grads(qkv_impl):
     c = M.default_model_config()
-    c.kind, c.vocab_size, c.d_model, c.n_heads, c.max_seq_len = kind, 64, 256, 2, 128
+    c.kind, c.vocab_size, c.d_model, c.n_heads, c.max_seq_len = "parcae", 64, 256, 2, 128
     c.n_layers, c.prelude_layers, c.core_layers, c.coda_layers = 3, 1, 2, 1
     c.mean_recurrence, c.mean_backprop_depth = 3, 2
     c.compute_dtype, c.qkv_impl, c.rope_impl = "bfloat16", qkv_impl, "pallas"
@@ -177,7 +177,7 @@ def test_model_with_the_fused_qkv_path_trains_as_the_rope_kernels_path(kind):
     got = grads("jnp")
   finally:
     qkv_rope.KERNELS["jnp"] = real
-  assert True in calls and (False in calls) == (kind == "parcae"), calls
+  assert True in calls and False in calls, calls
   # Not bit for bit in the looped model: there XLA's CPU compiler drops one of the interpreted RoPE kernel's bf16
   # roundings (a float32 -> bf16 -> float32 cast pair, under its default --xla_allow_excess_precision; with
   # that off the two are equal bit for bit), which the stand-in keeps (lax.reduce_precision). So: the loss to
