@@ -57,11 +57,16 @@ SMEM_OUT_ROWS = HALF
 
 
 def placement(d: int) -> str:
-  """The table placement TABLES gives a model width d: "gmem" or "smem"."""
+  """The table placement TABLES gives a model width d: "gmem" or "smem" ("smem" fetches at K step SMEM_STAGES,
+  so it needs more K steps than that)."""
+  fits = d // mk.TK > SMEM_STAGES
   if TABLES == "auto":
-    return "smem" if d // mk.TK > SMEM_STAGES else "gmem"
+    return "smem" if fits else "gmem"
   if TABLES not in ("gmem", "smem"):
     raise ValueError(f"qkv_rope.TABLES={TABLES!r}: choose 'auto', 'gmem' or 'smem'")
+  if TABLES == "smem" and not fits:
+    raise ValueError(f"qkv_rope.TABLES='smem' fetches the tables at K step {SMEM_STAGES}: needs width > "
+                     f"{SMEM_STAGES * mk.TK}, got {d}; use TABLES='gmem' or 'auto'")
   return TABLES
 
 
@@ -165,9 +170,6 @@ def _kernel(x_MxD, w_Dx3D, cos, sin, seq, residual):
   kw = dict(steps=mk.STEPS_NO_H)
   if placement(d) == "smem":
     from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-    if d // mk.TK <= SMEM_STAGES:
-      raise ValueError(f"qkv_rope.TABLES='smem' fetches the tables at K step {SMEM_STAGES}: needs width > "
-                       f"{SMEM_STAGES * mk.TK}, got {d}; use TABLES='gmem'")
     kw = dict(steps=SMEM_STAGES, out_rows=SMEM_OUT_ROWS, tile_fetch=functools.partial(_fetch_tables, seq=seq),
               tile_scratch=(plgpu.SMEM((2, mk.BM, HALF), jnp.float32), plgpu.Barrier(num_barriers=1)))
   return mk._ws_gemm((x_MxD, w_Dx3D, tables), d, n, None, trans_b=False, piece=HALF, tile_fn=tile, out_types=outs,
