@@ -252,6 +252,7 @@ def test_quartet_on_a_data_fsdp_tensor_mesh_trains(data, tmp_path, monkeypatch):
   monkeypatch.setattr(pq, "qdot", lambda x, w, recipe, **kw: recipes.append(recipe) or real(x, w, recipe, **kw))
   cfg = tiny_config(data, steps=4)
   cfg.train.eval_loops = (3,)
+  cfg.checkpoint.every_steps = 4  # one save (~1 s each on this mesh of 8 CPU devices)
   mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
   assert cli_main(["train", "--config", write_config(tmp_path, cfg), "--workdir", str(tmp_path / "a"),
                    "--no-progress", *mesh, "--config.quant.recipe=quartet"]) == 0

@@ -231,12 +231,14 @@ def test_grad_accumulation_matches_one_big_batch(data, tmp_path):
 @pytest.mark.slow
 def test_unrolled_grad_phase_trains_like_the_scan(data, tmp_path):
   """The reference recipes' grad phase (unrolled, no remat) and the rematerialized scan are the same
-  computation through the whole trainer (accumulation, depths, optimizer): the same losses step after step;
-  so is the split no-grad loop (`model.no_grad_split=2`), here data-parallel on 2 devices (halves per shard),
-  and split in quarters (4) on one device, which execute fewer no-grad iterations."""
+  computation through the whole trainer (accumulation, depths, optimizer): the same losses step after step,
+  here with the split no-grad loop (`model.no_grad_split=2`) data-parallel on 2 devices (halves per shard),
+  and split in quarters (4) on one device; both execute fewer no-grad iterations than the scan's one loop.
+  Unrolled without a split was a fourth trainer run until 2026-12-07; the model-level float64 test
+  (test_model_looped.py, test_truncated_backprop_matches_float64_unrolled) covers that path."""
   rows = []
-  for name, unroll, remat, split, devices in (("scan", False, "full", 1, 1), ("unrolled", True, "none", 1, 1),
-                                               ("split", True, "none", 2, 2), ("split4", True, "none", 4, 1)):
+  for name, unroll, remat, split, devices in (("scan", False, "full", 1, 1), ("split", True, "none", 2, 2),
+                                               ("split4", True, "none", 4, 1)):
     c = tiny_config(data, steps=4, grad_accum=2, micro_batch_size=4)
     c.model.grad_unroll, c.model.remat, c.model.no_grad_split, c.mesh.data = unroll, remat, split, devices
     c.optim.muon_ortho_dtype = "float32"  # as in test_sharded_run_matches_single_device: 2 devices sum the
@@ -246,11 +248,9 @@ def test_unrolled_grad_phase_trains_like_the_scan(data, tmp_path):
   losses = [[r[s]["loss"] for s in (1, 2, 3, 4)] for r in rows]
   np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
   np.testing.assert_allclose(losses[2], losses[0], rtol=2e-5)
-  np.testing.assert_allclose(losses[3], losses[0], rtol=2e-5)
   assert losses[0][3] != losses[0][0]  # the steps did train
   executed = [sum(r[s]["n_exec_mean"] for s in (1, 2, 3, 4)) for r in rows]
-  assert executed[2] < executed[1] == executed[0], executed
-  assert executed[3] < executed[1], executed
+  assert executed[1] < executed[0] and executed[2] < executed[0], executed
 
 
 @pytest.mark.slow
