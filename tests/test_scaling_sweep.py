@@ -6,6 +6,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from parcae.scaling import fit as fit_lib
 from parcae.scaling import flops as flops_lib
 from parcae.scaling import results as results_lib
 from parcae.scaling import launch, sweep
-from conftest import shared_once
+from conftest import shared_once, xla_flags
 from train_helpers import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,13 +159,20 @@ def _micro_argv(root):
   return ["--config", MICRO, "--out", os.path.join(root, "sweep")] + _shard_overrides(os.path.join(root, "data"))
 
 
+def one_device_env():
+  """The environment of a child process with one CPU device (the suite's processes have 8: a data-parallel
+  mesh of 8 that compiles and checkpoints at about twice the cost of one device, for nothing these tests check)."""
+  return {**os.environ, "XLA_FLAGS": xla_flags(1)}
+
+
 @pytest.fixture(scope="module")
 def micro_sweep():
   """The micro sweep, trained once per test session whichever xdist worker asks first (tests that change it
-  work on a copy)."""
+  work on a copy), by `parcae sweep` in a child process with one device (41 s -> ~22 s of a 2-core suite)."""
   def build(root):
     write_dataset(os.path.join(root, "data"))
-    assert sweep.sweep_main(_micro_argv(root)) == 0
+    subprocess.run([sys.executable, "-m", "parcae.cli", "sweep", *_micro_argv(root)], env=one_device_env(),
+                   check=True, stdout=subprocess.DEVNULL, timeout=600)
   argv = _micro_argv(shared_once("micro_sweep", build))
   return argv[3], argv
 
@@ -193,7 +202,8 @@ def test_micro_sweep_table_loads_and_fits(micro_sweep):
     assert sorted(final["loops"].tolist()) == [1, 2, 3, 4]
     assert (rows["step"] < p["steps"]).any()  # in-training validation rows
     assert final["flops"][0] >= p["budget"]
-  # the final rows are the run's real evaluation: recompute one independently
+  # the final rows are the run's real evaluation: recompute one independently (here on this process's 8 devices,
+  # the sweep's on one: another float32 summation order, 1e-7 relative measured)
   from parcae.eval.loss import evaluate_run
   run = "mu2_C6e08"
   fresh = evaluate_run(os.path.join(out, "runs", run), loops=[1, 4])
@@ -256,7 +266,8 @@ def test_partial_runs_resume(micro_sweep, tmp_path):
   old = results_lib.load_results(os.path.join(out, "results.csv"))
   new = results_lib.load_results(os.path.join(work, "results.csv"))
   assert len(new) == len(old)
-  # A's re-evaluated final rows equal the original ones (deterministic evaluation of the same checkpoint)
+  # A's re-evaluated final rows equal the original ones (the same checkpoint evaluated again, here on 8 devices
+  # against the fixture's one: float32 summation order, up to 5e-8 relative measured)
   sel = lambda t: t.select((t["run"] == a) & (t["step"] == plans[a]["steps"]))
   np.testing.assert_allclose(sel(new)["val_loss"], sel(old)["val_loss"], rtol=1e-6)
 
@@ -269,11 +280,12 @@ def test_gpu_slots_count_within_the_parents_visible_gpus():
 
 
 @pytest.mark.slow
-def test_parallel_children_give_the_sequential_results(micro_sweep, tmp_path, capsys):
+def test_parallel_children_give_the_sequential_results(micro_sweep, tmp_path, capsys, monkeypatch):
   """local.parallel=2: the runs (here mu = 1's two) train at once in child processes, each pinned to its own
-  GPU slot (CUDA_VISIBLE_DEVICES), with the in-process sweep's results; a run that fails (its directory holds
+  GPU slot (CUDA_VISIBLE_DEVICES), with the sequential sweep's results; a run that fails (its directory holds
   another config) is reported with exit code 1 while the other finishes, and `--run` names bad runs."""
   out, argv = micro_sweep
+  monkeypatch.setenv("XLA_FLAGS", xla_flags(1))  # the children: one device, as the sequential sweep had
   work = str(tmp_path / "sweep")
   par = [a if a != out else work for a in argv] + ["--config.mu=(1,)", "--config.local.parallel=2",
                                                    "--config.local.gpus_per_run=1"]
@@ -303,8 +315,6 @@ def test_parallel_children_give_the_sequential_results(micro_sweep, tmp_path, ca
 def test_sigterm_to_a_parallel_sweep_checkpoints_its_children(tmp_path):
   """SIGTERM to the parent of a parallel sweep reaches the children: each saves a checkpoint at the step it
   was on and exits, unfinished; the parent exits with 1 once they are done (one child here, to keep it short)."""
-  import subprocess
-  import sys
   import time
   write_dataset(str(tmp_path / "data"))
   work = str(tmp_path / "sweep")
@@ -312,7 +322,8 @@ def test_sigterm_to_a_parallel_sweep_checkpoints_its_children(tmp_path):
                                                     "--config.intermediate_evals=0", "--config.mu=(1,)"]
   plans = sweep.plan_runs(sweep.load_sweep_config(MICRO, [a for a in args if a.startswith("--config.")]))
   assert len(plans) == 1 and plans[0]["steps"] > 300  # a run long enough to be caught midway
-  parent = subprocess.Popen([sys.executable, "-m", "parcae.cli", "sweep", *args], stderr=subprocess.PIPE, text=True)
+  parent = subprocess.Popen([sys.executable, "-m", "parcae.cli", "sweep", *args], stderr=subprocess.PIPE, text=True,
+                            env=one_device_env())
 
   def rows(p):
     path = os.path.join(work, "runs", p["run"], "metrics.jsonl")
