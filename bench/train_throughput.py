@@ -114,11 +114,14 @@ VARIANTS = {
     # GEMMs through legacy cuBLAS instead of cuBLASLt (bench/RESULTS.md, session 36: -0.2%, noise). (XLA's
     # --xla_gpu_experimental_enable_split_k_rewrite, which splits the weight gradients' K, is unknown to jax 0.11.2.)
     "parcae_small_cublas": ("parcae", "small", {"_xla_flags": "--xla_gpu_enable_cublaslt=false"}),
-    # the q/k/v GEMM with RoPE + QK-norm in its epilogue in blocks without value embeddings (model/qkv_rope.py)
+    # the q/k/v GEMM with RoPE + QK-norm in its epilogue in blocks without value embeddings (model/qkv_rope.py;
+    # "auto", the default since session 39, takes it on a Hopper GPU): forced on, and off for A/B pairs
     "parcae_small_qkv": ("parcae", "small", {"model.qkv_impl": "mosaic"}),
     "parcae_small_no_qkv": ("parcae", "small", {"model.qkv_impl": "xla"}),
     "parcae_medium_qkv": ("parcae", "medium", {"model.qkv_impl": "mosaic"}),
+    "parcae_medium_no_qkv": ("parcae", "medium", {"model.qkv_impl": "xla"}),
     "gpt_small_qkv": ("gpt", "small", {"model.qkv_impl": "mosaic"}),
+    "gpt_small_no_qkv": ("gpt", "small", {"model.qkv_impl": "xla"}),
 }
 DEFAULTS = {"model.attention_impl": "cudnn", "train.depth_grouping": True}  # else the recipe's (loss_chunk 2048)
 REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train tok/s, eval tok/s, peak GiB
