@@ -160,15 +160,16 @@ def _micro_argv(root):
 
 
 def one_device_env():
-  """The environment of a child process with one CPU device (the suite's processes have 8: a data-parallel
-  mesh of 8 that compiles and checkpoints at about twice the cost of one device, for nothing these tests check)."""
+  """The environment of a child process with one CPU device (the suite's processes have 8: a data-parallel mesh
+  of 8 saves a tiny run's checkpoint in 0.45 s against 0.18 s on one, and these tests check nothing about it)."""
   return {**os.environ, "XLA_FLAGS": xla_flags(1)}
 
 
 @pytest.fixture(scope="module")
 def micro_sweep():
   """The micro sweep, trained once per test session whichever xdist worker asks first (tests that change it
-  work on a copy), by `parcae sweep` in a child process with one device (41 s -> ~22 s of a 2-core suite)."""
+  work on a copy), by `parcae sweep` in a child process with one device (this file's four sweep-running tests:
+  46.9 -> 39.0 s alone on a 2-core machine, 2026-12-07)."""
   def build(root):
     write_dataset(os.path.join(root, "data"))
     subprocess.run([sys.executable, "-m", "parcae.cli", "sweep", *_micro_argv(root)], env=one_device_env(),
