@@ -359,4 +359,13 @@ def test_run_configs_written_before_a_new_field_still_match(tmp_path):
     sw._check_same_config({"cfg": cfg, "run": "r0"}, str(tmp_path))  # pylint: disable=protected-access
   from parcae.eval.loss import load_run_config
   assert load_run_config(str(tmp_path)).model.block_remat == "none"
+  # kernel choices (model.*_impl, quant.impl) are the same run: a run written before qkv_impl's default became
+  # "auto" resumes; the quantization recipe is not a kernel choice
+  cfg.model.block_remat = "none"
+  old["model"]["qkv_impl"], old["quant"]["impl"] = "xla", "jnp"
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  sw._check_same_config({"cfg": cfg, "run": "r0"}, str(tmp_path))  # pylint: disable=protected-access
+  cfg.quant.recipe = "mxfp8"
+  with pytest.raises(ValueError, match=r"\['quant.recipe'\]"):
+    sw._check_same_config({"cfg": cfg, "run": "r0"}, str(tmp_path))  # pylint: disable=protected-access
   assert load_run_config(str(tmp_path)).model.d_model == 768

@@ -13,7 +13,8 @@ Modes (`--launch`; how each is carried out: `launch.py`):
   local  train the runs in `<out>/runs/<run>/`: one after another in this process, or `local.parallel` at a
          time in child processes, each pinned to its own GPUs (`local.gpus_per_run`). A run is finished when
          its eval rows exist for every requested loop count at its final step; finished runs are skipped,
-         partly trained runs resume from their checkpoints (the trainer's resume). results.csv is rewritten
+         partly trained runs resume from their checkpoints (the trainer's resume) if their config.json holds
+         the plan's config, kernel choices (model.*_impl, quant.impl) aside. results.csv is rewritten
          after every run. `--run NAME` trains that one run only.
   slurm  write `<out>/launch/sweep.sbatch` (a SLURM array, one task per run, `parcae train` under srun, so a
          task may span several hosts) and `<out>/launch/runs.txt` (one `parcae train` command per line), run
@@ -296,15 +297,21 @@ def _checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
+def _is_kernel_choice(key: str) -> bool:
+  """model.*_impl and quant.impl pick kernels for the same computation (float32 rounding apart), like running on
+  another GPU: a run resumed with another choice (a default changed since, say) is still the same run."""
+  return key == "quant.impl" or (key.startswith("model.") and key.endswith("_impl"))
+
+
 def _check_same_config(plan: dict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return
   with open(path) as f:
-    old = json.loads(with_defaults(json.load(f)).to_json_best_effort())  # fields added since: defaults
-  new = json.loads(plan["cfg"].to_json_best_effort())
-  if old != new:
-    keys = sorted(k for k in set(_flatten(old)) | set(_flatten(new)) if _flatten(old).get(k) != _flatten(new).get(k))
+    old = _flatten(json.loads(with_defaults(json.load(f)).to_json_best_effort()))  # fields added since: defaults
+  new = _flatten(json.loads(plan["cfg"].to_json_best_effort()))
+  keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not _is_kernel_choice(k))
+  if keys:
     raise ValueError(f"{workdir} holds run {plan['run']} with a different config (fields {keys[:6]}); "
                      "use another --out or delete that run directory")
 
