@@ -132,7 +132,7 @@ class Attention(nnx.Module):
     self.v = Linear(init.kernel(ks[2], d, d, std), cd, quant)
     self.o = Linear(init.zeros(d, d), cd, quant)
     self.n_heads, self.cd, self.impl, self.rope_impl = h, cd, cfg.attention_impl, cfg.rope_impl
-    self.qkv_impl = cfg.get("qkv_impl", "xla")
+    self.qkv_impl = cfg.get("qkv_impl", "auto")
     self.use_qk_norm = cfg.qk_norm
     if with_ve:
       self.ve_gate = Linear(init.ve_gate(ks[3], h, VE_GATE_WIDTH), cd)
