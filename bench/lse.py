@@ -47,6 +47,8 @@ def main():
   p.add_argument("--grad-rows", default="1,2,4,8")
   p.add_argument("--grad-cols", default="1024,2048,4096")
   p.add_argument("--stages", default="2", help="Triton pipelining depths of the gradient kernel's loops")
+  p.add_argument("--hints", default="none", help="--grad: ','-separated L2 hints of the library kernel: none, "
+                 "evict, reverse, evict+reverse (lse.GRAD_EVICT / GRAD_REVERSE)")
   p.add_argument("--variants", default="library", help="';'-separated: library, three=False|True,hot=True|False")
   p.add_argument("--sustain", type=float, default=0.0, help="--grad: also time each over this many seconds of "
                  "back-to-back calls, with the GPU's clock, power and energy per call (profiling.sustained)")
@@ -189,10 +191,14 @@ def grad_main(args):
     print(f"chunk {n} x {args.vocab}: lse kernel + XLA gradient {t0 * 1e3:.4f} ms" + (sustained_text(s0) if s0 else ""),
           flush=True)
     variants = {"library": None, **{f"three={th},hot={h}": (th, h) for th in (False, True) for h in (True, False)}}
-    for (name, var), r, c, w, st in itertools.product(
-        [(k, v) for k, v in variants.items() if k in args.variants.split(";")],
+    for (name, var), hint, r, c, w, st in itertools.product(
+        [(k, v) for k, v in variants.items() if k in args.variants.split(";")], args.hints.split(","),
         *(map(int, a.split(",")) for a in (args.grad_rows, args.grad_cols, args.warps, args.stages))):
       lse.GRAD_ROWS, lse.GRAD_COLS, lse.GRAD_WARPS, lse.GRAD_STAGES = r, c, w, st
+      lse.GRAD_EVICT, lse.GRAD_REVERSE = "evict" in hint, "reverse" in hint
+      if var is not None and hint != "none":
+        continue  # the hints apply to the library kernel only
+      name = name if hint == "none" else f"{name}+{hint}"
       if not lse.grad_supported(n, args.vocab):
         continue
       if var is None:  # fresh jits: the module constants are read when traced
@@ -213,7 +219,7 @@ def grad_main(args):
       print(f"  {name:22s} rows {r} cols {c:5d} warps {w:2d} stages {st}: {tk * 1e3:.4f} ms ({t0 / tk:.2f}x, {gb / tk:.0f} GB/s); "
             f"lse max |diff| {dl:.1e}, target equal {same_t}, gradient entries differing {frac:.1e} "
             f"(max rel {rel:.1e})" + (sustained_text(sk) if sk else ""), flush=True)
-      rows_out.append({"variant": name, "chunk": n, "rows": r, "cols": c, "warps": w, "stages": st, "ms": tk * 1e3, "before_ms": t0 * 1e3,
+      rows_out.append({"variant": name, "hint": hint, "chunk": n, "rows": r, "cols": c, "warps": w, "stages": st, "ms": tk * 1e3, "before_ms": t0 * 1e3,
                        "gb_s": gb / tk, "lse_diff": dl, "grad_frac_differ": frac, "grad_max_rel": rel,
                        **({"sustained": sk, "before_sustained": s0} if sk else {})})
   with open(os.path.join(os.environ.get("OUT", "/tmp"), "lse_grad.json"), "w") as fh:

@@ -29,16 +29,21 @@ def test_variants_match_the_library_kernel(three, hot, monkeypatch):
 
 def test_grad_smoke_run_with_sustain_records_each_kernel(tmp_path, monkeypatch):
   """`lse.py --grad --smoke --sustain S` times the library kernel and the two-pass path sustained too: each row
-  of lse_grad.json carries ms_sustained (here, without nvidia-smi, no clock or energy fields)."""
+  of lse_grad.json carries ms_sustained (here, without nvidia-smi, no clock or energy fields); `--hints` adds
+  the library kernel with its L2 hints (same results as without, up to the one-rounding flips both have)."""
   import json
   import sys
-  for name in ("GRAD_ROWS", "GRAD_COLS", "GRAD_WARPS", "GRAD_STAGES"):  # the sweep sets them; restored after
+  for name in ("GRAD_ROWS", "GRAD_COLS", "GRAD_WARPS", "GRAD_STAGES", "GRAD_EVICT", "GRAD_REVERSE"):  # the sweep sets them; restored after
     monkeypatch.setattr(lse, name, getattr(lse, name))
   monkeypatch.setenv("OUT", str(tmp_path))
-  monkeypatch.setattr(sys, "argv", ["lse.py", "--grad", "--smoke", "--sustain", "0.001"])
+  monkeypatch.setattr(sys, "argv", ["lse.py", "--grad", "--smoke", "--sustain", "0.001", "--hints",
+                                    "none,evict+reverse"])
   load_bench("lse").main()
   rows = json.load(open(tmp_path / "lse_grad.json"))["rows"]
   assert rows and all(r["sustained"]["ms_sustained"] > 0 and r["before_sustained"]["ms_sustained"] > 0 for r in rows)
+  by = {r["variant"]: r for r in rows}
+  assert set(by) == {"library", "library+evict+reverse"} and by["library+evict+reverse"]["hint"] == "evict+reverse"
+  assert all(by[k]["lse_diff"] < 1e-5 and by[k]["grad_frac_differ"] < 1e-3 for k in by), by
 
 
 def test_inplace_check_finds_the_same_bits(monkeypatch, tmp_path):

@@ -136,12 +136,17 @@ def softmax_grad64(x, t, g):
   return p * g
 
 
-@pytest.mark.parametrize("dtype,cols", [(jnp.bfloat16, 256), (jnp.float32, 512), (jnp.bfloat16, 4096)])
-def test_grad_kernel_matches_float64(dtype, cols, monkeypatch):
+@pytest.mark.parametrize("dtype,cols,hints", [(jnp.bfloat16, 256, ""), (jnp.float32, 512, ""),
+                                              (jnp.bfloat16, 4096, ""), (jnp.bfloat16, 256, "evict+reverse"),
+                                              (jnp.float32, 512, "reverse")])
+def test_grad_kernel_matches_float64(dtype, cols, hints, monkeypatch):
   """The training loss's kernel: log-sum-exp within TOL of float64 (running max over 8, 4 and 1 column tiles:
   row 0 shifted by +80, row 1's max in its last tile), the target logit exact, and the logit gradient within
-  one rounding of the output dtype (its unit roundoff, relative) of the float64 formula, plus float32's error."""
+  one rounding of the output dtype (its unit roundoff, relative) of the float64 formula, plus float32's error.
+  Also with the L2 hints (GRAD_EVICT's loads and stores, GRAD_REVERSE's second loop from the last tile)."""
   monkeypatch.setattr(lse, "GRAD_COLS", cols)
+  monkeypatch.setattr(lse, "GRAD_EVICT", "evict" in hints)
+  monkeypatch.setattr(lse, "GRAD_REVERSE", "reverse" in hints)
   n, v, g = 32, 2048, 0.37
   x = logits(n, v, jnp.bfloat16, seed=3)
   t = jax.random.randint(jax.random.key(4), (n,), 0, v).at[1].set(v - 1)

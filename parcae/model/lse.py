@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 from jax.sharding import PartitionSpec as P
 
 from parcae.model.rope_norm import kernel_axes, kernel_batch_axes, kernel_batch_shards
@@ -36,6 +37,12 @@ ROWS, MAX_COLS, WARPS = 16, 1024, 8
 # (one exponential per logit) spilled and ran 1.5-20x slower.
 GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 1, 4096, 8
 GRAD_STAGES = 2  # Triton's pipelining depth of the two column-tile loops
+# L2 hints for the gradient kernel (candidates, bench/lse.py --grad --hints): the second loop's reads are meant
+# to hit L2, where a row's 64 KB wait behind ~1,000 programs' rows and the gradient's own writes. GRAD_EVICT:
+# the first loop's reads marked evict_last, the second loop's reads and the gradient's stores evict_first (so
+# the writes stream through without pushing the rows still to be re-read out); GRAD_REVERSE: the second loop
+# walks the tiles last to first (the most recently read first).
+GRAD_EVICT, GRAD_REVERSE = False, False
 
 
 def _cols(v: int, widest: int = 0) -> int:
@@ -114,18 +121,19 @@ def grad_supported(n: int, v: int) -> bool:
   return n % GRAD_ROWS == 0 and _cols(v, GRAD_COLS) > 0
 
 
-def _grad_kernel(x_ref, t_ref, d_ref, lse_ref, tgt_ref, *, g, cols):
+def _grad_kernel(x_ref, t_ref, d_ref, lse_ref, tgt_ref, *, g, cols, evict, reverse):
   rows, v = x_ref.shape
   t_R = t_ref[...]
+  at = lambda ref, j: ref.at[:, pl.ds(pl.multiple_of(j * cols, cols), cols)]
 
-  def tile(j):  # [rows, cols] float32 logits and the one-hot of the targets
-    x = x_ref[:, pl.ds(pl.multiple_of(j * cols, cols), cols)].astype(jnp.float32)
+  def tile(j, policy=None):  # [rows, cols] float32 logits and the one-hot of the targets
+    x = (plt.load(at(x_ref, j), eviction_policy=policy) if evict else at(x_ref, j)[...]).astype(jnp.float32)
     col = j * cols + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
     return x, col == t_R[:, None]
 
   def stats(j, carry):  # running max and sum of exp(x - max), rescaled as the max grows; the target logit
     m, s, tgt = carry
-    x, hot = tile(j)
+    x, hot = tile(j, "evict_last")
     m_new = jnp.maximum(m, jnp.max(x, axis=1))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
     return m_new, s, tgt + jnp.sum(jnp.where(hot, x, 0.0), axis=1)
@@ -135,10 +143,14 @@ def _grad_kernel(x_ref, t_ref, d_ref, lse_ref, tgt_ref, *, g, cols):
   m, s, tgt = jax.lax.fori_loop(0, v // cols, stats, init)
   lse_R = m + jnp.log(s)
 
-  def grad(j, _):
-    x, hot = tile(j)
-    d = (jnp.exp(x - lse_R[:, None]) - hot.astype(jnp.float32)) * g
-    d_ref[:, pl.ds(pl.multiple_of(j * cols, cols), cols)] = d.astype(d_ref.dtype)
+  def grad(i, _):
+    j = v // cols - 1 - i if reverse else i
+    x, hot = tile(j, "evict_first")
+    d = ((jnp.exp(x - lse_R[:, None]) - hot.astype(jnp.float32)) * g).astype(d_ref.dtype)
+    if evict:
+      plt.store(at(d_ref, j), d, eviction_policy="evict_first")
+    else:
+      at(d_ref, j)[...] = d
 
   jax.lax.fori_loop(0, v // cols, grad, None)
   lse_ref[...] = lse_R
@@ -159,7 +171,8 @@ def row_lse_grad(x_NxV, t_N, g: float, dtype, interpret=None):
   interpret, params = _backend(interpret, GRAD_WARPS, GRAD_STAGES)
   rows = pl.BlockSpec((GRAD_ROWS,), lambda i: (i,))
   vec = jax.ShapeDtypeStruct((n,), jnp.float32)
-  kernel = functools.partial(_grad_kernel, g=float(np.float32(g)), cols=cols)
+  kernel = functools.partial(_grad_kernel, g=float(np.float32(g)), cols=cols, evict=GRAD_EVICT,
+                             reverse=GRAD_REVERSE)
   d, lse, tgt = pl.pallas_call(
       kernel, out_shape=(jax.ShapeDtypeStruct((n, v), dtype), vec, vec), grid=(n // GRAD_ROWS,),
       in_specs=[pl.BlockSpec((GRAD_ROWS, v), lambda i: (i, 0)), rows],
