@@ -216,3 +216,26 @@ def test_grad_kernel_writes_over_the_logits(cuda_lowering, monkeypatch, dtype, a
   ((_, call),) = triton_calls(f.trace(x, t).lower(lowering_platforms=("cuda",)).as_text())
   alias = "output_operand_alias<output_tuple_indices = [0], operand_index = 0"
   assert (alias in call) == aliased, call[-600:]
+
+
+@pytest.mark.parametrize("evict", [False, True])
+def test_grad_kernel_l2_hints_reach_the_ptx(evict, monkeypatch, tmp_path):
+  """With jax's CUDA plugin (compile-only H100; skipped without it): GRAD_EVICT's cache hints are in the
+  compiled kernel's PTX (L2::evict_last on the first loop's loads, L2::evict_first on the second loop's loads and
+  the stores) and absent without it."""
+  import glob
+  try:
+    from parcae.train.targets import target_devices
+    sh = jax.sharding.SingleDeviceSharding(target_devices("h100")[0])
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no compile-only H100 target ({type(e).__name__})")
+  compile_kernels(monkeypatch)
+  monkeypatch.setattr(lse, "GRAD_EVICT", evict)
+  x = jax.ShapeDtypeStruct((64, 32768), jnp.bfloat16, sharding=sh)
+  t = jax.ShapeDtypeStruct((64,), jnp.int32, sharding=sh)
+  f = jax.jit(lambda x, t: lse.row_lse_grad(x, t, 1 / 3, jnp.bfloat16))
+  f.lower(x, t).compile(compiler_options={"xla_dump_to": str(tmp_path)})
+  ptx = "".join(open(p).read() for p in glob.glob(str(tmp_path / "*.ptx")))
+  assert "ld.global" in ptx
+  for hint in ("L2::evict_last", "L2::evict_first", "st.global.L1::evict_first"):
+    assert (hint in ptx) == evict, hint
