@@ -118,6 +118,10 @@ VARIANTS = {
     # "auto", the default since session 39, takes it on a Hopper GPU): forced on, and off for A/B pairs
     "parcae_small_qkv": ("parcae", "small", {"model.qkv_impl": "mosaic"}),
     "parcae_small_no_qkv": ("parcae", "small", {"model.qkv_impl": "xla"}),
+    # the loss head's gradient kernel candidates (session 40), paired with parcae_small_no_qkv (faster to compile)
+    "parcae_small_no_qkv_lse_hints": ("parcae", "small", {"model.qkv_impl": "xla", "_lse": "evict+reverse"}),
+    "parcae_small_no_qkv_lse_smem": ("parcae", "small", {"model.qkv_impl": "xla", "_lse": "smem_alias"}),
+    "parcae_small_no_qkv_lse_smem_new": ("parcae", "small", {"model.qkv_impl": "xla", "_lse": "smem"}),
     "parcae_medium_qkv": ("parcae", "medium", {"model.qkv_impl": "mosaic"}),
     "parcae_medium_no_qkv": ("parcae", "medium", {"model.qkv_impl": "xla"}),
     "gpt_small_qkv": ("gpt", "small", {"model.qkv_impl": "mosaic"}),
@@ -128,6 +132,29 @@ REFERENCE = {  # the PyTorch reference on the same H100 (torch.compile): train t
     "parcae_small": (284_635, 544_430, 16.3), "gpt_small": (504_992, 749_423, 8.6),
     "parcae_medium": (84_848, 206_531, 39.1), "gpt_medium": (254_743, 479_737, 21.5),
 }
+
+
+def set_lse_grad(choice: str):
+  """The training loss's gradient kernel for this process: "evict", "reverse" or "evict+reverse" (the L2 hints
+  lse.GRAD_EVICT / GRAD_REVERSE), or "smem" / "smem_alias" (bench/lse_smem.py's shared-memory kernel in
+  lse.row_lse_grad's place for bf16 logits on a GPU; "smem_alias" writes the gradient over the logits)."""
+  import jax
+  import jax.numpy as jnp
+  from parcae.model import lse
+  if not choice.startswith("smem"):
+    lse.GRAD_EVICT, lse.GRAD_REVERSE = "evict" in choice, "reverse" in choice
+    return
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import lse_smem  # bench/lse_smem.py
+  lse_smem.ALIAS = choice == "smem_alias"
+  triton = lse.row_lse_grad
+
+  def row_lse_grad(x, t, g, dtype, interpret=None):
+    if x.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "gpu":
+      return lse_smem.row_lse_grad_smem(x, t, g, dtype)
+    return triton(x, t, g, dtype, interpret)
+
+  lse.row_lse_grad = row_lse_grad
 
 
 def build_config(kind, size, overrides, args):
@@ -141,6 +168,9 @@ def build_config(kind, size, overrides, args):
       cfg.train.grad_accum = v
       continue
     if k == "_xla_flags":
+      continue
+    if k == "_lse":
+      set_lse_grad(v)
       continue
     apply_override(cfg, f"{k}={v}")
   if args.smoke:
